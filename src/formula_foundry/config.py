@@ -1,0 +1,244 @@
+"""Settings: ``config/mlflow.yaml`` plus environment overrides, resolved into a frozen object.
+
+This is the only module that reads YAML, and it imports ``yaml`` only when a file is actually
+read, so ``import formula_foundry.tracking`` stays cheap.
+
+Where the file is found:
+
+1. ``$FF_CONFIG`` (a path to the YAML file), else
+2. ``config/mlflow.yaml`` in the working directory or the nearest parent that has one
+   (a job started from a subfolder of the project spools to the same place), else
+3. no file: the documented defaults, with the working directory as project root.
+
+Relative paths in the file resolve against the *project root* (the folder holding ``config/``).
+Relative paths in environment variables resolve against the working directory, like any
+path typed in a shell. Overrides: ``MLFLOW_TRACKING_URI`` (backend store URI),
+``FF_SPOOL_ROOT`` (spool root), ``FF_TRACKING_DISABLED`` (1/true/yes: no-op tracker),
+``FF_DURABILITY`` (write | fsync | buffered).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from formula_foundry.errors import ConfigError
+
+CONFIG_RELPATH = Path("config") / "mlflow.yaml"
+DURABILITY_MODES = ("write", "fsync", "buffered")
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+# The schema of config/mlflow.yaml: section -> key -> (type, default). Defaults are what a
+# missing file means; docs/configuration.md documents each key.
+_SCHEMA: dict[str, dict[str, tuple[type | tuple[type, ...], Any]]] = {
+    "tracking": {
+        "backend_store_uri": (str, "sqlite:///data/mlflow/mlruns.db"),
+        "artifact_root": (str, "data/mlflow/artifacts"),
+        "default_experiment": (str, "formula-foundry"),
+        "disabled": (bool, False),
+    },
+    "spool": {
+        "root": (str, "data/runs"),
+        "durability": (str, "write"),
+        "heartbeat_s": ((int, float), 60.0),
+    },
+    "artifacts": {
+        "store_root": (str, "data/artifacts"),
+    },
+    "sync": {
+        "state_dir": (str, "data/sync"),
+        "lock_timeout_s": ((int, float), 10.0),
+        "retries": (int, 4),
+        "backoff_s": ((int, float), 1.0),
+        "stale_after_s": ((int, float), 3600.0),
+        "bulk": (bool, True),
+    },
+}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every setting formula-foundry uses, with paths already absolute."""
+
+    project_root: Path
+    config_path: Path | None
+    backend_store_uri: str
+    artifact_root: Path
+    default_experiment: str
+    disabled: bool
+    spool_root: Path
+    durability: str
+    heartbeat_s: float
+    artifact_store_root: Path
+    sync_state_dir: Path
+    sync_lock_timeout_s: float
+    sync_retries: int
+    sync_backoff_s: float
+    stale_after_s: float
+    sync_bulk: bool
+    raw: Mapping[str, Mapping[str, Any]] = field(repr=False, compare=False, default_factory=dict)
+
+
+def find_config(start: Path | None = None) -> Path | None:
+    """Return the config file to use: ``$FF_CONFIG``, else the nearest ``config/mlflow.yaml``."""
+    env = os.environ.get("FF_CONFIG")
+    if env:
+        path = Path(env).expanduser().absolute()
+        if not path.is_file():
+            raise ConfigError(f"FF_CONFIG points to {path}, which is not a file")
+        return path
+    here = (start or Path.cwd()).absolute()
+    for folder in (here, *here.parents):
+        candidate = folder / CONFIG_RELPATH
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def load_settings(config_path: Path | str | None = None, *, start: Path | None = None) -> Settings:
+    """Load settings from ``config_path`` (or the discovered file) and the environment."""
+    path = Path(config_path).expanduser().absolute() if config_path else find_config(start)
+    if path is not None and not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    values = _read_values(path)
+    if path is not None:
+        # config/mlflow.yaml sits in <root>/config/; a file elsewhere (FF_CONFIG) anchors at
+        # its own folder's parent only when that folder is called config.
+        root = path.parent.parent if path.parent.name == "config" else path.parent
+    else:
+        root = (start or Path.cwd()).absolute()
+    return _build(values, path, root)
+
+
+def _read_values(path: Path | None) -> dict[str, dict[str, Any]]:
+    values = {sec: {k: spec[1] for k, spec in keys.items()} for sec, keys in _SCHEMA.items()}
+    if path is None:
+        return values
+    import yaml  # deferred: only a config read pays for it
+
+    try:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        raise ConfigError(f"{path}{where}: not valid YAML: {_first_line(exc)}") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    if loaded is None:
+        return values
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    for section, body in loaded.items():
+        if section not in _SCHEMA:
+            known = ", ".join(_SCHEMA)
+            raise ConfigError(f"{path}: unknown section {section!r} (known: {known})")
+        if body is None:
+            continue
+        if not isinstance(body, dict):
+            raise ConfigError(f"{path}: section {section!r} must be a mapping")
+        for key, value in body.items():
+            spec = _SCHEMA[section].get(key)
+            if spec is None:
+                known = ", ".join(_SCHEMA[section])
+                raise ConfigError(f"{path}: unknown key {section}.{key} (known: {known})")
+            values[section][key] = _check_type(path, f"{section}.{key}", value, spec[0])
+    return values
+
+
+def _check_type(path: Path, name: str, value: Any, kind: type | tuple[type, ...]) -> Any:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    # bool is an int in Python; a YAML `true` where a number belongs is a mistake.
+    ok = isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds)
+    if not ok:
+        want = " or ".join(k.__name__ for k in kinds)
+        raise ConfigError(f"{path}: {name} must be {want}, got {value!r}")
+    return value
+
+
+def _build(values: dict[str, dict[str, Any]], path: Path | None, root: Path) -> Settings:
+    where = str(path) if path else "defaults"
+    tr, sp, ar, sy = values["tracking"], values["spool"], values["artifacts"], values["sync"]
+
+    uri = resolve_store_uri(tr["backend_store_uri"], root)
+    env_uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if env_uri:
+        uri = resolve_store_uri(env_uri, Path.cwd())
+
+    spool_root = _path(root, sp["root"])
+    env_spool = os.environ.get("FF_SPOOL_ROOT")
+    if env_spool:
+        spool_root = _path(Path.cwd(), env_spool)
+
+    durability = os.environ.get("FF_DURABILITY") or sp["durability"]
+    if durability not in DURABILITY_MODES:
+        src = "FF_DURABILITY" if os.environ.get("FF_DURABILITY") else f"{where}: spool.durability"
+        raise ConfigError(f"{src} must be one of {', '.join(DURABILITY_MODES)}, got {durability!r}")
+
+    disabled = bool(tr["disabled"])
+    env_disabled = os.environ.get("FF_TRACKING_DISABLED")
+    if env_disabled is not None:
+        flag = env_disabled.strip().lower()
+        if flag not in _TRUE | _FALSE:
+            raise ConfigError(f"FF_TRACKING_DISABLED must be 1 or 0, got {env_disabled!r}")
+        disabled = flag in _TRUE
+
+    for name, value in (
+        ("spool.heartbeat_s", sp["heartbeat_s"]),
+        ("sync.lock_timeout_s", sy["lock_timeout_s"]),
+        ("sync.backoff_s", sy["backoff_s"]),
+        ("sync.stale_after_s", sy["stale_after_s"]),
+        ("sync.retries", sy["retries"]),
+    ):
+        if value < 0:
+            raise ConfigError(f"{where}: {name} must be >= 0, got {value!r}")
+    if not tr["default_experiment"].strip():
+        raise ConfigError(f"{where}: tracking.default_experiment must not be empty")
+
+    return Settings(
+        project_root=root,
+        config_path=path,
+        backend_store_uri=uri,
+        artifact_root=_path(root, tr["artifact_root"]),
+        default_experiment=tr["default_experiment"],
+        disabled=disabled,
+        spool_root=spool_root,
+        durability=durability,
+        heartbeat_s=float(sp["heartbeat_s"]),
+        artifact_store_root=_path(root, ar["store_root"]),
+        sync_state_dir=_path(root, sy["state_dir"]),
+        sync_lock_timeout_s=float(sy["lock_timeout_s"]),
+        sync_retries=int(sy["retries"]),
+        sync_backoff_s=float(sy["backoff_s"]),
+        stale_after_s=float(sy["stale_after_s"]),
+        sync_bulk=bool(sy["bulk"]),
+        raw=values,
+    )
+
+
+def _path(root: Path, value: str) -> Path:
+    p = Path(value).expanduser()
+    return p if p.is_absolute() else (root / p)
+
+
+def resolve_store_uri(uri: str, root: Path) -> str:
+    """Make a relative ``sqlite:///`` path absolute against ``root``; leave other URIs alone."""
+    prefix = "sqlite:///"
+    if uri.startswith(prefix):
+        rest = uri[len(prefix) :]
+        if rest and not rest.startswith("/") and not rest.startswith(":memory:"):
+            return prefix + str((root / rest).absolute())
+    elif "://" not in uri:
+        raise ConfigError(
+            f"tracking URI {uri!r} has no scheme; use sqlite:///path, postgresql://..., "
+            "or http(s)://host:port"
+        )
+    return uri
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__

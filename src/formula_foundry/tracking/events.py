@@ -1,0 +1,172 @@
+"""Spool events: kinds, framing with a checksum, and the validation rules applied at log time.
+
+Format (version 1, documented in docs/spool-format.md). A segment is UTF-8 JSON Lines; each line
+is one object whose first keys are::
+
+    {"v": 1, "s": <seq>, "t": <ms>, "k": <kind>, ...payload..., "c": "<crc32 hex>"}
+
+``c`` is the CRC-32 (zlib) of the line's bytes up to, not including, ``,"c":"`` — the object with
+its closing brace removed. It is always the last key, so a writer frames a record by cutting
+the brace off orjson's output and appending ``,"c":"%08x"}\\n``.
+
+Metric values that JSON cannot hold are spelled as strings: ``"NaN"``, ``"Infinity"``,
+``"-Infinity"`` (orjson would silently write ``null``).
+
+The rules below are MLflow's (``mlflow/utils/validation.py``), applied on the compute node so a
+mistake is reported by the call that made it, not hours later by the sync.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import operator
+import posixpath
+import re
+import zlib
+from typing import Any, Final
+
+import orjson
+
+from formula_foundry.errors import ValidationError
+
+FORMAT_VERSION: Final = 1
+SUPPORTED_VERSIONS: Final = frozenset({1})
+
+K_SEGMENT: Final = "segment"
+K_RUN_START: Final = "run_start"
+K_PARAMS: Final = "params"
+K_METRICS: Final = "metrics"
+K_TAGS: Final = "tags"
+K_ARTIFACT_REF: Final = "artifact_ref"
+K_RUN_END: Final = "run_end"
+K_HEARTBEAT: Final = "heartbeat"
+KINDS: Final = frozenset(
+    {K_SEGMENT, K_RUN_START, K_PARAMS, K_METRICS, K_TAGS, K_ARTIFACT_REF, K_RUN_END, K_HEARTBEAT}
+)
+
+RUN_STATUSES: Final = frozenset({"RUNNING", "FINISHED", "FAILED", "KILLED"})
+
+MAX_KEY_LENGTH: Final = 250
+MAX_PARAM_VALUE_LENGTH: Final = 6000
+MAX_TAG_VALUE_LENGTH: Final = 8000
+INT64_MIN: Final = -(2**63)
+INT64_MAX: Final = 2**63 - 1
+
+_CHECKSUM_TAIL_LEN: Final = 16  # len(',"c":"') + 8 hex + len('"}')
+_KEY_CHARS = re.compile(r"^[/\w.\- :]*$")
+
+_NONFINITE_OUT: Final = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
+
+
+def frame(record: dict[str, Any]) -> bytes:
+    """Serialise ``record`` as one checksummed line, newline included."""
+    head = orjson.dumps(record)[:-1]
+    return b'%b,"c":"%08x"}\n' % (head, zlib.crc32(head))
+
+
+def checksum_ok(line: bytes) -> bool:
+    """Whether ``line`` (without its newline) ends with a checksum that matches its bytes."""
+    if len(line) < _CHECKSUM_TAIL_LEN + 2 or line[-_CHECKSUM_TAIL_LEN:-10] != b',"c":"':
+        return False
+    if line[-2:] != b'"}':
+        return False
+    try:
+        want = int(line[-10:-2], 16)
+    except ValueError:
+        return False
+    return zlib.crc32(line[:-_CHECKSUM_TAIL_LEN]) == want
+
+
+# --- validation (log time) -------------------------------------------------------------------
+
+
+def check_key(key: object, what: str, run: str) -> str:
+    """Validate a param/metric/tag key with MLflow's rules; return it."""
+    if not isinstance(key, str):
+        raise ValidationError(f"run {run}: {what} key {key!r} must be a str")
+    if len(key) > MAX_KEY_LENGTH:
+        raise ValidationError(
+            f"run {run}: {what} key {key[:40]!r}... is {len(key)} characters "
+            f"(MLflow allows at most {MAX_KEY_LENGTH})"
+        )
+    if not _KEY_CHARS.match(key):
+        raise ValidationError(
+            f"run {run}: {what} key {key!r} has a character MLflow rejects "
+            "(allowed: letters, digits, _ - . space : /)"
+        )
+    norm = posixpath.normpath(key)
+    if norm != key or norm == "." or norm.startswith("..") or norm.startswith("/"):
+        raise ValidationError(
+            f"run {run}: {what} key {key!r} is not a unique path (empty, leading or trailing "
+            "'/', '//', '.' or '..' components are rejected by MLflow)"
+        )
+    return key
+
+
+def string_value(value: object, key: str, what: str, limit: int, run: str) -> str:
+    """MLflow stores params and tags as ``str(value)``; reject what it would truncate."""
+    text = value if isinstance(value, str) else str(value)
+    if len(text) > limit:
+        raise ValidationError(
+            f"run {run}: {what} {key!r} value is {len(text)} characters "
+            f"(MLflow allows at most {limit}; it would truncate it silently)"
+        )
+    if "\x00" in text:
+        raise ValidationError(f"run {run}: {what} {key!r} value contains a NUL character")
+    return text
+
+
+def metric_value(value: object, key: str, run: str) -> float | str:
+    """Return the spool spelling of a metric value: a finite float, or a non-finite token."""
+    f: float
+    if type(value) is float:
+        f = value
+    else:
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise ValidationError(
+                f"run {run}: metric {key!r} value {value!r} is not a real number "
+                f"({type(value).__name__}; bool, str and None are rejected)"
+            )
+        try:
+            f = float(value)
+        except (OverflowError, ValueError, TypeError) as exc:
+            raise ValidationError(
+                f"run {run}: metric {key!r} value {value!r} cannot be a float: {exc}"
+            ) from None
+    # x - x is 0.0 exactly for finite x, NaN for NaN and ±inf: one cheap test for the hot path.
+    if f - f == 0.0:
+        return f
+    if f != f:
+        return "NaN"
+    return "Infinity" if f > 0 else "-Infinity"
+
+
+def decode_metric_value(value: object) -> float:
+    """Inverse of :func:`metric_value` for the reader and the sync."""
+    if isinstance(value, float):
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str) and value in _NONFINITE_OUT:
+        return _NONFINITE_OUT[value]
+    raise ValueError(f"not a metric value: {value!r}")
+
+
+def int64(value: object, name: str, key: str, run: str, *, minimum: int = INT64_MIN) -> int:
+    """Validate an int64 (step or timestamp); numpy integers are accepted, bools are not."""
+    if isinstance(value, bool):
+        raise ValidationError(f"run {run}: metric {key!r} {name} must be an integer, got a bool")
+    try:
+        number = operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        raise ValidationError(
+            f"run {run}: metric {key!r} {name} must be an integer"
+            + (" number of milliseconds" if name == "timestamp" else "")
+            + f", got {value!r}"
+        ) from None
+    if not minimum <= number <= INT64_MAX:
+        raise ValidationError(
+            f"run {run}: metric {key!r} {name} {number} is outside [{minimum}, {INT64_MAX}]"
+        )
+    return number

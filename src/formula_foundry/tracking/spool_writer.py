@@ -1,0 +1,232 @@
+"""One segment file per writing process: append framed events, under a durability policy.
+
+Layout: ``<spool_root>/<run_uuid>/seg-<start ms>-<host>-<pid>-<random>.jsonl``. A process writes
+only segments it created (``O_EXCL``), so writers never share a file and need no lock between
+processes; threads of one process serialise on a ``threading.Lock`` so lines never interleave
+and sequence numbers follow file order. A child created by ``fork`` never writes into its
+parent's segment: after the fork it opens a segment of its own on its first event.
+
+Durability modes:
+
+``write``     one ``os.write`` per event before the call returns: the event is in the kernel,
+              so killing the process (even SIGKILL) loses nothing.
+``fsync``     ``write`` plus ``fdatasync``: the event survives a node crash or power loss.
+``buffered``  events are collected in memory and written in blocks of 64 KiB, at run end and
+              at interpreter exit: fastest, but a killed process loses the unwritten window.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import socket
+import threading
+import time
+import weakref
+from pathlib import Path
+from typing import Any, Final
+
+from formula_foundry.errors import SpoolWriteError
+from formula_foundry.tracking.events import FORMAT_VERSION, K_SEGMENT, frame
+
+SEGMENT_PREFIX: Final = "seg-"
+SEGMENT_SUFFIX: Final = ".jsonl"
+_BUFFER_LIMIT: Final = 64 * 1024
+_HOST: Final = socket.gethostname()
+_OPEN_FLAGS: Final = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC
+
+_live_writers: weakref.WeakSet[SegmentWriter] = weakref.WeakSet()
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def _safe_host(host: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in host)[:64] or "host"
+
+
+class SegmentWriter:
+    """Appends events of one run to this process's segment of that run."""
+
+    def __init__(self, spool_root: Path, run_uuid: str, durability: str = "write") -> None:
+        self.run_dir = spool_root / run_uuid
+        self.run_uuid = run_uuid
+        self.durability = durability
+        self.path: Path | None = None
+        self._fd = -1
+        self._size = 0
+        self._last_seq = 0
+        self._lock = threading.Lock()
+        self._buffer: list[bytes] = []
+        self._buffered = 0
+        self._forked_from: str | None = None
+        _live_writers.add(self)
+
+    # -- public ---------------------------------------------------------------------------
+
+    def append(self, record: dict[str, Any]) -> None:
+        """Frame ``record`` (its ``"s"`` slot is filled here) and write it per the policy.
+
+        On failure nothing of the record stays in the file and the sequence is not consumed.
+        """
+        with self._lock:
+            if self._fd < 0:
+                self._open()
+            seq = self._last_seq + 1
+            record["s"] = seq
+            line = frame(record)
+            if self.durability == "buffered":
+                self._buffer.append(line)
+                self._buffered += len(line)
+                self._last_seq = seq
+                if self._buffered >= _BUFFER_LIMIT:
+                    self._flush_locked()
+                return
+            self._write_locked(line)
+            self._last_seq = seq
+            if self.durability == "fsync":
+                self._sync_locked()
+
+    def flush(self) -> None:
+        """Write buffered events (buffered mode) and, in fsync mode, sync the file."""
+        with self._lock:
+            self._flush_locked()
+
+    def close(self) -> None:
+        """Flush and close; later appends open a new segment."""
+        with self._lock:
+            if self._fd >= 0:
+                self._flush_locked()
+                os.close(self._fd)
+                self._fd = -1
+
+    @property
+    def last_seq(self) -> int:
+        return self._last_seq
+
+    # -- internals ------------------------------------------------------------------------
+
+    def _open(self) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        started = now_ms()
+        pid = os.getpid()
+        for _ in range(8):
+            name = (
+                f"{SEGMENT_PREFIX}{started}-{_safe_host(_HOST)}-{pid}-"
+                f"{secrets.token_hex(3)}{SEGMENT_SUFFIX}"
+            )
+            path = self.run_dir / name
+            try:
+                fd = os.open(path, _OPEN_FLAGS, 0o644)
+            except FileExistsError:
+                continue
+            except OSError as exc:
+                raise SpoolWriteError(
+                    f"run {self.run_uuid}: cannot create spool segment in {self.run_dir}: "
+                    f"{exc.strerror}"
+                ) from None
+            break
+        else:  # pragma: no cover - 8 random collisions in a row
+            raise SpoolWriteError(f"run {self.run_uuid}: cannot pick a new segment name")
+        self._fd, self._size, self.path = fd, 0, path
+        self._last_seq = 0
+        header: dict[str, Any] = {
+            "v": FORMAT_VERSION,
+            "s": 0,
+            "t": started,
+            "k": K_SEGMENT,
+            "format": FORMAT_VERSION,
+            "run": self.run_uuid,
+            "host": _HOST,
+            "pid": pid,
+            "segment": name,
+        }
+        if self._forked_from:
+            header["forked_from"] = self._forked_from
+        try:
+            self._write_locked(frame(header))
+            if self.durability == "fsync":
+                self._sync_locked()
+                _fsync_dir(self.run_dir)
+        except SpoolWriteError:
+            os.close(fd)
+            self._fd = -1
+            # A segment without its header is unreadable; never leave one behind.
+            path.unlink(missing_ok=True)
+            raise
+
+    def _write_locked(self, data: bytes) -> None:
+        start = self._size
+        view = memoryview(data)
+        written = 0
+        try:
+            while written < len(data):
+                written += os.write(self._fd, view[written:])
+        except OSError as exc:
+            if written:
+                # A torn line would hide every later event behind a corrupt one: cut it off.
+                with contextlib.suppress(OSError):
+                    os.ftruncate(self._fd, start)
+            raise SpoolWriteError(
+                f"run {self.run_uuid}: could not write to spool segment {self.path}: "
+                f"{exc.strerror or exc} (nothing of this call was kept)"
+            ) from None
+        self._size = start + written
+
+    def _flush_locked(self) -> None:
+        if self._buffer and self._fd >= 0:
+            data = b"".join(self._buffer)
+            self._buffer.clear()
+            self._buffered = 0
+            self._write_locked(data)
+        if self.durability == "fsync" and self._fd >= 0:
+            self._sync_locked()
+
+    def _sync_locked(self) -> None:
+        try:
+            os.fdatasync(self._fd)
+        except OSError as exc:
+            raise SpoolWriteError(
+                f"run {self.run_uuid}: fsync of {self.path} failed: {exc.strerror}"
+            ) from None
+
+    def _after_fork_in_child(self) -> None:
+        # The lock may have been held by a parent thread at fork time; it must not be reused.
+        self._lock = threading.Lock()
+        if self._fd >= 0:
+            os.close(self._fd)
+        self._forked_from = self.path.name if self.path else None
+        self._fd = -1
+        # The parent owns and will write its own buffered events.
+        self._buffer.clear()
+        self._buffered = 0
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _reset_after_fork() -> None:
+    for writer in list(_live_writers):
+        writer._after_fork_in_child()
+
+
+def flush_all() -> None:
+    """Flush every live writer (buffered mode); registered to run at interpreter exit."""
+    for writer in list(_live_writers):
+        with contextlib.suppress(SpoolWriteError):
+            writer.flush()
+
+
+os.register_at_fork(after_in_child=_reset_after_fork)

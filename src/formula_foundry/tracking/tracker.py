@@ -1,0 +1,536 @@
+"""The tracker and its run handle: every ``log_*`` call becomes one event in the run's spool.
+
+Nothing here talks to MLflow or a database; ``ff-sync`` replays the spools later. The hot path
+(``log_metric`` and friends) validates, frames and writes one line — no other I/O, no lock
+shared between processes, no heavy import.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import getpass
+import os
+import socket
+import sys
+import threading
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Protocol, runtime_checkable
+
+from formula_foundry.config import Settings, load_settings
+from formula_foundry.errors import ParamConflictError, RunStateError, ValidationError
+from formula_foundry.tracking.events import (
+    FORMAT_VERSION,
+    INT64_MAX,
+    INT64_MIN,
+    K_ARTIFACT_REF,
+    K_METRICS,
+    K_PARAMS,
+    K_RUN_END,
+    K_RUN_START,
+    K_TAGS,
+    MAX_PARAM_VALUE_LENGTH,
+    MAX_TAG_VALUE_LENGTH,
+    check_key,
+    int64,
+    metric_value,
+    string_value,
+)
+from formula_foundry.tracking.spool_writer import SegmentWriter, flush_all, now_ms
+
+_V = FORMAT_VERSION
+_KEY_CACHE_LIMIT = 1 << 16
+# Keys that passed check_key; the rules are the same for params, metrics and tags.
+_valid_keys: set[str] = set()
+
+
+@runtime_checkable
+class ManifestLike(Protocol):
+    """What ``start_run(manifest=...)`` needs: tags describing the run's provenance."""
+
+    def to_tags(self) -> Mapping[str, str]: ...
+
+
+class RunArtifactsLike(Protocol):
+    """What ``start_run(run_artifacts=...)`` needs: the substrate run's id and folder.
+
+    If the object also has ``link_tracking_run(run_uuid, experiment, run_name)``, it is called
+    so the run directory records which tracking runs used it.
+    """
+
+    @property
+    def run_id(self) -> str: ...
+
+    @property
+    def run_dir(self) -> Path: ...
+
+
+class _NullWriter:
+    """Writer of the no-op mode: validation still runs, nothing is written."""
+
+    path = None
+
+    def append(self, record: dict[str, Any]) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class _EndedWriter:
+    """Stands in for the writer once a run has ended, so the hot path needs no state check."""
+
+    def __init__(self, run_uuid: str, status: str) -> None:
+        self._msg = f"run {run_uuid} has ended ({status}); cannot log {{what}} to it"
+
+    def append(self, record: dict[str, Any]) -> None:
+        data = record.get("d")
+        what = f"{record['k']} {', '.join(map(repr, data))}" if isinstance(data, dict) else "events"
+        raise RunStateError(self._msg.format(what=what))
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return os.environ.get("USER") or "unknown"
+
+
+class Run:
+    """A handle on one tracked run; use it as a context manager.
+
+    Leaving the ``with`` block normally ends the run FINISHED, an exception ends it FAILED (and
+    propagates), ``KeyboardInterrupt`` ends it KILLED.
+    """
+
+    def __init__(
+        self,
+        tracker: Tracker,
+        run_id: str,
+        run_name: str,
+        experiment_name: str,
+        parent_run_id: str | None,
+        writer: SegmentWriter | _NullWriter,
+    ) -> None:
+        self._tracker = tracker
+        self.run_id = run_id
+        self.run_name = run_name
+        self.experiment_name = experiment_name
+        self.parent_run_id = parent_run_id
+        self._writer: SegmentWriter | _NullWriter | _EndedWriter = writer
+        self._params: dict[str, str] = {}
+        self.status = "RUNNING"
+
+    def __repr__(self) -> str:
+        return (
+            f"Run(run_id={self.run_id!r}, run_name={self.run_name!r}, "
+            f"experiment={self.experiment_name!r}, status={self.status!r})"
+        )
+
+    @property
+    def spool_path(self) -> Path | None:
+        """This process's segment file of the run (``None`` in no-op mode)."""
+        w = self._writer
+        return w.path if isinstance(w, SegmentWriter) else None
+
+    # -- metrics ---------------------------------------------------------------------------
+
+    def log_metric(
+        self, key: str, value: float, step: int | None = None, timestamp: int | None = None
+    ) -> None:
+        """Log one metric point. ``timestamp`` is in milliseconds since the epoch."""
+        if key not in _valid_keys:
+            self._check_key(key, "metric")
+        v = (
+            value
+            if type(value) is float and value - value == 0.0
+            else metric_value(value, key, self.run_id)
+        )
+        if step is None:
+            s = 0
+        elif type(step) is int and INT64_MIN <= step <= INT64_MAX:
+            s = step
+        else:
+            s = int64(step, "step", key, self.run_id)
+        t = (
+            now_ms()
+            if timestamp is None
+            else int64(timestamp, "timestamp", key, self.run_id, minimum=0)
+        )
+        self._writer.append({"v": _V, "s": 0, "t": t, "k": K_METRICS, "step": s, "d": {key: v}})
+
+    def log_metrics(
+        self, metrics: Mapping[str, float], step: int | None = None, timestamp: int | None = None
+    ) -> None:
+        """Log several metrics at one step and time, as one event."""
+        run = self.run_id
+        data: dict[str, float | str] = {}
+        for key, value in _items(metrics, "metrics", run):
+            if key not in _valid_keys:
+                self._check_key(key, "metric")
+            data[key] = (
+                value
+                if type(value) is float and value - value == 0.0
+                else metric_value(value, key, run)
+            )
+        if not data:
+            return
+        s = 0 if step is None else int64(step, "step", "<batch>", run)
+        t = (
+            now_ms()
+            if timestamp is None
+            else int64(timestamp, "timestamp", "<batch>", run, minimum=0)
+        )
+        self._writer.append({"v": _V, "s": 0, "t": t, "k": K_METRICS, "step": s, "d": data})
+
+    # -- params ----------------------------------------------------------------------------
+
+    def log_param(self, key: str, value: Any) -> None:
+        """Log a param (stored as ``str(value)``); a param is write-once per run."""
+        self.log_params({key: value})
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        """Log several params as one event; all are checked before anything is written."""
+        run = self.run_id
+        data: dict[str, str] = {}
+        for key, value in _items(params, "params", run):
+            if key not in _valid_keys:
+                self._check_key(key, "param")
+            text = string_value(value, key, "param", MAX_PARAM_VALUE_LENGTH, run)
+            old = self._params.get(key, data.get(key))
+            if old is not None and old != text:
+                raise ParamConflictError(
+                    f"run {run}: param {key!r} is already {old!r}; cannot change it to "
+                    f"{text!r} (params are write-once; log values that change as metrics or tags)"
+                )
+            data[key] = text
+        new = {k: v for k, v in data.items() if k not in self._params}
+        if not new:
+            return
+        self._writer.append({"v": _V, "s": 0, "t": now_ms(), "k": K_PARAMS, "d": new})
+        self._params.update(new)
+
+    # -- tags ------------------------------------------------------------------------------
+
+    def set_tag(self, key: str, value: Any) -> None:
+        """Set a tag (stored as ``str(value)``); the last value set wins."""
+        self.set_tags({key: value})
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        """Set several tags as one event."""
+        run = self.run_id
+        data: dict[str, str] = {}
+        for key, value in _items(tags, "tags", run):
+            if key not in _valid_keys:
+                self._check_key(key, "tag")
+            data[key] = string_value(value, key, "tag", MAX_TAG_VALUE_LENGTH, run)
+        if data:
+            self._writer.append({"v": _V, "s": 0, "t": now_ms(), "k": K_TAGS, "d": data})
+
+    # -- artifact references ---------------------------------------------------------------
+
+    def log_artifact_reference(
+        self,
+        logical_path: Any,
+        digest: str | None = None,
+        size_bytes: int | None = None,
+        *,
+        store_root: Path | str | None = None,
+    ) -> None:
+        """Record that this run produced ``logical_path``, stored in the artifact store.
+
+        Accepts either the three fields or an entry returned by ``ArtifactStore.add_file``
+        (anything with ``path``, ``digest`` and ``size_bytes``). Only the reference is
+        logged — never a copy of the object.
+        """
+        from formula_foundry.substrate import Digest, validate_logical_path
+
+        run = self.run_id
+        if digest is None and size_bytes is None and hasattr(logical_path, "digest"):
+            entry = logical_path
+            logical_path, digest, size_bytes = entry.path, entry.digest, entry.size_bytes
+        if not isinstance(logical_path, str):
+            raise ValidationError(
+                f"run {run}: artifact reference logical_path must be a str, got {logical_path!r}"
+            )
+        try:
+            path = validate_logical_path(logical_path)
+            parsed = Digest.parse(str(digest))
+        except ValidationError as exc:
+            raise ValidationError(
+                f"run {run}: artifact reference {logical_path!r}: {exc}"
+            ) from None
+        if isinstance(size_bytes, bool) or not isinstance(size_bytes, int) or size_bytes < 0:
+            raise ValidationError(
+                f"run {run}: artifact reference {logical_path!r}: size_bytes must be an "
+                f"integer >= 0, got {size_bytes!r}"
+            )
+        store = (
+            Path(store_root)
+            if store_root is not None
+            else self._tracker.settings.artifact_store_root
+        )
+        self._writer.append(
+            {
+                "v": _V,
+                "s": 0,
+                "t": now_ms(),
+                "k": K_ARTIFACT_REF,
+                "path": path,
+                "digest": str(parsed),
+                "size": size_bytes,
+                "store": str(store.absolute()),
+            }
+        )
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def end(self, status: str = "FINISHED") -> None:
+        """End the run with ``status`` (FINISHED, FAILED or KILLED). Ending twice is an error."""
+        if status not in ("FINISHED", "FAILED", "KILLED"):
+            raise ValidationError(
+                f"run {self.run_id}: end status must be FINISHED, FAILED or KILLED, got {status!r}"
+            )
+        if isinstance(self._writer, _EndedWriter):
+            raise RunStateError(f"run {self.run_id} has already ended ({self.status})")
+        writer = self._writer
+        writer.append({"v": _V, "s": 0, "t": now_ms(), "k": K_RUN_END, "status": status})
+        writer.close()
+        self.status = status
+        self._writer = _EndedWriter(self.run_id, status)
+        self._tracker._forget(self)
+
+    def __enter__(self) -> Run:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if isinstance(self._writer, _EndedWriter):
+            return
+        if exc_type is None:
+            status = "FINISHED"
+        elif issubclass(exc_type, KeyboardInterrupt):
+            status = "KILLED"
+        elif issubclass(exc_type, SystemExit) and getattr(exc, "code", 1) in (0, None):
+            status = "FINISHED"
+        else:
+            status = "FAILED"
+        self.end(status)
+
+    # -- internals -------------------------------------------------------------------------
+
+    def _check_key(self, key: object, what: str) -> None:
+        check_key(key, what, self.run_id)
+        if len(_valid_keys) < _KEY_CACHE_LIMIT:
+            _valid_keys.add(key)  # type: ignore[arg-type]  # check_key proved it is a str
+
+
+def _items(mapping: Mapping[str, Any], what: str, run: str) -> Any:
+    if not isinstance(mapping, Mapping):
+        raise ValidationError(
+            f"run {run}: {what} must be a mapping of key to value, got {type(mapping).__name__}"
+        )
+    return mapping.items()
+
+
+class Tracker:
+    """Starts runs that spool under ``settings.spool_root``. Get one with :func:`get_tracker`."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._local = threading.local()
+        self._active: dict[str, Run] = {}
+        self._active_lock = threading.Lock()
+
+    @property
+    def disabled(self) -> bool:
+        return self.settings.disabled
+
+    def _stack(self) -> list[Run]:
+        stack: list[Run] | None = getattr(self._local, "stack", None)
+        if stack is None:
+            stack = self._local.stack = []
+        return stack
+
+    def active_run(self) -> Run | None:
+        """The innermost active run of this thread, if any."""
+        stack = self._stack()
+        return stack[-1] if stack else None
+
+    def start_run(
+        self,
+        run_name: str | None = None,
+        experiment_name: str | None = None,
+        nested: bool = False,
+        tags: Mapping[str, Any] | None = None,
+        manifest: ManifestLike | None = None,
+        run_artifacts: RunArtifactsLike | None = None,
+        description: str | None = None,
+    ) -> Run:
+        """Start a run and return its handle (also a context manager).
+
+        ``nested=True`` makes it a child of this thread's innermost active run. Starting a
+        second top-level run while one is active in this thread is an error, as in MLflow.
+        """
+        stack = self._stack()
+        parent = stack[-1] if stack else None
+        if parent is not None and not nested:
+            raise RunStateError(
+                f"run {parent.run_id} ({parent.run_name!r}) is still active in this thread; "
+                "end it first, or pass nested=True to start a child run"
+            )
+        experiment = experiment_name or self.settings.default_experiment
+        if not isinstance(experiment, str) or not experiment.strip():
+            raise ValidationError(f"experiment_name must be a non-empty str, got {experiment!r}")
+        run_id = uuid.uuid4().hex
+        if run_name is None:
+            run_name = f"run-{run_id[:8]}"
+        elif not isinstance(run_name, str) or not run_name.strip():
+            raise ValidationError(f"run_name must be a non-empty str, got {run_name!r}")
+
+        initial = _initial_tags(tags, manifest, run_artifacts, description, run_id)
+        writer: SegmentWriter | _NullWriter = (
+            _NullWriter()
+            if self.settings.disabled
+            else SegmentWriter(self.settings.spool_root, run_id, self.settings.durability)
+        )
+        run = Run(self, run_id, run_name, experiment, parent.run_id if parent else None, writer)
+        # Validate the initial tags through the same rules as set_tags before anything is written.
+        for key in initial:
+            if key not in _valid_keys:
+                run._check_key(key, "tag")
+        checked = {
+            k: string_value(v, k, "tag", MAX_TAG_VALUE_LENGTH, run_id) for k, v in initial.items()
+        }
+        argv = list(sys.argv)
+        writer.append(
+            {
+                "v": _V,
+                "s": 0,
+                "t": now_ms(),
+                "k": K_RUN_START,
+                "run": run_id,
+                "experiment": experiment,
+                "name": run_name,
+                "parent": run.parent_run_id,
+                "user": _user(),
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+                "source": argv[0] if argv and argv[0] else "<python>",
+                "command": argv,
+            }
+        )
+        if checked:
+            writer.append({"v": _V, "s": 0, "t": now_ms(), "k": K_TAGS, "d": checked})
+        if run_artifacts is not None and not self.settings.disabled:
+            link = getattr(run_artifacts, "link_tracking_run", None)
+            if callable(link):
+                link(run_id, experiment, run_name)
+        stack.append(run)
+        with self._active_lock:
+            self._active[run_id] = run
+        return run
+
+    def _forget(self, run: Run) -> None:
+        stack = self._stack()
+        if run in stack:
+            stack.remove(run)
+        with self._active_lock:
+            self._active.pop(run.run_id, None)
+
+    def end_all(self, status: str = "FINISHED") -> None:
+        """End every run still active in this process (children first)."""
+        with self._active_lock:
+            runs = list(self._active.values())
+        for run in reversed(runs):
+            with contextlib.suppress(RunStateError):
+                run.end(status)
+
+
+def _initial_tags(
+    tags: Mapping[str, Any] | None,
+    manifest: ManifestLike | None,
+    run_artifacts: RunArtifactsLike | None,
+    description: str | None,
+    run_id: str,
+) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if manifest is not None:
+        to_tags = getattr(manifest, "to_tags", None)
+        if not callable(to_tags):
+            raise ValidationError(
+                f"run {run_id}: manifest must offer to_tags() -> dict[str, str], got "
+                f"{type(manifest).__name__}"
+            )
+        out.update(to_tags())
+    if run_artifacts is not None:
+        sub_id, sub_dir = (
+            getattr(run_artifacts, "run_id", None),
+            getattr(run_artifacts, "run_dir", None),
+        )
+        if not isinstance(sub_id, str) or sub_dir is None:
+            raise ValidationError(
+                f"run {run_id}: run_artifacts must offer run_id (str) and run_dir (path), got "
+                f"{type(run_artifacts).__name__}"
+            )
+        out["substrate_run_id"] = sub_id
+        out["substrate_run_dir"] = str(Path(sub_dir).absolute())
+    if description is not None:
+        out["mlflow.note.content"] = description
+    if tags is not None:
+        if not isinstance(tags, Mapping):
+            raise ValidationError(
+                f"run {run_id}: tags must be a mapping, got {type(tags).__name__}"
+            )
+        out.update(tags)
+    return out
+
+
+_trackers: dict[tuple[str, ...], Tracker] = {}
+_trackers_lock = threading.Lock()
+
+
+def get_tracker(config: Path | str | None = None) -> Tracker:
+    """Return the process's tracker for ``config`` (default: the discovered configuration).
+
+    Settings are read once per configuration and environment; the same tracker is returned
+    on later calls, so nesting works across modules.
+    """
+    settings = load_settings(config)
+    key = (
+        str(settings.config_path),
+        str(settings.spool_root),
+        settings.durability,
+        str(settings.disabled),
+        settings.default_experiment,
+    )
+    with _trackers_lock:
+        tracker = _trackers.get(key)
+        if tracker is None or tracker.settings != settings:
+            tracker = _trackers[key] = Tracker(settings)
+        return tracker
+
+
+def _end_at_exit() -> None:
+    for tracker in list(_trackers.values()):
+        tracker.end_all("FINISHED")
+    flush_all()
+
+
+atexit.register(_end_at_exit)
