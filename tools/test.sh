@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Set up the development environment (if needed) and run the whole test suite with lint and types.
+# Usage: ./tools/test.sh [pytest args...]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+.venv/bin/python -m pip install --quiet --upgrade pip
+.venv/bin/python -m pip install --quiet -e '.[dev]'
+# The destination tests start a throw-away PostgreSQL cluster (Debian's server) and an
+# mlflow server on 127.0.0.1 themselves; make sure the PostgreSQL server binaries exist.
+if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && ! command -v initdb >/dev/null; then
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq postgresql >/dev/null
+fi
+.venv/bin/ruff check src tests tools
+.venv/bin/ruff format --check src tests tools
+.venv/bin/mypy
+exec .venv/bin/python -m pytest "$@"
