@@ -125,9 +125,12 @@ def _read_values(path: Path | None) -> dict[str, dict[str, Any]]:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark is not None else ""
-        raise ConfigError(f"{path}{where}: not valid YAML: {_first_line(exc)}") from None
+        problem = getattr(exc, "problem", None) or _first_line(exc)
+        raise ConfigError(f"{path}{where}: not valid YAML: {problem}") from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not valid UTF-8 (byte {exc.start})") from None
     if loaded is None:
         return values
     if not isinstance(loaded, dict):
@@ -163,10 +166,16 @@ def _build(values: dict[str, dict[str, Any]], path: Path | None, root: Path) -> 
     where = str(path) if path else "defaults"
     tr, sp, ar, sy = values["tracking"], values["spool"], values["artifacts"], values["sync"]
 
-    uri = resolve_store_uri(tr["backend_store_uri"], root)
     env_uri = os.environ.get("MLFLOW_TRACKING_URI")
+    try:
+        uri = resolve_store_uri(tr["backend_store_uri"], root)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: tracking.backend_store_uri: {exc}") from None
     if env_uri:
-        uri = resolve_store_uri(env_uri, Path.cwd())
+        try:
+            uri = resolve_store_uri(env_uri, Path.cwd())
+        except ConfigError as exc:
+            raise ConfigError(f"MLFLOW_TRACKING_URI: {exc}") from None
 
     spool_root = _path(root, sp["root"])
     env_spool = os.environ.get("FF_SPOOL_ROOT")

@@ -59,10 +59,31 @@ _KEY_CHARS = re.compile(r"^[/\w.\- :]*$")
 _NONFINITE_OUT: Final = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
 
 
+# The checksum tail appended to a record's bytes (its closing brace cut off): ``% (head, crc)``.
+CHECKSUM_TAIL: Final = b'%b,"c":"%08x"}\n'
+# The bytes orjson writes for a one-key metrics record, as a template for the writer's fast path:
+# ``% (seq, t, step, json(key), json(value))``. frame() of the same record gives the same bytes.
+METRIC_HEAD: Final = b'{"v":%d,"s":%%d,"t":%%d,"k":"%s","step":%%d,"d":{%%b:%%b}' % (
+    FORMAT_VERSION,
+    K_METRICS.encode(),
+)
+
+
 def frame(record: dict[str, Any]) -> bytes:
     """Serialise ``record`` as one checksummed line, newline included."""
     head = orjson.dumps(record)[:-1]
-    return b'%b,"c":"%08x"}\n' % (head, zlib.crc32(head))
+    return CHECKSUM_TAIL % (head, zlib.crc32(head))
+
+
+def frame_metric(seq: int, t: int, step: int, key_json: bytes, value_json: bytes) -> bytes:
+    """The line of ``{"v", "s": seq, "t", "k": "metrics", "step", "d": {key: value}}``.
+
+    ``key_json``/``value_json`` are ``orjson.dumps`` of the key and of the spool spelling of
+    the value (:func:`metric_value`). Byte-identical to :func:`frame` of that record, without
+    building the dict; the writer inlines the same two formatting steps.
+    """
+    head = METRIC_HEAD % (seq, t, step, key_json, value_json)
+    return CHECKSUM_TAIL % (head, zlib.crc32(head))
 
 
 def checksum_ok(line: bytes) -> bool:
@@ -71,11 +92,8 @@ def checksum_ok(line: bytes) -> bool:
         return False
     if line[-2:] != b'"}':
         return False
-    try:
-        want = int(line[-10:-2], 16)
-    except ValueError:
-        return False
-    return zlib.crc32(line[:-_CHECKSUM_TAIL_LEN]) == want
+    # Exactly the writer's spelling (8 lower-case hex digits), not anything int() would parse.
+    return line[-10:-2] == b"%08x" % zlib.crc32(line[:-_CHECKSUM_TAIL_LEN])
 
 
 # --- validation (log time) -------------------------------------------------------------------
@@ -83,8 +101,11 @@ def checksum_ok(line: bytes) -> bool:
 
 def check_key(key: object, what: str, run: str) -> str:
     """Validate a param/metric/tag key with MLflow's rules; return it."""
-    if not isinstance(key, str):
-        raise ValidationError(f"run {run}: {what} key {key!r} must be a str")
+    if type(key) is not str:
+        if not isinstance(key, str):
+            raise ValidationError(f"run {run}: {what} key {key!r} must be a str")
+        # A str subclass (StrEnum, numpy.str_): orjson refuses it as a dict key.
+        key = str.__str__(key)
     if len(key) > MAX_KEY_LENGTH:
         raise ValidationError(
             f"run {run}: {what} key {key[:40]!r}... is {len(key)} characters "
@@ -106,7 +127,7 @@ def check_key(key: object, what: str, run: str) -> str:
 
 def string_value(value: object, key: str, what: str, limit: int, run: str) -> str:
     """MLflow stores params and tags as ``str(value)``; reject what it would truncate."""
-    text = value if isinstance(value, str) else str(value)
+    text = value if type(value) is str else str(value)
     if len(text) > limit:
         raise ValidationError(
             f"run {run}: {what} {key!r} value is {len(text)} characters "
@@ -114,6 +135,14 @@ def string_value(value: object, key: str, what: str, limit: int, run: str) -> st
         )
     if "\x00" in text:
         raise ValidationError(f"run {run}: {what} {key!r} value contains a NUL character")
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise ValidationError(
+                f"run {run}: {what} {key!r} value is not valid Unicode text "
+                f"(lone surrogate {text[exc.start]!r} at index {exc.start})"
+            ) from None
     return text
 
 
@@ -131,8 +160,10 @@ def metric_value(value: object, key: str, run: str) -> float | str:
         try:
             f = float(value)
         except (OverflowError, ValueError, TypeError) as exc:
+            shown = repr(value)
+            shown = shown if len(shown) <= 60 else f"{shown[:40]}...({len(shown)} characters)"
             raise ValidationError(
-                f"run {run}: metric {key!r} value {value!r} cannot be a float: {exc}"
+                f"run {run}: metric {key!r} value {shown} cannot be a float: {exc}"
             ) from None
     # x - x is 0.0 exactly for finite x, NaN for NaN and ±inf: one cheap test for the hot path.
     if f - f == 0.0:

@@ -13,9 +13,16 @@ The reader's contract (what each outcome means for whoever consumes it):
 * **NUL hole** — a run of NUL bytes (a shared filesystem's zero-filled block after a client
   crash): reported as a :class:`Problem` and skipped; if a valid record follows the NULs on the
   same line it is still returned.
+* **sequence gap** — a record whose sequence number does not follow the previous one: a
+  ``sequence`` :class:`Problem` (records were lost), then the record itself.
 * **unknown format version** — a segment header with a version this release cannot read raises
   :class:`~formula_foundry.errors.UnsupportedSpoolVersion`; a single record with an unknown
   version is a :class:`Problem`.
+* **broken header** — a complete first line that is not a valid segment header raises
+  :class:`~formula_foundry.errors.SpoolCorrupt`; an empty file or an unfinished header yields
+  nothing (``header`` stays ``None``).
+
+The format itself is documented in ``docs/spool-format.md``.
 
 The reader never writes: a sync host needs only read access to the spools.
 """
@@ -103,6 +110,13 @@ class SegmentReader:
     reports and the sequence-gap check stay right when resuming mid-file. After iteration,
     ``end_offset``/``end_line``/``last_seq`` say where the next pass starts, and ``tail`` is
     ``"clean"`` or ``"unfinished"``.
+
+    The three are also right *while* iterating: when an item is handed out they already
+    cover it, so a consumer that stops after any item (a batch is full) and saves them
+    resumes with the next item — never a duplicate, never a gap. (The one exception is a
+    line that yields two items, e.g. a NUL-hole report and the record after the NULs: after
+    the first of them the position is still the start of the line, so a resumed pass reports
+    it again rather than lose the record.)
     """
 
     def __init__(self, path: Path, offset: int = 0, line: int = 0, last_seq: int = -1) -> None:
@@ -124,6 +138,7 @@ class SegmentReader:
             fh.seek(self.end_offset)
             pending = b""
             base = self.end_offset
+            parse = self._parse
             while True:
                 chunk = fh.read(_CHUNK)
                 if not chunk:
@@ -135,30 +150,42 @@ class SegmentReader:
                     nl = find(b"\n", start)
                     if nl < 0:
                         break
-                    self.end_line += 1
-                    yield from self._parse(data[start:nl], base + start, base + nl + 1)
+                    lineno = self.end_line + 1
+                    end = base + nl + 1
+                    items = parse(data[start:nl], base + start, end, lineno)
+                    last = items[-1]
+                    if len(items) > 1:
+                        yield from items[:-1]
+                    # Move past the line before handing out its last item (see the docstring).
+                    self.end_line = lineno
+                    self.end_offset = end
+                    if type(last) is Event:
+                        self.last_seq = last.seq
+                    yield last
                     start = nl + 1
-                    self.end_offset = base + start
                 pending = data[start:]
                 base += start
             self.tail = "unfinished" if pending else "clean"
 
-    def _parse(self, line: bytes, offset: int, end: int) -> Iterator[Event | Problem]:
-        lineno = self.end_line
+    def _parse(self, line: bytes, offset: int, end: int, lineno: int) -> list[Event | Problem]:
+        """The items of one line (at least one): Problems, then at most one Event last."""
+        out: list[Event | Problem] = []
         if b"\x00" in line:
             stripped = line.rstrip(b"\x00")
             after = line[line.rfind(b"\x00") + 1 :]
             holes = len(line) - len(line.replace(b"\x00", b""))
-            yield Problem(
-                self.path,
-                lineno,
-                offset,
-                "nul_hole",
-                f"{holes} NUL bytes (a hole left by a crashed shared-filesystem client)",
-                stripped[:_RAW_LIMIT],
+            out.append(
+                Problem(
+                    self.path,
+                    lineno,
+                    offset,
+                    "nul_hole",
+                    f"{holes} NUL bytes (a hole left by a crashed shared-filesystem client)",
+                    stripped[:_RAW_LIMIT],
+                )
             )
             if not after:
-                return
+                return out
             offset = end - 1 - len(after)
             line = after
         if not checksum_ok(line):
@@ -169,30 +196,36 @@ class SegmentReader:
             except orjson.JSONDecodeError as exc:
                 reason = f"not valid JSON ({str(exc).split(':', 1)[0]})"
                 kind = "corrupt"
-            yield Problem(self.path, lineno, offset, kind, reason, line[:_RAW_LIMIT])
-            return
+            out.append(Problem(self.path, lineno, offset, kind, reason, line[:_RAW_LIMIT]))
+            return out
         try:
             rec = orjson.loads(line)
         except orjson.JSONDecodeError:
-            yield Problem(self.path, lineno, offset, "corrupt", "not valid JSON", line[:_RAW_LIMIT])
-            return
-        if not isinstance(rec, dict):
-            yield Problem(
-                self.path, lineno, offset, "corrupt", "not a JSON object", line[:_RAW_LIMIT]
+            out.append(
+                Problem(self.path, lineno, offset, "corrupt", "not valid JSON", line[:_RAW_LIMIT])
             )
-            return
+            return out
+        if not isinstance(rec, dict):
+            out.append(
+                Problem(
+                    self.path, lineno, offset, "corrupt", "not a JSON object", line[:_RAW_LIMIT]
+                )
+            )
+            return out
         version = rec.get("v")
         if version not in SUPPORTED_VERSIONS:
-            yield Problem(
-                self.path,
-                lineno,
-                offset,
-                "version",
-                f"record format version {version!r} is not supported (reads "
-                f"{sorted(SUPPORTED_VERSIONS)}); upgrade formula-foundry",
-                line[:_RAW_LIMIT],
+            out.append(
+                Problem(
+                    self.path,
+                    lineno,
+                    offset,
+                    "version",
+                    f"record format version {version!r} is not supported (reads "
+                    f"{sorted(SUPPORTED_VERSIONS)}); upgrade formula-foundry",
+                    line[:_RAW_LIMIT],
+                )
             )
-            return
+            return out
         seq, t, kind_name = rec.get("s"), rec.get("t"), rec.get("k")
         if (
             type(seq) is not int
@@ -200,25 +233,29 @@ class SegmentReader:
             or not isinstance(kind_name, str)
             or kind_name not in KINDS
         ):
-            yield Problem(
-                self.path,
-                lineno,
-                offset,
-                "corrupt",
-                "record lacks a valid envelope (integer s and t, known kind k)",
-                line[:_RAW_LIMIT],
+            out.append(
+                Problem(
+                    self.path,
+                    lineno,
+                    offset,
+                    "corrupt",
+                    "record lacks a valid envelope (integer s and t, known kind k)",
+                    line[:_RAW_LIMIT],
+                )
             )
-            return
+            return out
         if self.last_seq >= 0 and seq != self.last_seq + 1:
-            yield Problem(
-                self.path,
-                lineno,
-                offset,
-                "sequence",
-                f"sequence jumps from {self.last_seq} to {seq} (records lost or reordered)",
+            out.append(
+                Problem(
+                    self.path,
+                    lineno,
+                    offset,
+                    "sequence",
+                    f"sequence jumps from {self.last_seq} to {seq} (records lost or reordered)",
+                )
             )
-        self.last_seq = seq
-        yield Event(seq, t, kind_name, rec, lineno, offset, end)
+        out.append(Event(seq, t, kind_name, rec, lineno, offset, end))
+        return out
 
 
 def iter_segment(path: Path, offset: int = 0) -> Iterator[Event | Problem]:

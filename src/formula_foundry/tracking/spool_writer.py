@@ -13,34 +13,58 @@ Durability modes:
 ``fsync``     ``write`` plus ``fdatasync``: the event survives a node crash or power loss.
 ``buffered``  events are collected in memory and written in blocks of 64 KiB, at run end and
               at interpreter exit: fastest, but a killed process loses the unwritten window.
+              A forked child writes its events unbuffered (it may leave via ``os._exit``).
+
+A failed write (disk full, quota, file-size limit) raises
+:class:`~formula_foundry.errors.SpoolWriteError` and leaves no part of the line behind: a short
+write is cut off with ``ftruncate``, so the segment stays a sequence of whole lines.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import secrets
-import socket
 import threading
 import time
 import weakref
+import zlib
 from pathlib import Path
 from typing import Any, Final
 
-from formula_foundry.errors import SpoolWriteError
-from formula_foundry.tracking.events import FORMAT_VERSION, K_SEGMENT, frame
+from formula_foundry.errors import ConfigError, SpoolWriteError
+from formula_foundry.tracking.events import (
+    CHECKSUM_TAIL,
+    FORMAT_VERSION,
+    K_SEGMENT,
+    METRIC_HEAD,
+    frame,
+)
 
 SEGMENT_PREFIX: Final = "seg-"
 SEGMENT_SUFFIX: Final = ".jsonl"
 _BUFFER_LIMIT: Final = 64 * 1024
-_HOST: Final = socket.gethostname()
 _OPEN_FLAGS: Final = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC
+_crc32 = zlib.crc32
+_write = os.write
+_time_ns = time.time_ns
 
+
+def hostname() -> str:
+    """This host's name, as ``socket.gethostname()`` gives it (without importing socket)."""
+    uname = getattr(os, "uname", None)
+    if uname is not None:
+        return str(uname().nodename)
+    import socket  # pragma: no cover - not POSIX
+
+    return socket.gethostname()  # pragma: no cover
+
+
+_HOST: Final = hostname()
 _live_writers: weakref.WeakSet[SegmentWriter] = weakref.WeakSet()
 
 
 def now_ms() -> int:
-    return time.time_ns() // 1_000_000
+    return _time_ns() // 1_000_000
 
 
 def _safe_host(host: str) -> str:
@@ -53,7 +77,13 @@ class SegmentWriter:
     def __init__(self, spool_root: Path, run_uuid: str, durability: str = "write") -> None:
         self.run_dir = spool_root / run_uuid
         self.run_uuid = run_uuid
+        if durability not in ("write", "fsync", "buffered"):
+            raise ConfigError(
+                f"durability must be one of write, fsync, buffered, got {durability!r}"
+            )
         self.durability = durability
+        self._buffering = durability == "buffered"
+        self._fsync = durability == "fsync"
         self.path: Path | None = None
         self._fd = -1
         self._size = 0
@@ -76,18 +106,35 @@ class SegmentWriter:
                 self._open()
             seq = self._last_seq + 1
             record["s"] = seq
-            line = frame(record)
-            if self.durability == "buffered":
-                self._buffer.append(line)
-                self._buffered += len(line)
-                self._last_seq = seq
-                if self._buffered >= _BUFFER_LIMIT:
-                    self._flush_locked()
+            self._emit_locked(frame(record), seq)
+
+    def append_metric(self, t: int, step: int, key_json: bytes, value_json: bytes) -> None:
+        """The hot path of ``log_metric``: append a one-key metrics event.
+
+        Writes exactly what :meth:`append` writes for ``{"v", "s", "t", "k": "metrics",
+        "step", "d": {key: value}}`` (see :func:`~formula_foundry.tracking.events.frame_metric`),
+        without building and serialising the dict. ``key_json``/``value_json`` are the
+        ``orjson.dumps`` of the key and of the value's spool spelling.
+        """
+        with self._lock:
+            if self._fd < 0:
+                self._open()
+            seq = self._last_seq + 1
+            head = METRIC_HEAD % (seq, t, step, key_json, value_json)
+            line = CHECKSUM_TAIL % (head, _crc32(head))
+            if self._buffering or self._fsync:
+                self._emit_locked(line, seq)
                 return
-            self._write_locked(line)
+            # Inlined _write_locked for the common case: one complete write.
+            try:
+                written = _write(self._fd, line)
+            except OSError:
+                written = -1
+            if written == len(line):
+                self._size += written
+            else:
+                self._finish_short_write(line, written)
             self._last_seq = seq
-            if self.durability == "fsync":
-                self._sync_locked()
 
     def flush(self) -> None:
         """Write buffered events (buffered mode) and, in fsync mode, sync the file."""
@@ -109,13 +156,19 @@ class SegmentWriter:
     # -- internals ------------------------------------------------------------------------
 
     def _open(self) -> None:
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise SpoolWriteError(
+                f"run {self.run_uuid}: cannot create spool folder {self.run_dir}: "
+                f"{exc.strerror or exc}"
+            ) from None
         started = now_ms()
         pid = os.getpid()
         for _ in range(8):
             name = (
                 f"{SEGMENT_PREFIX}{started}-{_safe_host(_HOST)}-{pid}-"
-                f"{secrets.token_hex(3)}{SEGMENT_SUFFIX}"
+                f"{os.urandom(3).hex()}{SEGMENT_SUFFIX}"
             )
             path = self.run_dir / name
             try:
@@ -147,7 +200,7 @@ class SegmentWriter:
             header["forked_from"] = self._forked_from
         try:
             self._write_locked(frame(header))
-            if self.durability == "fsync":
+            if self._fsync:
                 self._sync_locked()
                 _fsync_dir(self.run_dir)
         except SpoolWriteError:
@@ -157,15 +210,45 @@ class SegmentWriter:
             path.unlink(missing_ok=True)
             raise
 
+    def _emit_locked(self, line: bytes, seq: int) -> None:
+        """Write (or buffer) the framed ``line`` of sequence number ``seq`` per the policy."""
+        if self._buffering:
+            self._buffer.append(line)
+            self._buffered += len(line)
+            self._last_seq = seq
+            if self._buffered >= _BUFFER_LIMIT:
+                self._flush_locked()
+            return
+        self._write_locked(line)
+        self._last_seq = seq
+        if self._fsync:
+            self._sync_locked()
+
     def _write_locked(self, data: bytes) -> None:
-        start = self._size
-        view = memoryview(data)
-        written = 0
         try:
-            while written < len(data):
-                written += os.write(self._fd, view[written:])
+            written = _write(self._fd, data)
+        except OSError:
+            written = -1
+        if written == len(data):
+            self._size += written
+        else:
+            self._finish_short_write(data, written)
+
+    def _finish_short_write(self, data: bytes, written: int) -> None:
+        """Complete a short write, or undo it and raise :class:`SpoolWriteError`.
+
+        ``written`` is what the first ``os.write`` returned (-1: it raised, writing nothing).
+        A write comes up short when the disk or the file-size limit is reached in the middle
+        of the line; writing the rest then fails with the reason.
+        """
+        start = self._size
+        done = max(written, 0)
+        view = memoryview(data)
+        try:
+            while done < len(data):
+                done += _write(self._fd, view[done:])
         except OSError as exc:
-            if written:
+            if done:
                 # A torn line would hide every later event behind a corrupt one: cut it off.
                 with contextlib.suppress(OSError):
                     os.ftruncate(self._fd, start)
@@ -173,7 +256,7 @@ class SegmentWriter:
                 f"run {self.run_uuid}: could not write to spool segment {self.path}: "
                 f"{exc.strerror or exc} (nothing of this call was kept)"
             ) from None
-        self._size = start + written
+        self._size = start + done
 
     def _flush_locked(self) -> None:
         if self._buffer and self._fd >= 0:
@@ -181,7 +264,7 @@ class SegmentWriter:
             self._buffer.clear()
             self._buffered = 0
             self._write_locked(data)
-        if self.durability == "fsync" and self._fd >= 0:
+        if self._fsync and self._fd >= 0:
             self._sync_locked()
 
     def _sync_locked(self) -> None:
@@ -202,6 +285,11 @@ class SegmentWriter:
         # The parent owns and will write its own buffered events.
         self._buffer.clear()
         self._buffered = 0
+        if self._buffering:
+            # A forked child may leave through os._exit (multiprocessing workers do), which
+            # skips the flush at exit: it writes each event at once instead.
+            self._buffering = False
+            self.durability = "write"
 
 
 def _fsync_dir(path: Path) -> None:

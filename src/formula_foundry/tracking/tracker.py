@@ -9,18 +9,19 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import getpass
 import os
-import socket
 import sys
 import threading
+import time
 import uuid
+import weakref
 from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-from formula_foundry.config import Settings, load_settings
+import orjson
+
 from formula_foundry.errors import ParamConflictError, RunStateError, ValidationError
 from formula_foundry.tracking.events import (
     FORMAT_VERSION,
@@ -39,12 +40,28 @@ from formula_foundry.tracking.events import (
     metric_value,
     string_value,
 )
-from formula_foundry.tracking.spool_writer import SegmentWriter, flush_all, now_ms
+from formula_foundry.tracking.spool_writer import SegmentWriter, flush_all, hostname, now_ms
+
+if TYPE_CHECKING:
+    from formula_foundry.config import Settings
 
 _V = FORMAT_VERSION
 _KEY_CACHE_LIMIT = 1 << 16
-# Keys that passed check_key; the rules are the same for params, metrics and tags.
-_valid_keys: set[str] = set()
+# Keys that passed check_key, with their JSON spelling (the metric hot path writes it as is).
+# The rules are the same for params, metrics and tags.
+_key_json: dict[str, bytes] = {}
+_dumps = orjson.dumps
+_time_ns = time.time_ns
+_STR_TYPE = frozenset({str})
+_FLOAT_TYPE = frozenset({float})
+
+
+def _valid_key(key: object, what: str, run: str) -> str:
+    """Check ``key`` with MLflow's rules and remember it; return it as an exact ``str``."""
+    checked = check_key(key, what, run)
+    if len(_key_json) < _KEY_CACHE_LIMIT:
+        _key_json[checked] = _dumps(checked)
+    return checked
 
 
 @runtime_checkable
@@ -76,6 +93,9 @@ class _NullWriter:
     def append(self, record: dict[str, Any]) -> None:
         pass
 
+    def append_metric(self, t: int, step: int, key_json: bytes, value_json: bytes) -> None:
+        pass
+
     def flush(self) -> None:
         pass
 
@@ -90,9 +110,17 @@ class _EndedWriter:
         self._msg = f"run {run_uuid} has ended ({status}); cannot log {{what}} to it"
 
     def append(self, record: dict[str, Any]) -> None:
-        data = record.get("d")
-        what = f"{record['k']} {', '.join(map(repr, data))}" if isinstance(data, dict) else "events"
+        data, kind = record.get("d"), record.get("k")
+        if isinstance(data, dict):
+            what = f"{kind} {', '.join(map(repr, data))}"
+        elif kind == K_ARTIFACT_REF:
+            what = f"artifact reference {record.get('path')!r}"
+        else:
+            what = f"{kind} events"
         raise RunStateError(self._msg.format(what=what))
+
+    def append_metric(self, t: int, step: int, key_json: bytes, value_json: bytes) -> None:
+        raise RunStateError(self._msg.format(what=f"{K_METRICS} {orjson.loads(key_json)!r}"))
 
     def flush(self) -> None:
         pass
@@ -102,6 +130,8 @@ class _EndedWriter:
 
 
 def _user() -> str:
+    import getpass  # deferred: only start_run needs it
+
     try:
         return getpass.getuser()
     except (KeyError, OSError):
@@ -151,13 +181,15 @@ class Run:
         self, key: str, value: float, step: int | None = None, timestamp: int | None = None
     ) -> None:
         """Log one metric point. ``timestamp`` is in milliseconds since the epoch."""
-        if key not in _valid_keys:
-            self._check_key(key, "metric")
-        v = (
-            value
-            if type(value) is float and value - value == 0.0
-            else metric_value(value, key, self.run_id)
-        )
+        # The hot path: a cached key, a finite float, no step or an int one, the current time.
+        try:
+            kj = _key_json[key]
+        except (KeyError, TypeError):
+            kj = _dumps(_valid_key(key, "metric", self.run_id))
+        if type(value) is float and value - value == 0.0:
+            vj = _dumps(value)
+        else:
+            vj = _dumps(metric_value(value, key, self.run_id))
         if step is None:
             s = 0
         elif type(step) is int and INT64_MIN <= step <= INT64_MAX:
@@ -165,31 +197,48 @@ class Run:
         else:
             s = int64(step, "step", key, self.run_id)
         t = (
-            now_ms()
+            _time_ns() // 1_000_000
             if timestamp is None
             else int64(timestamp, "timestamp", key, self.run_id, minimum=0)
         )
-        self._writer.append({"v": _V, "s": 0, "t": t, "k": K_METRICS, "step": s, "d": {key: v}})
+        self._writer.append_metric(t, s, kj, vj)
 
     def log_metrics(
         self, metrics: Mapping[str, float], step: int | None = None, timestamp: int | None = None
     ) -> None:
         """Log several metrics at one step and time, as one event."""
         run = self.run_id
-        data: dict[str, float | str] = {}
-        for key, value in _items(metrics, "metrics", run):
-            if key not in _valid_keys:
-                self._check_key(key, "metric")
-            data[key] = (
-                value
-                if type(value) is float and value - value == 0.0
-                else metric_value(value, key, run)
-            )
+        data: Mapping[str, float | str]
+        if (
+            # Fast path, checked in C: a plain dict of known str keys and finite floats (a
+            # non-finite value makes the sum NaN or infinite) is serialised as it is.
+            metrics.__class__ is dict
+            and _key_json.keys() >= metrics.keys()
+            and set(map(type, metrics)) <= _STR_TYPE
+            and set(map(type, metrics.values())) <= _FLOAT_TYPE
+            and (total := sum(metrics.values())) - total == 0.0
+        ):
+            data = metrics
+        else:
+            data = checked = {}
+            for key, value in _items(metrics, "metrics", run):
+                if key.__class__ is not str or key not in _key_json:
+                    key = _valid_key(key, "metric", run)
+                checked[key] = (
+                    value
+                    if type(value) is float and value - value == 0.0
+                    else metric_value(value, key, run)
+                )
         if not data:
             return
-        s = 0 if step is None else int64(step, "step", "<batch>", run)
+        if step is None:
+            s = 0
+        elif type(step) is int and INT64_MIN <= step <= INT64_MAX:
+            s = step
+        else:
+            s = int64(step, "step", "<batch>", run)
         t = (
-            now_ms()
+            _time_ns() // 1_000_000
             if timestamp is None
             else int64(timestamp, "timestamp", "<batch>", run, minimum=0)
         )
@@ -199,6 +248,8 @@ class Run:
 
     def log_param(self, key: str, value: Any) -> None:
         """Log a param (stored as ``str(value)``); a param is write-once per run."""
+        if key.__class__ is not str or key not in _key_json:
+            key = _valid_key(key, "param", self.run_id)
         self.log_params({key: value})
 
     def log_params(self, params: Mapping[str, Any]) -> None:
@@ -206,8 +257,8 @@ class Run:
         run = self.run_id
         data: dict[str, str] = {}
         for key, value in _items(params, "params", run):
-            if key not in _valid_keys:
-                self._check_key(key, "param")
+            if key.__class__ is not str or key not in _key_json:
+                key = _valid_key(key, "param", run)
             text = string_value(value, key, "param", MAX_PARAM_VALUE_LENGTH, run)
             old = self._params.get(key, data.get(key))
             if old is not None and old != text:
@@ -226,6 +277,8 @@ class Run:
 
     def set_tag(self, key: str, value: Any) -> None:
         """Set a tag (stored as ``str(value)``); the last value set wins."""
+        if key.__class__ is not str or key not in _key_json:
+            key = _valid_key(key, "tag", self.run_id)
         self.set_tags({key: value})
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
@@ -233,8 +286,8 @@ class Run:
         run = self.run_id
         data: dict[str, str] = {}
         for key, value in _items(tags, "tags", run):
-            if key not in _valid_keys:
-                self._check_key(key, "tag")
+            if key.__class__ is not str or key not in _key_json:
+                key = _valid_key(key, "tag", run)
             data[key] = string_value(value, key, "tag", MAX_TAG_VALUE_LENGTH, run)
         if data:
             self._writer.append({"v": _V, "s": 0, "t": now_ms(), "k": K_TAGS, "d": data})
@@ -333,13 +386,6 @@ class Run:
             status = "FAILED"
         self.end(status)
 
-    # -- internals -------------------------------------------------------------------------
-
-    def _check_key(self, key: object, what: str) -> None:
-        check_key(key, what, self.run_id)
-        if len(_valid_keys) < _KEY_CACHE_LIMIT:
-            _valid_keys.add(key)  # type: ignore[arg-type]  # check_key proved it is a str
-
 
 def _items(mapping: Mapping[str, Any], what: str, run: str) -> Any:
     if not isinstance(mapping, Mapping):
@@ -356,6 +402,15 @@ class Tracker:
         self.settings = settings
         self._local = threading.local()
         self._active: dict[str, Run] = {}
+        self._active_lock = threading.Lock()
+        _all_trackers.add(self)
+
+    def _after_fork_in_child(self) -> None:
+        # As in MLflow, a forked child starts with no active run: its runs are its own, and
+        # it never ends its parent's runs at exit. Handles it inherited still work; their
+        # events go to a segment of the child's own.
+        self._local = threading.local()
+        self._active = {}
         self._active_lock = threading.Lock()
 
     @property
@@ -412,11 +467,9 @@ class Tracker:
         )
         run = Run(self, run_id, run_name, experiment, parent.run_id if parent else None, writer)
         # Validate the initial tags through the same rules as set_tags before anything is written.
-        for key in initial:
-            if key not in _valid_keys:
-                run._check_key(key, "tag")
         checked = {
-            k: string_value(v, k, "tag", MAX_TAG_VALUE_LENGTH, run_id) for k, v in initial.items()
+            _valid_key(k, "tag", run_id): string_value(v, k, "tag", MAX_TAG_VALUE_LENGTH, run_id)
+            for k, v in initial.items()
         }
         argv = list(sys.argv)
         writer.append(
@@ -430,7 +483,7 @@ class Tracker:
                 "name": run_name,
                 "parent": run.parent_run_id,
                 "user": _user(),
-                "host": socket.gethostname(),
+                "host": hostname(),
                 "pid": os.getpid(),
                 "source": argv[0] if argv and argv[0] else "<python>",
                 "command": argv,
@@ -504,6 +557,7 @@ def _initial_tags(
 
 _trackers: dict[tuple[str, ...], Tracker] = {}
 _trackers_lock = threading.Lock()
+_all_trackers: weakref.WeakSet[Tracker] = weakref.WeakSet()
 
 
 def get_tracker(config: Path | str | None = None) -> Tracker:
@@ -512,6 +566,8 @@ def get_tracker(config: Path | str | None = None) -> Tracker:
     Settings are read once per configuration and environment; the same tracker is returned
     on later calls, so nesting works across modules.
     """
+    from formula_foundry.config import load_settings  # deferred: keeps the import cheap
+
     settings = load_settings(config)
     key = (
         str(settings.config_path),
@@ -533,4 +589,12 @@ def _end_at_exit() -> None:
     flush_all()
 
 
+def _reset_after_fork() -> None:
+    global _trackers_lock
+    _trackers_lock = threading.Lock()
+    for tracker in list(_all_trackers):
+        tracker._after_fork_in_child()
+
+
 atexit.register(_end_at_exit)
+os.register_at_fork(after_in_child=_reset_after_fork)

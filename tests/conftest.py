@@ -1,0 +1,57 @@
+"""Fixtures shared by every test package: an isolated project and a clean environment.
+
+Package-specific fixtures live in ``tests/<package>/conftest.py``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+# Environment variables that change where formula-foundry reads its configuration or writes
+# its data. A developer's shell (or a CI job) may set them; no test should inherit them.
+CONFIG_ENV_VARS = (
+    "FF_CONFIG",
+    "FF_SPOOL_ROOT",
+    "FF_TRACKING_DISABLED",
+    "FF_DURABILITY",
+    "MLFLOW_TRACKING_URI",
+)
+
+
+@pytest.fixture
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    """Remove the configuration environment variables; returns ``monkeypatch`` to set some."""
+    for name in CONFIG_ENV_VARS:
+        monkeypatch.delenv(name, raising=False)
+    return monkeypatch
+
+
+@pytest.fixture
+def write_config() -> Callable[[Path, str], Path]:
+    """Write ``<root>/config/mlflow.yaml`` with the given text; return the file's path."""
+
+    def write(root: Path, text: str) -> Path:
+        path = root / "config" / "mlflow.yaml"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+        return path
+
+    return write
+
+
+@pytest.fixture
+def ff_project(
+    tmp_path: Path, clean_env: pytest.MonkeyPatch, write_config: Callable[[Path, str], Path]
+) -> Path:
+    """A project root under tmp_path holding the repository's documented config/mlflow.yaml,
+    made the working directory, with no configuration variable set."""
+    root = tmp_path / "project"
+    root.mkdir()
+    write_config(root, (REPO_ROOT / "config" / "mlflow.yaml").read_text(encoding="utf-8"))
+    clean_env.chdir(root)
+    return root

@@ -1,0 +1,102 @@
+"""Helpers of the tracking tests: read what a run spooled, run Python in a child process."""
+
+from __future__ import annotations
+
+import math
+import os
+import struct
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+from formula_foundry.tracking.spool_reader import Event, Problem, SegmentReader
+
+CONFIG_ENV_VARS = (
+    "FF_CONFIG",
+    "FF_SPOOL_ROOT",
+    "FF_TRACKING_DISABLED",
+    "FF_DURABILITY",
+    "MLFLOW_TRACKING_URI",
+)
+
+
+def segments(spool_root: Path, run_id: str) -> list[Path]:
+    """The segment files of one run, oldest first (by name: they start with the time)."""
+    return sorted((spool_root / run_id).glob("seg-*.jsonl"))
+
+
+def only_segment(spool_root: Path, run_id: str) -> Path:
+    found = segments(spool_root, run_id)
+    assert len(found) == 1, found
+    return found[0]
+
+
+def read(path: Path, **state: int) -> tuple[list[Event], list[Problem], SegmentReader]:
+    """Read a segment (from an optional offset/line/last_seq); split events and problems."""
+    reader = SegmentReader(path, **state)
+    events: list[Event] = []
+    problems: list[Problem] = []
+    for item in reader:
+        (events if isinstance(item, Event) else problems).append(item)
+    return events, problems, reader
+
+
+def read_clean(path: Path) -> list[Event]:
+    """Read a segment that must have no problem and a clean tail; return its events."""
+    events, problems, reader = read(path)
+    assert problems == [], [p.describe() for p in problems]
+    assert reader.tail == "clean"
+    assert [e.seq for e in events] == list(range(len(events)))
+    return events
+
+
+def payloads(events: list[Event], kind: str | None = None) -> list[dict[str, Any]]:
+    """The records of ``events`` (of one kind) without the envelope keys v, s, t, c."""
+    out = []
+    for e in events:
+        if kind is None or e.kind == kind:
+            out.append({k: v for k, v in e.data.items() if k not in ("v", "s", "t", "c")})
+    return out
+
+
+def float_bits(x: float) -> bytes:
+    return struct.pack("<d", x)
+
+
+def same_float(a: float, b: float) -> bool:
+    """Bit-identical, except that every NaN equals every NaN (the spool spells NaN once)."""
+    if math.isnan(a) or math.isnan(b):
+        return math.isnan(a) and math.isnan(b)
+    return float_bits(a) == float_bits(b)
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """This environment without the configuration variables, plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if k not in CONFIG_ENV_VARS}
+    env.update(extra)
+    return env
+
+
+def run_python(
+    code: str,
+    *args: str,
+    cwd: Path,
+    env: dict[str, str] | None = None,
+    timeout: float = 60.0,
+    check: bool = True,
+) -> subprocess.CompletedProcess[str]:
+    """Run ``code`` in a fresh interpreter of this venv in ``cwd``; fail the test on error."""
+    result = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code), *args],
+        cwd=cwd,
+        env=env if env is not None else child_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"child exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
+    return result
