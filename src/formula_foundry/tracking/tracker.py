@@ -28,6 +28,7 @@ from formula_foundry.tracking.events import (
     INT64_MAX,
     INT64_MIN,
     K_ARTIFACT_REF,
+    K_HEARTBEAT,
     K_METRICS,
     K_PARAMS,
     K_RUN_END,
@@ -40,6 +41,8 @@ from formula_foundry.tracking.events import (
     metric_value,
     string_value,
 )
+from formula_foundry.tracking.liveness import install_sigterm, start_heartbeat
+from formula_foundry.tracking.resume import check_run_id, find_origin
 from formula_foundry.tracking.spool_writer import SegmentWriter, flush_all, hostname, now_ms
 
 if TYPE_CHECKING:
@@ -161,6 +164,7 @@ class Run:
         self.parent_run_id = parent_run_id
         self._writer: SegmentWriter | _NullWriter | _EndedWriter = writer
         self._params: dict[str, str] = {}
+        self._attached = False
         self.status = "RUNNING"
 
     def __repr__(self) -> str:
@@ -359,6 +363,12 @@ class Run:
         if isinstance(self._writer, _EndedWriter):
             raise RunStateError(f"run {self.run_id} has already ended ({self.status})")
         writer = self._writer
+        if self._attached:
+            # An attached worker detaches; ending the run is its owner's business.
+            writer.close()
+            self._writer = _EndedWriter(self.run_id, "detached")
+            self._tracker._forget(self)
+            return
         writer.append({"v": _V, "s": 0, "t": now_ms(), "k": K_RUN_END, "status": status})
         writer.close()
         self.status = status
@@ -401,7 +411,7 @@ class Tracker:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self._local = threading.local()
-        self._active: dict[str, Run] = {}
+        self._active: dict[int, Run] = {}
         self._active_lock = threading.Lock()
         _all_trackers.add(self)
 
@@ -437,11 +447,16 @@ class Tracker:
         manifest: ManifestLike | None = None,
         run_artifacts: RunArtifactsLike | None = None,
         description: str | None = None,
+        run_id: str | None = None,
     ) -> Run:
         """Start a run and return its handle (also a context manager).
 
         ``nested=True`` makes it a child of this thread's innermost active run. Starting a
         second top-level run while one is active in this thread is an error, as in MLflow.
+
+        ``run_id`` (or ``$FF_RUN_ID`` for a top-level run) continues that run if its spool
+        exists — a requeued job resuming its run: a new segment, same run — and otherwise
+        starts a new run with that id.
         """
         stack = self._stack()
         parent = stack[-1] if stack else None
@@ -453,7 +468,21 @@ class Tracker:
         experiment = experiment_name or self.settings.default_experiment
         if not isinstance(experiment, str) or not experiment.strip():
             raise ValidationError(f"experiment_name must be a non-empty str, got {experiment!r}")
-        run_id = uuid.uuid4().hex
+        if run_id is None and parent is None:
+            run_id = os.environ.get("FF_RUN_ID") or None
+        origin = None
+        if run_id is None:
+            run_id = uuid.uuid4().hex
+        else:
+            run_id = check_run_id(run_id)
+            origin = find_origin(self.settings.spool_root, run_id)
+        if origin is not None:
+            if experiment_name is not None and experiment_name != origin.experiment:
+                raise ValidationError(
+                    f"run {run_id} belongs to experiment {origin.experiment!r}; cannot resume "
+                    f"it in {experiment_name!r}"
+                )
+            experiment, run_name = origin.experiment, run_name or origin.run_name
         if run_name is None:
             run_name = f"run-{run_id[:8]}"
         elif not isinstance(run_name, str) or not run_name.strip():
@@ -465,12 +494,19 @@ class Tracker:
             if self.settings.disabled
             else SegmentWriter(self.settings.spool_root, run_id, self.settings.durability)
         )
-        run = Run(self, run_id, run_name, experiment, parent.run_id if parent else None, writer)
+        parent_id = origin.parent if origin is not None else (parent.run_id if parent else None)
+        run = Run(self, run_id, run_name, experiment, parent_id, writer)
         # Validate the initial tags through the same rules as set_tags before anything is written.
         checked = {
             _valid_key(k, "tag", run_id): string_value(v, k, "tag", MAX_TAG_VALUE_LENGTH, run_id)
             for k, v in initial.items()
         }
+        # Link first: if the run directory cannot record the run, nothing is spooled, rather
+        # than a run that was started and can never be ended.
+        if run_artifacts is not None and not self.settings.disabled:
+            link = getattr(run_artifacts, "link_tracking_run", None)
+            if callable(link):
+                link(run_id, experiment, run_name)
         argv = list(sys.argv)
         writer.append(
             {
@@ -487,25 +523,59 @@ class Tracker:
                 "pid": os.getpid(),
                 "source": argv[0] if argv and argv[0] else "<python>",
                 "command": argv,
+                "resume": origin is not None,
             }
         )
         if checked:
             writer.append({"v": _V, "s": 0, "t": now_ms(), "k": K_TAGS, "d": checked})
-        if run_artifacts is not None and not self.settings.disabled:
-            link = getattr(run_artifacts, "link_tracking_run", None)
-            if callable(link):
-                link(run_id, experiment, run_name)
         stack.append(run)
-        with self._active_lock:
-            self._active[run_id] = run
+        self._register(run)
         return run
+
+    def attach_run(self, run_id: str) -> Run:
+        """Log into a run started elsewhere (another rank, a pool worker): a segment of its own.
+
+        The handle never ends the run: leaving its ``with`` block (or ``end()``) only closes
+        this process's segment; the process that started the run ends it.
+        """
+        run_id = check_run_id(run_id)
+        origin = find_origin(self.settings.spool_root, run_id)
+        if origin is None:
+            raise RunStateError(
+                f"run {run_id} has no spool under {self.settings.spool_root}; start it first "
+                "(or check FF_SPOOL_ROOT / the config the workers see)"
+            )
+        writer: SegmentWriter | _NullWriter = (
+            _NullWriter()
+            if self.settings.disabled
+            else SegmentWriter(self.settings.spool_root, run_id, self.settings.durability)
+        )
+        run = Run(self, run_id, origin.run_name, origin.experiment, origin.parent, writer)
+        run._attached = True
+        self._register(run)
+        return run
+
+    def _register(self, run: Run) -> None:
+        with self._active_lock:
+            self._active[id(run)] = run
+        if not self.settings.disabled:
+            start_heartbeat(self.settings.heartbeat_s, self._beat)
+            install_sigterm(lambda: self.end_all("KILLED"))
+
+    def _beat(self) -> None:
+        with self._active_lock:
+            runs = list(self._active.values())
+        for run in runs:
+            writer = run._writer
+            if isinstance(writer, SegmentWriter):
+                writer.append({"v": _V, "s": 0, "t": now_ms(), "k": K_HEARTBEAT})
 
     def _forget(self, run: Run) -> None:
         stack = self._stack()
         if run in stack:
             stack.remove(run)
         with self._active_lock:
-            self._active.pop(run.run_id, None)
+            self._active.pop(id(run), None)
 
     def end_all(self, status: str = "FINISHED") -> None:
         """End every run still active in this process (children first)."""

@@ -1,0 +1,72 @@
+"""Signs of life for running runs, and an end event when the scheduler sends SIGTERM.
+
+A single daemon thread per process appends one ``heartbeat`` event to each active run every
+``spool.heartbeat_s`` seconds — never on the ``log_*`` path — so ``ff-sync`` can tell a quiet
+run from a dead one. SIGTERM (a batch scheduler's time limit or preemption) ends the process's
+active runs as KILLED before the process goes, when no other handler was installed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import threading
+from collections.abc import Callable
+from types import FrameType
+from typing import Any
+
+_lock = threading.Lock()
+_thread: threading.Thread | None = None
+_stop = threading.Event()
+_sigterm_installed = False
+
+
+def start_heartbeat(interval_s: float, beat: Callable[[], None]) -> None:
+    """Start the process's heartbeat thread once; ``beat`` marks every active run."""
+    global _thread
+    if interval_s <= 0:
+        return
+    with _lock:
+        if _thread is not None and _thread.is_alive():
+            return
+
+        def loop() -> None:
+            while not _stop.wait(interval_s):
+                with contextlib.suppress(Exception):  # a full disk must not kill the thread
+                    beat()
+
+        _thread = threading.Thread(target=loop, name="ff-heartbeat", daemon=True)
+        _thread.start()
+
+
+def install_sigterm(end_all: Callable[[], None]) -> None:
+    """On SIGTERM, end active runs KILLED, then die of SIGTERM as the default would.
+
+    Only installed from the main thread and only when SIGTERM still has its default action,
+    so an application's own handler is never replaced.
+    """
+    global _sigterm_installed
+    if _sigterm_installed or threading.current_thread() is not threading.main_thread():
+        return
+    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        return
+
+    def handler(signum: int, frame: FrameType | None) -> Any:
+        with contextlib.suppress(Exception):
+            end_all()
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, handler)
+    _sigterm_installed = True
+
+
+def _after_fork_in_child() -> None:
+    global _thread, _lock
+    # Threads do not survive fork; the child starts its own heartbeat on its next run.
+    _thread = None
+    _lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

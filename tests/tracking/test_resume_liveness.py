@@ -1,0 +1,181 @@
+"""Resuming a run from a new process, workers attaching to it, heartbeats and SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from formula_foundry.errors import RunStateError, ValidationError
+from formula_foundry.tracking import get_tracker
+from formula_foundry.tracking.spool_reader import Event, SegmentReader
+
+
+def _events(root: Path, run_id: str) -> list[tuple[str, list[Event]]]:
+    out = []
+    for seg in sorted((root / run_id).glob("seg-*.jsonl")):
+        out.append((seg.name, [e for e in SegmentReader(seg) if isinstance(e, Event)]))
+    return out
+
+
+def _child(code: str, env: dict[str, str], cwd: Path) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        env=env,
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+
+
+def _env(spool: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("FF_", "MLFLOW_"))}
+    env.update(FF_SPOOL_ROOT=str(spool), **extra)
+    return env
+
+
+def test_resume_by_run_id_writes_a_new_segment_of_the_same_run(ff_project: Path) -> None:
+    tracker = get_tracker()
+    with tracker.start_run(
+        run_name="sweep", experiment_name="ff-m2-simulation", run_id="sweep-42"
+    ) as run:
+        run.log_param("solver", "fdtd")
+        run.log_metric("loss", 1.0, step=0)
+    with tracker.start_run(run_id="sweep-42") as again:
+        assert again.experiment_name == "ff-m2-simulation"
+        assert again.run_name == "sweep"
+        again.log_param("solver", "fdtd")  # same value: fine
+        again.log_metric("loss", 0.5, step=1)
+    segs = _events(ff_project / "data" / "runs", "sweep-42")
+    assert len(segs) == 2
+    starts = [e.data for _, evs in segs for e in evs if e.kind == "run_start"]
+    assert [s["resume"] for s in starts] == [False, True]
+    ends = [e.data["status"] for _, evs in segs for e in evs if e.kind == "run_end"]
+    assert ends == ["FINISHED", "FINISHED"]
+
+
+def test_resume_in_another_experiment_is_refused(ff_project: Path) -> None:
+    tracker = get_tracker()
+    with tracker.start_run(run_id="r1", experiment_name="a"):
+        pass
+    with pytest.raises(ValidationError, match="belongs to experiment 'a'"):
+        tracker.start_run(run_id="r1", experiment_name="b")
+
+
+def test_bad_run_id_is_refused(ff_project: Path) -> None:
+    with pytest.raises(ValidationError, match=r"run id '\.\./x' is not valid"):
+        get_tracker().start_run(run_id="../x")
+
+
+def test_ff_run_id_resumes_across_processes_killed_midway(ff_project: Path) -> None:
+    spool = ff_project / "data" / "runs"
+    code = """
+        import os, signal
+        from formula_foundry.tracking import get_tracker
+        with get_tracker().start_run(run_name="job") as run:
+            for i in range(5):
+                run.log_metric("x", float(i), step=int(os.environ["BASE"]) + i)
+            if os.environ.get("DIE"):
+                os.kill(os.getpid(), signal.SIGKILL)
+    """
+    for base, die in (("0", "1"), ("5", "1"), ("10", "")):
+        env = _env(spool, FF_RUN_ID="job-7", BASE=base, **({"DIE": die} if die else {}))
+        proc = _child(code, env, ff_project)
+        proc.communicate(timeout=60)
+    segs = _events(spool, "job-7")
+    assert len(segs) == 3
+    steps = sorted(e.data["step"] for _, evs in segs for e in evs if e.kind == "metrics")
+    assert steps == list(range(15))
+    ends = [e.data["status"] for _, evs in segs for e in evs if e.kind == "run_end"]
+    assert ends == ["FINISHED"]  # the killed processes left no end event
+
+
+def test_attached_workers_write_their_own_segments_and_never_end_the_run(
+    ff_project: Path,
+) -> None:
+    spool = ff_project / "data" / "runs"
+    tracker = get_tracker()
+    owner = tracker.start_run(run_name="ranks", run_id="ranks-1")
+    code = """
+        import os
+        from formula_foundry.tracking import get_tracker
+        with get_tracker().attach_run("ranks-1") as run:
+            for i in range(200):
+                run.log_metric("rank" + os.environ["RANK"], float(i), step=i)
+    """
+    procs = [_child(code, _env(spool, RANK=str(r)), ff_project) for r in range(4)]
+    for p in procs:
+        _, err = p.communicate(timeout=60)
+        assert p.returncode == 0, err.decode()
+    owner.end()
+    segs = _events(spool, "ranks-1")
+    assert len(segs) == 5
+    pids = set()
+    for _, evs in segs:
+        header = evs[0]
+        assert header.kind == "segment"
+        pids.add(header.data["pid"])
+    assert len(pids) == 5  # one writer process per segment
+    per_rank = {f"rank{r}": 0 for r in range(4)}
+    for _, evs in segs:
+        for e in evs:
+            if e.kind == "metrics":
+                for key in e.data["d"]:
+                    per_rank[key] += 1
+    assert per_rank == {f"rank{r}": 200 for r in range(4)}
+    ends = [e for _, evs in segs for e in evs if e.kind == "run_end"]
+    assert len(ends) == 1
+
+
+def test_attach_to_unknown_run_is_refused(ff_project: Path) -> None:
+    with pytest.raises(RunStateError, match="run nope has no spool under"):
+        get_tracker().attach_run("nope")
+
+
+def test_heartbeat_marks_a_quiet_run_alive(ff_project: Path, write_config) -> None:  # type: ignore[no-untyped-def]
+    text = (ff_project / "config" / "mlflow.yaml").read_text()
+    write_config(ff_project, text.replace("heartbeat_s: 60", "heartbeat_s: 0.2"))
+    spool = ff_project / "data" / "runs"
+    code = """
+        import time
+        from formula_foundry.tracking import get_tracker
+        with get_tracker().start_run(run_id="quiet") as run:
+            run.log_metric("x", 1.0)
+            time.sleep(1.5)
+    """
+    proc = _child(
+        code, _env(spool, FF_CONFIG=str(ff_project / "config" / "mlflow.yaml")), ff_project
+    )
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err.decode()
+    ((_, evs),) = _events(spool, "quiet")
+    beats = [e for e in evs if e.kind == "heartbeat"]
+    assert 3 <= len(beats) <= 10
+
+
+def test_sigterm_records_a_killed_end_event(ff_project: Path) -> None:
+    spool = ff_project / "data" / "runs"
+    code = """
+        import sys, time
+        from formula_foundry.tracking import get_tracker
+        with get_tracker().start_run(run_id="term") as run:
+            run.log_metric("x", 1.0)
+            print("ready", flush=True)
+            time.sleep(60)
+    """
+    proc = _child(code, _env(spool), ff_project)
+    assert proc.stdout is not None
+    assert proc.stdout.readline().strip() == b"ready"
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=30)
+    assert proc.returncode == -signal.SIGTERM
+    ((_, evs),) = _events(spool, "term")
+    assert evs[-1].kind == "run_end"
+    assert evs[-1].data["status"] == "KILLED"
+    assert time.time() * 1000 - evs[-1].t < 60_000
