@@ -116,9 +116,18 @@ def mlflow_server(base: Path, backend_uri: str | None = None) -> Iterator[tuple[
     log = open(base / "server.log", "wb")  # noqa: SIM115 - kept open for the server's lifetime
     proc = subprocess.Popen(
         [
-            mlflow_bin, "server", "--host", "127.0.0.1", "--port", str(port),
-            "--workers", "1", "--backend-store-uri", backend,
-            "--artifacts-destination", str(base / "artifacts"),
+            mlflow_bin,
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+            "--backend-store-uri",
+            backend,
+            "--artifacts-destination",
+            str(base / "artifacts"),
         ],
         stdout=log,
         stderr=subprocess.STDOUT,

@@ -1,0 +1,193 @@
+"""One sync pass: lock the destination, find what is new, replay it, report.
+
+``sync_once(settings)`` is what ``ff-sync`` runs. In order:
+
+1. check the destination URI and that MLflow is installed (without importing it);
+2. take ``<state dir>/<destination key>/sync.lock`` (wait up to ``sync.lock_timeout_s``, then
+   :class:`~formula_foundry.errors.SyncLocked`, exit 75): one pass per destination at a time;
+3. scan the spool root — a ``stat`` per segment, no file opened — and compare each size with
+   the size the state last saw. Nothing changed: return at once, without importing MLflow;
+4. open the destination (with retries), then replay the pending segments run by run, runs
+   ordered by their oldest pending segment (parents are created before children anyway).
+
+A destination that stays unavailable through ``sync.retries`` retries ends the pass with
+:class:`~formula_foundry.errors.StoreUnavailable` (exit 75); what was committed before is
+recorded, nothing after it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import sqlite3
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from formula_foundry.config import Settings, load_settings, resolve_store_uri
+from formula_foundry.errors import ConfigError, MlflowMissing, SyncError, SyncLocked
+from formula_foundry.redact import redact_uri
+from formula_foundry.sync.report import ProgressFn, SyncReport
+from formula_foundry.sync.retry import RetryPolicy
+from formula_foundry.sync.runs import RUN_UUID_RE, RunResolver, SyncContext
+from formula_foundry.sync.scan import SegmentFile, scan_spool
+from formula_foundry.sync.sink import Sink
+from formula_foundry.sync.sync_state import (
+    LOCK_FILE,
+    QUARANTINE_FILE,
+    QuarantineLog,
+    SyncState,
+    destination_key,
+    prepare_folder,
+)
+
+SinkFactory = Callable[[Settings], Sink]
+KNOWN_SCHEMES = frozenset(
+    {"sqlite", "postgresql", "postgres", "mysql", "mssql", "http", "https", "file", "databricks"}
+)
+INSTALL_HINT = "pip install 'formula-foundry[tracking]'"
+
+
+def load_sync_settings(
+    config: Path | str | None = None,
+    *,
+    tracking_uri: str | None = None,
+    spool_root: Path | str | None = None,
+) -> Settings:
+    """Settings from the config file and environment, then the command-line overrides."""
+    settings = load_settings(config)
+    changes: dict[str, object] = {}
+    if tracking_uri is not None:
+        if not tracking_uri.strip():
+            raise ConfigError("--tracking-uri must not be empty")
+        changes["backend_store_uri"] = resolve_store_uri(tracking_uri, Path.cwd())
+    if spool_root is not None:
+        changes["spool_root"] = Path(spool_root).expanduser().absolute()
+    return dataclasses.replace(settings, **changes) if changes else settings  # type: ignore[arg-type]
+
+
+def check_destination(uri: str) -> None:
+    """Reject a tracking URI ff-sync cannot use, before any work."""
+    scheme = uri.split("://", 1)[0].lower().split("+", 1)[0] if "://" in uri else ""
+    if scheme not in KNOWN_SCHEMES:
+        raise ConfigError(
+            f"tracking URI {redact_uri(uri)!r} has an unsupported scheme {scheme!r}; use "
+            "sqlite:///path, postgresql://..., or http(s)://host:port"
+        )
+    if scheme == "sqlite" and not uri.startswith("sqlite:///"):
+        raise ConfigError(
+            f"tracking URI {redact_uri(uri)!r}: write sqlite:///relative/path.db "
+            "or sqlite:////absolute/path.db"
+        )
+
+
+def mlflow_sink(settings: Settings) -> Sink:
+    """The default sink factory: the MLflow client adapter (imports mlflow)."""
+    from formula_foundry.sync.mlflow_sink import MlflowSink
+
+    return MlflowSink(settings.backend_store_uri, settings.artifact_root)
+
+
+def sync_once(
+    settings: Settings,
+    *,
+    replay: bool = False,
+    progress: ProgressFn | None = None,
+    sink_factory: SinkFactory | None = None,
+    retry: RetryPolicy | None = None,
+) -> SyncReport:
+    """Sync everything pending under ``settings.spool_root`` into the configured destination.
+
+    ``replay=True`` first forgets this destination's progress, so everything is sent again
+    (after restoring the destination from a backup); the result is the same state.
+    Raises :class:`SyncLocked` or :class:`StoreUnavailable` (exit 75), :class:`ConfigError` or
+    :class:`MlflowMissing` (exit 2); everything else ends up in the report.
+    """
+    started = time.monotonic()
+    uri = settings.backend_store_uri
+    check_destination(uri)
+    if sink_factory is None and importlib.util.find_spec("mlflow") is None:
+        raise MlflowMissing(f"MLflow is not installed on this host; run: {INSTALL_HINT}")
+    dest = redact_uri(uri)
+    folder = prepare_folder(settings.sync_state_dir, destination_key(uri), dest)
+    report = SyncReport(destination=dest, state_folder=folder)
+    policy = retry or RetryPolicy(settings.sync_retries, settings.sync_backoff_s)
+
+    import filelock
+
+    lock = filelock.FileLock(str(folder / LOCK_FILE))
+    try:
+        lock.acquire(timeout=settings.sync_lock_timeout_s)
+    except filelock.Timeout:
+        raise SyncLocked(
+            f"another ff-sync is syncing to {dest} (lock {folder / LOCK_FILE} still held after "
+            f"{settings.sync_lock_timeout_s:g} s); try again later"
+        ) from None
+    try:
+        state = SyncState(folder)
+        try:
+            _pass(settings, state, report, replay, progress, sink_factory or mlflow_sink, policy)
+        except sqlite3.Error as exc:
+            raise SyncError(f"sync state {state.path}: {exc}") from None
+        finally:
+            state.close()
+    finally:
+        lock.release()
+    report.seconds = time.monotonic() - started
+    report.mlflow_imported = "mlflow" in sys.modules
+    return report
+
+
+def _pass(
+    settings: Settings,
+    state: SyncState,
+    report: SyncReport,
+    replay: bool,
+    progress_fn: ProgressFn | None,
+    sink_factory: SinkFactory,
+    policy: RetryPolicy,
+) -> None:
+    if replay:
+        state.reset()
+    files = scan_spool(settings.spool_root)
+    odd = sorted({f.run_uuid for f in files if not RUN_UUID_RE.match(f.run_uuid)})
+    if odd:
+        files = [f for f in files if f.run_uuid not in odd]
+        report.warnings += [
+            f"ignored spool folder {settings.spool_root / n}: not a run id" for n in odd
+        ]
+    progress = state.segments()
+    pending: dict[str, list[SegmentFile]] = {}
+    for seg in files:
+        seen = progress.get(seg.rel)
+        if seen is None or seen.size_seen != seg.size:
+            pending.setdefault(seg.run_uuid, []).append(seg)
+    if not pending:
+        report.idle = True
+        if not settings.spool_root.is_dir():
+            report.warnings.append(f"spool root {settings.spool_root} does not exist")
+        return
+    files_by_run: dict[str, list[SegmentFile]] = {}
+    for seg in files:
+        files_by_run.setdefault(seg.run_uuid, []).append(seg)
+    sink = policy.call(lambda: sink_factory(settings))
+    try:
+        cx = SyncContext(
+            sink=sink,
+            state=state,
+            progress=progress,
+            quarantine_log=QuarantineLog(report.state_folder / QUARANTINE_FILE),
+            report=report,
+            policy=policy,
+            files_by_run=files_by_run,
+            stale_after_s=settings.stale_after_s,
+        )
+        from formula_foundry.sync.replay import Replayer
+
+        replayer = Replayer(cx, RunResolver(cx), progress_fn, len(pending))
+        order = sorted(pending, key=lambda run: (min(s.order for s in pending[run]), run))
+        for run_uuid in order:
+            replayer.replay_run(run_uuid, pending[run_uuid])
+    finally:
+        sink.close()

@@ -1,0 +1,390 @@
+"""The MLflow destination: the only module of the sync that writes through ``mlflow``.
+
+It is imported only when a pass has something to send, so an idle pass never pays for
+``import mlflow``. Every method is idempotent (see docs/sync.md for why each write is):
+
+* runs are found by their tag ``ff.run_uuid`` (deleted runs included) before one is created,
+  and the tag is written by ``create_run`` itself, in the run's own transaction;
+* experiments are got, created, and got again if another writer created them meanwhile;
+  in SQL stores they get an explicit artifact location under ``tracking.artifact_root``;
+* metrics carry their original timestamp and step, params are checked against what the run
+  has, tags and statuses are last-write-wins and replayed in event order;
+* artifact references are small JSON documents written with ``log_dict`` (same path, same
+  content on a retry).
+
+MLflow errors become :class:`~formula_foundry.errors.StoreUnavailable` (retry later) or a
+:class:`~formula_foundry.sync.sink.DestinationRejected` subclass; messages never carry a
+password.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+from collections.abc import Callable, Sequence
+from functools import partial
+from pathlib import Path
+from typing import Any, Final, TypeVar
+
+from formula_foundry.errors import (
+    ConfigError,
+    FormulaFoundryError,
+    MlflowMissing,
+    StoreUnavailable,
+)
+from formula_foundry.redact import redact_uri
+from formula_foundry.sync.report import one_line
+from formula_foundry.sync.sink import (
+    MLFLOW_LIMITS,
+    ArtifactRef,
+    DestinationRejected,
+    MetricRow,
+    ParamConflict,
+    RemoteRun,
+    RunMissing,
+    RunSpec,
+    artifact_ref_file,
+)
+
+T = TypeVar("T")
+
+INSTALL_HINT: Final = "pip install 'formula-foundry[tracking]'"
+SQL_SCHEMES: Final = ("sqlite", "postgresql", "mysql", "mssql")
+_UNAVAILABLE_CODES: Final = frozenset(
+    {
+        "TEMPORARILY_UNAVAILABLE",
+        "INTERNAL_ERROR",
+        "REQUEST_LIMIT_EXCEEDED",
+        "RESOURCE_EXHAUSTED",
+        "DEADLINE_EXCEEDED",
+        "SERVICE_UNDER_MAINTENANCE",
+        "ENDPOINT_NOT_FOUND",
+    }
+)
+_UNAVAILABLE_TEXT: Final = re.compile(
+    r"database is locked|database table is locked|could not connect|connection refused|"
+    r"connection reset|connection aborted|server closed the connection|timed out|timeout|"
+    r"max retries exceeded|failed with exception|name or service not known|"
+    r"temporarily unavailable|failed with error code 5\d\d|too many connections|"
+    r"the database system is (starting up|shutting down)",
+    re.IGNORECASE,
+)
+_UNAVAILABLE_TYPES: Final = frozenset(
+    {"OperationalError", "InterfaceError", "DisconnectionError", "TimeoutError"}
+)
+_ENV_DEFAULTS: Final = {
+    # MLflow's own HTTP retries take minutes by default; ff-sync retries with its own policy.
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "60",
+    "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
+}
+
+
+def scheme_of(uri: str) -> str:
+    return uri.split("://", 1)[0].lower().split("+", 1)[0] if "://" in uri else ""
+
+
+def _experiment_dir(name: str) -> str:
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "experiment"
+    if slug != name:
+        import hashlib
+
+        slug = f"{slug[:80]}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
+    return slug
+
+
+class MlflowSink:
+    """Writes replayed events into one MLflow tracking URI (SQL store or server)."""
+
+    limits = MLFLOW_LIMITS
+
+    def __init__(self, uri: str, artifact_root: Path) -> None:
+        try:
+            import mlflow  # noqa: F401
+            from mlflow import MlflowClient
+            from mlflow.entities import Metric, Param, RunTag, ViewType
+        except ImportError as exc:
+            raise MlflowMissing(
+                f"MLflow is not installed ({exc}); on the sync host run: {INSTALL_HINT}"
+            ) from None
+        for name, value in _ENV_DEFAULTS.items():
+            os.environ.setdefault(name, value)
+        # Our errors say what went wrong, once; MLflow's log lines would repeat it on stderr.
+        logging.getLogger("mlflow").setLevel(logging.ERROR)
+        logging.getLogger("alembic").setLevel(logging.WARNING)
+        self._Metric, self._Param, self._RunTag, self._ViewType = Metric, Param, RunTag, ViewType
+        self.uri = uri
+        self.description = redact_uri(uri)
+        self.scheme = scheme_of(uri)
+        self._artifact_root = artifact_root.absolute()
+        self._experiments: dict[str, str] = {}
+        self._exp_ids: list[str] | None = None  # all experiment ids, read once per pass
+        if self.scheme == "sqlite":
+            self._call("open the store", self._prepare_sqlite)
+        elif self.scheme in SQL_SCHEMES:
+            self._call("open the store", self._probe_server)
+        # Open the store now (the client does), so an unreachable destination fails here.
+        self._client = self._call("open the store", lambda: MlflowClient(tracking_uri=uri))
+        store = self._call("open the store", lambda: self._client._tracking_client.store)
+        # The store's log_batch skips the client's per-metric re-wrapping (~10% of the cost);
+        # batches are already within the limits the client would split them into.
+        self._log_batch: Callable[..., Any] = getattr(store, "log_batch", None) or (
+            lambda run_id, metrics, params, tags: self._client.log_batch(
+                run_id, metrics=metrics, params=params, tags=tags
+            )
+        )
+
+    # -- errors ---------------------------------------------------------------------------
+
+    def _call(self, what: str, fn: Callable[[], T]) -> T:
+        try:
+            return fn()
+        except FormulaFoundryError:
+            raise
+        except Exception as exc:
+            err = self.classify(exc, what)
+            if err is None:
+                raise
+            raise err from exc
+
+    def classify(self, exc: BaseException, what: str) -> FormulaFoundryError | None:
+        """Map an exception from MLflow (or its drivers) to our families; None: a bug."""
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        text = one_line(first, self.uri, limit=240)
+        code = getattr(exc, "error_code", None)
+        if isinstance(exc, ModuleNotFoundError):
+            return ConfigError(
+                f"{self.description}: the database driver {exc.name!r} is not installed; "
+                "pip install 'formula-foundry[postgres]' (PostgreSQL) or the driver your URI names"
+            )
+        chain: list[BaseException] = [exc]
+        while chain[-1].__cause__ is not None and len(chain) < 8:
+            chain.append(chain[-1].__cause__)
+        unavailable = (
+            code in _UNAVAILABLE_CODES
+            or any(type(e).__name__ in _UNAVAILABLE_TYPES for e in chain)
+            or any(isinstance(e, OSError) for e in chain)
+            or bool(_UNAVAILABLE_TEXT.search(text))
+        )
+        if code is None and not unavailable:
+            return None
+        if unavailable:
+            return StoreUnavailable(f"{self.description} is unavailable ({what}): {text}")
+        if code == "INVALID_PARAMETER_VALUE" and "Changing param values is not allowed" in text:
+            return ParamConflict(f"{self.description} refused {what}: {text}")
+        if code == "RESOURCE_DOES_NOT_EXIST":
+            return RunMissing(f"{self.description} has no such run ({what}): {text}")
+        return DestinationRejected(f"{self.description} refused {what}: {text}")
+
+    # -- store preparation ----------------------------------------------------------------
+
+    def _prepare_sqlite(self) -> None:
+        """Create a fresh SQLite store atomically: a kill mid-migration must not break it."""
+        rest = self.uri[len("sqlite:///") :].split("?", 1)[0]
+        if not rest or rest.startswith(":memory:") or not self.uri.startswith("sqlite:///"):
+            return
+        db = Path(rest)
+        try:
+            db.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot create the folder of {self.description}: {exc.strerror or exc}"
+            ) from None
+        prefix = f".{db.name}.ff-init-"
+        for old in db.parent.glob(prefix + "*"):
+            pid = old.name[len(prefix) :].split("-", 1)[0]
+            if not pid.isdigit() or not _pid_alive(int(pid)):
+                old.unlink(missing_ok=True)
+        if db.exists():
+            return
+        from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+        tmp = db.parent / f"{prefix}{os.getpid()}-{os.urandom(4).hex()}"
+        try:
+            store = SqlAlchemyStore(f"sqlite:///{tmp}", str(self._artifact_root))  # type: ignore[no-untyped-call]
+            store.engine.dispose()
+            with contextlib.suppress(FileExistsError):
+                os.link(tmp, db)  # never replaces a store someone else created meanwhile
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def _probe_server(self) -> None:
+        """Connect once: MLflow itself retries an unreachable database for ~100 s, silently."""
+        import sqlalchemy
+        from sqlalchemy.pool import NullPool
+
+        args = {"connect_timeout": 10} if self.scheme == "postgresql" else {}
+        engine = sqlalchemy.create_engine(self.uri, poolclass=NullPool, connect_args=args)
+        try:
+            with engine.connect():
+                pass
+        finally:
+            engine.dispose()
+
+    # -- runs and experiments -------------------------------------------------------------
+
+    def _experiment_id(self, name: str, create: bool) -> str | None:
+        if name in self._experiments:
+            return self._experiments[name]
+        exp = self._call(
+            f"get experiment {name!r}", lambda: self._client.get_experiment_by_name(name)
+        )
+        if exp is None and create:
+            location = (
+                str(self._artifact_root / _experiment_dir(name))
+                if self.scheme in SQL_SCHEMES
+                else None
+            )
+            self._exp_ids = None
+            try:
+                self._call(
+                    f"create experiment {name!r}",
+                    lambda: self._client.create_experiment(name, artifact_location=location),
+                )
+            except DestinationRejected as exc:
+                if "RESOURCE_ALREADY_EXISTS" not in str(exc) and "already exists" not in str(exc):
+                    raise
+            exp = self._call(
+                f"get experiment {name!r}", lambda: self._client.get_experiment_by_name(name)
+            )
+        if exp is None:
+            return None
+        if exp.lifecycle_stage != "active":
+            if not create:
+                return str(exp.experiment_id)  # its runs can still be found
+            raise DestinationRejected(
+                f"experiment {name!r} (id {exp.experiment_id}) is deleted in {self.description}; "
+                f"restore it (mlflow experiments restore --experiment-id {exp.experiment_id}) "
+                "or remove it for good, then run ff-sync again"
+            )
+        self._experiments[name] = str(exp.experiment_id)  # only active ones are remembered
+        return str(exp.experiment_id)
+
+    def find_run(self, run_uuid: str, experiment: str | None) -> RemoteRun | None:
+        # Every experiment, deleted ones too: a renamed experiment must not hide a run (the
+        # name in the spool is only a hint) and a duplicate would follow.
+        if self._exp_ids is None:
+            self._exp_ids = self._all_experiment_ids()
+        ids = self._exp_ids
+        quoted = run_uuid.replace("\\", "\\\\").replace("'", "\\'")
+        query = f"tags.`ff.run_uuid` = '{quoted}'"
+        found: list[Any] = []
+        for i in range(0, len(ids), 100):
+            chunk = ids[i : i + 100]
+            found.extend(
+                self._call(
+                    f"look up run {run_uuid}",
+                    partial(
+                        self._client.search_runs,
+                        chunk,
+                        query,
+                        run_view_type=self._ViewType.ALL,
+                        max_results=2,
+                    ),
+                )
+            )
+        if not found:
+            return None
+        found.sort(key=lambda r: r.info.run_id)
+        first = found[0]
+        return RemoteRun(
+            first.info.run_id,
+            str(first.info.experiment_id),
+            first.info.status,
+            tuple(r.info.run_id for r in found[1:]),
+        )
+
+    def _all_experiment_ids(self) -> list[str]:
+        ids: list[str] = []
+        token: str | None = None
+        while True:
+            page = self._call(
+                "list experiments",
+                partial(
+                    self._client.search_experiments,
+                    view_type=self._ViewType.ALL,
+                    max_results=1000,
+                    page_token=token,
+                ),
+            )
+            ids.extend(str(e.experiment_id) for e in page)
+            token = page.token
+            if not token:
+                return ids
+
+    def create_run(self, spec: RunSpec) -> RemoteRun:
+        exp_id = self._experiment_id(spec.experiment, create=True)
+        if exp_id is None:  # pragma: no cover - create=True returns an id or raises
+            raise DestinationRejected(f"experiment {spec.experiment!r} could not be created")
+        tags = {
+            "ff.run_uuid": spec.run_uuid,
+            "ff.host": spec.host,
+            "mlflow.user": spec.user,
+            "mlflow.source.name": spec.source,
+            "mlflow.source.type": "LOCAL",
+            "mlflow.runName": spec.name,
+        }
+        if spec.parent_uuid:
+            tags["ff.parent_run_uuid"] = spec.parent_uuid
+        if spec.parent_run_id:
+            tags["mlflow.parentRunId"] = spec.parent_run_id
+        run = self._call(
+            f"create run {spec.run_uuid}",
+            lambda: self._client.create_run(
+                exp_id, start_time=spec.start_time, tags=tags, run_name=spec.name
+            ),
+        )
+        return RemoteRun(run.info.run_id, exp_id, run.info.status)
+
+    def get_params(self, run_id: str) -> dict[str, str]:
+        run = self._call(f"read run {run_id}", lambda: self._client.get_run(run_id))
+        return dict(run.data.params)
+
+    # -- writes ---------------------------------------------------------------------------
+
+    def log_batch(
+        self,
+        run_id: str,
+        metrics: Sequence[MetricRow],
+        params: Sequence[tuple[str, str]],
+        tags: Sequence[tuple[str, str]],
+    ) -> None:
+        metric, param, tag = self._Metric, self._Param, self._RunTag
+        ms = [metric(k, v, t, s) for k, v, t, s in metrics]
+        ps = [param(k, v) for k, v in params]
+        ts = [tag(k, v) for k, v in tags]
+        self._call(f"log a batch to run {run_id}", lambda: self._log_batch(run_id, ms, ps, ts))
+
+    def log_artifact_ref(self, run_id: str, ref: ArtifactRef) -> None:
+        path = artifact_ref_file(ref.path)
+        self._call(
+            f"write {path} of run {run_id}",
+            lambda: self._client.log_dict(run_id, ref.to_json(), path),
+        )
+
+    def set_status(self, run_id: str, status: str, end_time: int | None) -> None:
+        if status == "RUNNING":
+            self._call(
+                f"reopen run {run_id}", lambda: self._client.update_run(run_id, status=status)
+            )
+            return
+        self._call(
+            f"end run {run_id}",
+            lambda: self._client.set_terminated(run_id, status=status, end_time=end_time),
+        )
+
+    def close(self) -> None:
+        pass
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -1,0 +1,375 @@
+"""Replay the new events of one run into a sink, recording progress only after each commit.
+
+For each run, the destination run is found or created first (:mod:`formula_foundry.sync.runs`),
+then its pending segments are read in merge order (writer start time), each from where the
+last pass stopped, and events become batches:
+
+* ``params``/``metrics``/``tags`` accumulate, in event order, into one batch within the sink's
+  limits; an event larger than a batch is split, and progress stays before it until its
+  last part is committed;
+* ``artifact_ref`` becomes a small JSON document, sent right after the batch it follows;
+* ``run_end`` — and a ``run_start`` that reopens an ended run — is a barrier: the batch goes
+  first, then the status, so the destination sees the writes in spool order.
+
+After each commit the segment's progress moves to the end of the last event it covered.
+Invalid records and param conflicts go to the quarantine report; the run goes on.
+"""
+
+from __future__ import annotations
+
+import itertools
+from functools import partial
+from typing import Any, Final
+
+import orjson
+
+from formula_foundry.errors import SpoolCorrupt, UnsupportedSpoolVersion
+from formula_foundry.sync.payloads import InvalidRecord, PayloadChecker, conflict_reason
+from formula_foundry.sync.report import Progress, ProgressFn
+from formula_foundry.sync.runs import RunContext, RunResolver, SyncContext
+from formula_foundry.sync.scan import SegmentFile
+from formula_foundry.sync.sink import ArtifactRef, DestinationRejected, ParamConflict, RunMissing
+from formula_foundry.sync.sync_state import SegmentProgress
+from formula_foundry.tracking.events import (
+    INT64_MAX,
+    INT64_MIN,
+    K_ARTIFACT_REF,
+    K_METRICS,
+    K_PARAMS,
+    K_RUN_END,
+    K_RUN_START,
+    K_TAGS,
+    MAX_PARAM_VALUE_LENGTH,
+    MAX_TAG_VALUE_LENGTH,
+)
+from formula_foundry.tracking.spool_reader import Event, SegmentReader
+
+_END_STATUSES: Final = frozenset({"FINISHED", "FAILED", "KILLED"})
+_REFS_PER_BATCH: Final = 100
+Pos = tuple[int, int, int]  # byte offset, line, last sequence number
+Row = tuple[str, float, int, int]
+
+
+class _Blocked(Exception):
+    """The destination refused something of this run: the run stops for this pass."""
+
+
+class _Batch:
+    __slots__ = ("events", "metrics", "n", "param_src", "params", "refs", "tags")
+
+    def __init__(self) -> None:
+        self.metrics: list[Row] = []
+        self.params: dict[str, str] = {}
+        self.param_src: dict[str, Event] = {}
+        self.tags: dict[str, str] = {}
+        self.refs: list[ArtifactRef] = []
+        self.events = 0
+        self.n = 0  # metrics + params + tags: what counts against the batch's total limit
+
+    def size(self) -> int:
+        return len(self.metrics) + len(self.params) + len(self.tags)
+
+
+class _Cursor:
+    """One segment being replayed: its batch and the position the batch reaches."""
+
+    __slots__ = ("batch", "ctx", "done", "pos", "saved", "seg")
+
+    def __init__(self, ctx: RunContext, seg: SegmentFile, prog: SegmentProgress) -> None:
+        self.ctx, self.seg = ctx, seg
+        self.batch = _Batch()
+        self.pos: Pos = (prog.offset, prog.line, prog.last_seq)
+        self.saved: Pos = self.pos
+        self.done = prog.done
+
+
+class Replayer:
+    """Replays pending segments, run by run (see the module docstring)."""
+
+    def __init__(
+        self,
+        cx: SyncContext,
+        resolver: RunResolver,
+        progress_fn: ProgressFn | None = None,
+        runs_total: int = 0,
+    ) -> None:
+        self.cx, self.resolver = cx, resolver
+        self.sink, self.report = cx.sink, cx.report
+        self.progress_fn, self.runs_total, self.runs_done = progress_fn, runs_total, 0
+        self.check = PayloadChecker()
+
+    def replay_run(self, run_uuid: str, pending: list[SegmentFile]) -> None:
+        """Replay ``pending`` segments of one run; refusals are reported, not raised."""
+        try:
+            try:
+                self._replay_run(run_uuid, pending)
+            except RunMissing as exc:
+                # The destination lost the run we had mapped (restored backup, purge):
+                # forget what we knew and send the whole run again, once.
+                self.report.warnings.append(f"run {run_uuid}: {exc}; resending the whole run")
+                self.resolver.forget(run_uuid)
+                self._replay_run(run_uuid, self.cx.files_by_run.get(run_uuid, pending))
+        except _Blocked:
+            pass
+        except DestinationRejected as exc:
+            self.report.blocked.append(f"run {run_uuid}: {exc}")
+        self.runs_done += 1
+
+    def _replay_run(self, run_uuid: str, pending: list[SegmentFile]) -> None:
+        ctx = self.resolver.ensure_run(run_uuid)
+        if ctx is None:
+            return
+        self.report.runs += 1
+        for seg in sorted(pending, key=lambda s: s.order):
+            self._segment(ctx, seg)
+        self.resolver.save_run(ctx)
+
+    # -- one segment ----------------------------------------------------------------------
+
+    def _segment(self, ctx: RunContext, seg: SegmentFile) -> None:
+        prog = self.cx.progress.get(seg.rel) or SegmentProgress(seg.rel, ctx.uuid)
+        cur = _Cursor(ctx, seg, prog)
+        if seg.size < prog.offset:
+            # Spool files only grow: this one was replaced or cut. What was synced stays.
+            self.report.warnings.append(
+                f"{seg.path} is {seg.size} bytes, shorter than the {prog.offset} already synced; "
+                "it is not read again (ff-sync --replay resends everything)"
+            )
+            self._flush(cur, size_seen=seg.size)
+            return
+        reader = SegmentReader(seg.path, prog.offset, prog.line, prog.last_seq)
+        self.report.segments += 1
+        lim = self.sink.limits
+        max_metrics, max_total = lim.metrics, lim.total
+        keys_ok = self.check.keys_ok
+        after_problem = False
+        items = iter(reader)
+        try:
+            first = next(items, None)
+            run = (reader.header or {}).get("run")
+            if first is not None and run != ctx.uuid:
+                raise SpoolCorrupt(f"{seg.path}:1: the header names run {run!r}, not {ctx.uuid}")
+            for item in itertools.chain((first,) if first is not None else (), items):
+                if isinstance(item, Event):
+                    after_problem = False
+                    # The hot path: a one-point metric event that fits the current batch.
+                    if item.kind == K_METRICS:
+                        data = item.data
+                        d = data.get("d")
+                        b = cur.batch
+                        if type(d) is dict and len(d) == 1 and b.n < max_total:
+                            ((key, value),) = d.items()
+                            step, t = data.get("step", 0), item.t
+                            if (
+                                type(value) is float
+                                and key in keys_ok
+                                and type(step) is int
+                                and INT64_MIN <= step <= INT64_MAX
+                                and t >= 0
+                                and len(b.metrics) < max_metrics
+                            ):
+                                b.metrics.append((key, value, t, step))
+                                b.n += 1
+                                b.events += 1
+                                cur.pos = (item.end, item.line, item.seq)
+                                if t > ctx.last_t:
+                                    ctx.last_t = t
+                                continue
+                    try:
+                        self._event(cur, item)
+                    except InvalidRecord as exc:
+                        raw = orjson.dumps(item.data)
+                        self.cx.quarantine(
+                            ctx.uuid, seg.path, item.line, item.offset, "invalid", str(exc), raw
+                        )
+                        cur.pos = (item.end, item.line, item.seq)
+                    continue
+                if not (item.kind == "sequence" and after_problem):
+                    self.cx.quarantine(
+                        ctx.uuid, seg.path, item.line, item.offset, item.kind, item.reason, item.raw
+                    )
+                after_problem = True
+        except (UnsupportedSpoolVersion, SpoolCorrupt) as exc:
+            kind = "version" if isinstance(exc, UnsupportedSpoolVersion) else "header"
+            self.cx.quarantine(ctx.uuid, seg.path, 1, 0, kind, str(exc))
+            cur.batch, cur.pos, cur.saved = _Batch(), (0, 0, -1), (-1, -1, -1)
+            self._flush(cur, size_seen=seg.size)
+            return
+        except OSError as exc:
+            self.report.warnings.append(f"cannot read {seg.path}: {exc.strerror or exc}")
+            self._flush(cur)
+            return
+        except DestinationRejected as exc:
+            if isinstance(exc, RunMissing):
+                raise
+            self.cx.quarantine(
+                ctx.uuid, seg.path, cur.saved[1] + 1, cur.saved[0], "refused", str(exc)
+            )
+            self.report.blocked.append(f"run {ctx.uuid}: {exc}")
+            raise _Blocked() from exc
+        clean = reader.tail == "clean"
+        cur.pos = (reader.end_offset, reader.end_line, reader.last_seq)
+        cur.done = cur.done and clean
+        self._flush(cur, size_seen=reader.end_offset if clean else max(seg.size, reader.end_offset))
+
+    def _event(self, cur: _Cursor, ev: Event) -> None:
+        kind, ctx = ev.kind, cur.ctx
+        if ev.t > ctx.last_t:
+            ctx.last_t = ev.t
+        if kind == K_METRICS:
+            self._add(cur, ev, K_METRICS, self.check.metric_rows(ev))
+        elif kind == K_PARAMS:
+            self._add(cur, ev, K_PARAMS, self._new_params(cur, ev))
+        elif kind == K_TAGS:
+            self._add(cur, ev, K_TAGS, self.check.strings(ev, MAX_TAG_VALUE_LENGTH))
+        elif kind == K_ARTIFACT_REF:
+            cur.batch.refs.append(self.check.artifact_ref(ev))
+            self._advance(cur, ev)
+            if len(cur.batch.refs) >= _REFS_PER_BATCH:
+                self._flush(cur)
+        elif kind == K_RUN_END:
+            status = ev.data.get("status")
+            if status not in _END_STATUSES:
+                raise InvalidRecord(
+                    f"run_end status {status!r} is not one of {sorted(_END_STATUSES)}"
+                )
+            self._flush(cur)
+            self.cx.call(lambda: self.sink.set_status(ctx.run_id, status, ev.t))
+            ctx.status, ctx.end_time, cur.done = status, ev.t, True
+            self._advance(cur, ev)
+            self._flush(cur)
+        elif kind == K_RUN_START:
+            if ctx.status != "RUNNING":
+                # Another process resumed the run after it had ended: it runs again.
+                self._flush(cur)
+                self.cx.call(lambda: self.sink.set_status(ctx.run_id, "RUNNING", None))
+                ctx.status = "RUNNING"
+            self._advance(cur, ev)
+        else:  # the segment header, heartbeats: nothing to send
+            cur.pos = (ev.end, ev.line, ev.seq)
+
+    @staticmethod
+    def _advance(cur: _Cursor, ev: Event) -> None:
+        cur.pos = (ev.end, ev.line, ev.seq)
+        cur.batch.events += 1
+
+    # -- batching -------------------------------------------------------------------------
+
+    def _add(self, cur: _Cursor, ev: Event, kind: str, items: list[Any]) -> None:
+        lim = self.sink.limits
+        while items:
+            b = cur.batch
+            total = lim.total - b.size()
+            if kind == K_METRICS:
+                room = min(total, lim.metrics - len(b.metrics))
+            elif kind == K_PARAMS:
+                room = min(total, lim.params - len(b.params))
+            else:
+                room = min(total, lim.tags - len(b.tags))
+            if len(items) > room and b.size():
+                self._flush(cur)  # progress stays before this event
+                continue
+            part, items = items[:room], items[room:]
+            if kind == K_METRICS:
+                b.metrics.extend(part)
+            elif kind == K_PARAMS:
+                for key, value in part:
+                    b.params[key] = value
+                    b.param_src[key] = ev
+            else:
+                for key, value in part:
+                    b.tags[key] = value
+            b.n = b.size()
+            if items:
+                self._flush(cur)  # an event larger than a batch: its first parts
+        self._advance(cur, ev)
+
+    def _flush(self, cur: _Cursor, size_seen: int = -1) -> None:
+        """Send the batch, then record the position it reaches (``size_seen`` -1: mid-file)."""
+        b, ctx = cur.batch, cur.ctx
+        if b.metrics or b.params or b.tags:
+            self._send(cur)
+        for ref in b.refs:
+            self.cx.call(partial(self.sink.log_artifact_ref, ctx.run_id, ref))
+        self.report.events += b.events
+        self.report.metrics += len(b.metrics)
+        cur.batch = _Batch()
+        if cur.pos == cur.saved and size_seen == -1:
+            return
+        self.cx.quarantine_log.sync()
+        prog = SegmentProgress(cur.seg.rel, ctx.uuid, *cur.pos, size_seen, cur.done)
+        self.cx.state.save_segment(prog)
+        self.cx.progress[cur.seg.rel] = prog
+        cur.saved = cur.pos
+        if self.progress_fn is not None:
+            self.progress_fn(
+                Progress(
+                    self.runs_done,
+                    self.runs_total,
+                    self.report.events,
+                    self.report.metrics,
+                    ctx.uuid,
+                )
+            )
+
+    def _send(self, cur: _Cursor) -> None:
+        b, ctx, sink = cur.batch, cur.ctx, self.sink
+        try:
+            self.cx.call(
+                lambda: sink.log_batch(
+                    ctx.run_id, b.metrics, list(b.params.items()), list(b.tags.items())
+                )
+            )
+            return
+        except ParamConflict:
+            pass
+        # Someone else wrote params to the run since we read them: sort ours out and resend.
+        known = self.cx.call(lambda: sink.get_params(ctx.run_id))
+        keep: dict[str, str] = {}
+        for key, value in b.params.items():
+            old = known.get(key)
+            if old is None:
+                keep[key] = value
+            elif old != value:
+                src = b.param_src[key]
+                self.cx.quarantine(
+                    ctx.uuid,
+                    cur.seg.path,
+                    src.line,
+                    src.offset,
+                    "param_conflict",
+                    conflict_reason(key, old, value),
+                )
+        ctx.params = {**known, **keep}
+        self.cx.call(
+            lambda: sink.log_batch(ctx.run_id, b.metrics, list(keep.items()), list(b.tags.items()))
+        )
+
+    # -- params ---------------------------------------------------------------------------
+
+    def _new_params(self, cur: _Cursor, ev: Event) -> list[tuple[str, str]]:
+        items = self.check.strings(ev, MAX_PARAM_VALUE_LENGTH)
+        ctx = cur.ctx
+        if ctx.params is None:
+            ctx.params = self.cx.call(lambda: self.sink.get_params(ctx.run_id))
+        known = ctx.params
+        new: list[tuple[str, str]] = []
+        conflicts: list[str] = []
+        for key, value in items:
+            old = known.get(key)
+            if old is None:
+                known[key] = value
+                new.append((key, value))
+            elif old != value:
+                conflicts.append(conflict_reason(key, old, value))
+        if conflicts:
+            self.cx.quarantine(
+                ctx.uuid,
+                cur.seg.path,
+                ev.line,
+                ev.offset,
+                "param_conflict",
+                "; ".join(conflicts),
+                orjson.dumps(ev.data),
+            )
+        return new

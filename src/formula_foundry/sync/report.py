@@ -1,0 +1,110 @@
+"""What one sync pass did: counts, quarantined records, runs that wait or were refused."""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from formula_foundry.errors import EXIT_OK, EXIT_PARTIAL
+from formula_foundry.redact import redact_uri
+
+# How many quarantine lines a report keeps for display (all are in quarantine.jsonl).
+SHOWN_PROBLEMS = 20
+
+
+@dataclass(frozen=True, slots=True)
+class Progress:
+    """Handed to the progress callback after each batch the destination committed."""
+
+    runs_done: int
+    runs_total: int
+    events: int
+    metrics: int
+    run_uuid: str
+
+
+ProgressFn = Callable[[Progress], None]
+_URI = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://[^\s'\"]+")
+
+
+def one_line(text: str, uri: str | None = None, limit: int = 400) -> str:
+    """``text`` on one line, every URI in it redacted, ``uri``'s password removed, shortened."""
+    line = _URI.sub(lambda m: redact_uri(m.group(0)), " ".join(text.split()))
+    if uri:
+        with contextlib.suppress(ValueError):
+            password = urlsplit(uri).password
+            if password:
+                line = line.replace(password, "***")
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+@dataclass
+class SyncReport:
+    """The outcome of one pass into one destination.
+
+    ``runs``: runs with pending segments that were replayed; ``events``: spool events
+    committed in the destination this pass (0 for an idle pass); ``quarantined``: records
+    set aside this pass (param conflicts included, see ``conflicts``); ``blocked``: runs the
+    destination refused (they stay where they were and are retried by the next pass);
+    ``waiting``: runs that cannot start yet (no run_start event, or parent not found).
+    """
+
+    destination: str
+    state_folder: Path
+    runs: int = 0
+    events: int = 0
+    metrics: int = 0
+    segments: int = 0
+    quarantined: int = 0
+    conflicts: int = 0
+    idle: bool = False
+    mlflow_imported: bool = False
+    seconds: float = 0.0
+    problems: list[str] = field(default_factory=list)
+    blocked: list[str] = field(default_factory=list)
+    waiting: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def quarantine_file(self) -> Path:
+        return self.state_folder / "quarantine.jsonl"
+
+    @property
+    def exit_code(self) -> int:
+        """0: everything synced; 1: synced, but records were quarantined or runs refused."""
+        return EXIT_PARTIAL if (self.quarantined or self.blocked) else EXIT_OK
+
+    def add_problem(self, text: str) -> None:
+        self.quarantined += 1
+        if len(self.problems) < SHOWN_PROBLEMS:
+            self.problems.append(text)
+
+    def summary(self) -> str:
+        """One line: runs, events, quarantined, seconds, destination."""
+        parts = [
+            f"{self.runs} run{'s' if self.runs != 1 else ''}",
+            f"{self.events} event{'s' if self.events != 1 else ''}",
+            f"{self.quarantined} quarantined",
+        ]
+        if self.blocked:
+            parts.append(f"{len(self.blocked)} refused")
+        if self.waiting:
+            parts.append(f"{len(self.waiting)} waiting")
+        head = "nothing new" if self.idle else "synced"
+        return f"ff-sync: {head}: {', '.join(parts)} in {self.seconds:.2f} s -> {self.destination}"
+
+    def details(self) -> list[str]:
+        """Lines worth showing before the summary (problems, refusals, waits, warnings)."""
+        lines = [f"quarantined: {p}" for p in self.problems]
+        if self.quarantined > len(self.problems):
+            lines.append(f"... {self.quarantined - len(self.problems)} more")
+        if self.quarantined:
+            lines.append(f"quarantine report: {self.quarantine_file}")
+        lines += [f"refused: {b}" for b in self.blocked]
+        lines += [f"waiting: {w}" for w in self.waiting]
+        lines += [f"warning: {w}" for w in self.warnings]
+        return lines

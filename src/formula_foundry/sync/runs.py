@@ -1,0 +1,296 @@
+"""Run identity: map each spooled run to exactly one destination run, whatever was lost.
+
+Lookup order for a run: the sync state (``runs`` table) → the destination, by the tag
+``ff.run_uuid`` (deleted runs included) → create it from its ``run_start`` event. Creation is
+serialised by the destination's ``sync.lock``, and every attempt after a failure looks the
+run up again first, so a create that committed before its answer was lost is never repeated.
+
+A nested run needs its parent's destination id for ``mlflow.parentRunId``: the parent is
+created first, wherever its events are. A parent found nowhere (not in the spool, the state
+or the destination) makes the child wait, until the child is older than
+``sync.stale_after_s``; then the child is created unlinked, keeps ``ff.parent_run_uuid``, and
+is linked as soon as its parent is created.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any, Final, TypeVar
+
+from formula_foundry.errors import SpoolError
+from formula_foundry.sync.report import SyncReport
+from formula_foundry.sync.retry import RetryPolicy
+from formula_foundry.sync.scan import SegmentFile
+from formula_foundry.sync.sink import DestinationRejected, RemoteRun, RunMissing, RunSpec, Sink
+from formula_foundry.sync.sync_state import (
+    QuarantineLog,
+    RunRecord,
+    SegmentProgress,
+    SyncState,
+)
+from formula_foundry.tracking.events import K_RUN_START
+from formula_foundry.tracking.spool_reader import Event, SegmentReader
+
+T = TypeVar("T")
+RUN_UUID_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,249}$")
+_RAW_LIMIT: Final = 200
+
+
+@dataclass
+class RunContext:
+    """A run during a pass: its destination id, last status sent, params known to be there."""
+
+    uuid: str
+    run_id: str
+    experiment_id: str
+    status: str
+    parent_uuid: str | None = None
+    parent_linked: bool = True
+    last_t: int = 0
+    end_time: int | None = None
+    params: dict[str, str] | None = None  # None: not fetched from the destination yet
+
+    def record(self) -> RunRecord:
+        return RunRecord(
+            self.uuid,
+            self.run_id,
+            self.experiment_id,
+            self.status,
+            self.parent_uuid,
+            self.parent_linked,
+            self.last_t,
+            self.end_time,
+        )
+
+
+@dataclass
+class SyncContext:
+    """What every part of one pass shares."""
+
+    sink: Sink
+    state: SyncState
+    progress: dict[str, SegmentProgress]
+    quarantine_log: QuarantineLog
+    report: SyncReport
+    policy: RetryPolicy
+    files_by_run: dict[str, list[SegmentFile]]
+    stale_after_s: float
+
+    def call(self, fn: Callable[[], T]) -> T:
+        """Call the sink with the retry policy."""
+        return self.policy.call(fn)
+
+    def quarantine(
+        self,
+        run_uuid: str,
+        path: Path,
+        line: int,
+        offset: int,
+        kind: str,
+        reason: str,
+        raw: bytes = b"",
+    ) -> None:
+        """Report a record that cannot be synced (once per file and offset) and count it."""
+        self.quarantine_log.add(
+            {
+                "run": run_uuid,
+                "file": str(path),
+                "line": line,
+                "offset": offset,
+                "kind": kind,
+                "reason": reason,
+                "raw": raw[:_RAW_LIMIT].decode("utf-8", "backslashreplace"),
+                "at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            }
+        )
+        self.report.add_problem(f"{path}:{line} (byte {offset}): {kind}: {reason}")
+        if kind == "param_conflict":
+            self.report.conflicts += 1
+
+
+@dataclass(frozen=True)
+class _Start:
+    spec: RunSpec
+    seg: SegmentFile
+    event: Event
+
+
+_WAIT: Final = "\0wait"
+
+
+class RunResolver:
+    """Finds or creates the destination run of each spooled run (see the module docstring)."""
+
+    def __init__(self, cx: SyncContext) -> None:
+        self.cx = cx
+        self.runs: dict[str, RunContext] = {}
+
+    def ensure_run(self, uuid: str, chain: tuple[str, ...] = ()) -> RunContext | None:
+        """The run's context, creating the destination run if needed; None: it must wait."""
+        ctx = self.runs.get(uuid)
+        if ctx is not None:
+            return ctx
+        rec = self.cx.state.run(uuid)
+        if rec is not None:
+            ctx = _context(rec)
+            self.runs[uuid] = ctx
+            return ctx
+        start = self._find_start(uuid)
+        experiment = start.spec.experiment if start else None
+        remote = self.cx.call(lambda: self.cx.sink.find_run(uuid, experiment))
+        created = False
+        parent_uuid = start.spec.parent_uuid if start else None
+        parent_id: str | None = None
+        if remote is None:
+            if start is None:
+                self.cx.report.waiting.append(
+                    f"run {uuid}: no run_start event in its segments yet; will retry"
+                )
+                return None
+            if parent_uuid:
+                found = self._parent_id(parent_uuid, start, (*chain, uuid))
+                if found == _WAIT:
+                    self.cx.report.waiting.append(
+                        f"run {uuid}: its parent run {parent_uuid} is neither in the spool nor "
+                        f"in {self.cx.sink.description} yet; will retry"
+                    )
+                    return None
+                parent_id = found
+            spec = dataclasses.replace(start.spec, parent_run_id=parent_id)
+            remote, created = self._find_or_create(spec)
+        if remote.duplicates:
+            self.cx.report.warnings.append(
+                f"run {uuid} has several runs in {self.cx.sink.description} "
+                f"({remote.run_id}, {', '.join(remote.duplicates)}); syncing into {remote.run_id}"
+            )
+        ctx = RunContext(
+            uuid,
+            remote.run_id,
+            remote.experiment_id,
+            remote.status,
+            parent_uuid=parent_uuid,
+            parent_linked=not created or parent_uuid is None or parent_id is not None,
+            last_t=start.event.t if start else 0,
+            params={} if created else None,
+        )
+        self.runs[uuid] = ctx
+        self.save_run(ctx)
+        if created:
+            self._link_children(ctx)
+        return ctx
+
+    def save_run(self, ctx: RunContext) -> None:
+        self.cx.state.save_run(ctx.record())
+
+    def forget(self, uuid: str) -> None:
+        """Drop what the state knows about a run, so it is found or created and sent anew."""
+        self.cx.state.forget_run(uuid)
+        self.runs.pop(uuid, None)
+        for rel in [r for r, p in self.cx.progress.items() if p.run_uuid == uuid]:
+            del self.cx.progress[rel]
+
+    # -- internals ------------------------------------------------------------------------
+
+    def _find_or_create(self, spec: RunSpec) -> tuple[RemoteRun, bool]:
+        def attempt() -> tuple[RemoteRun, bool]:
+            found = self.cx.sink.find_run(spec.run_uuid, spec.experiment)
+            if found is not None:
+                return found, False
+            return self.cx.sink.create_run(spec), True
+
+        return self.cx.call(attempt)
+
+    def _parent_id(self, parent: str, start: _Start, chain: tuple[str, ...]) -> str | None:
+        if parent in chain:
+            return None  # a cycle can only come from damaged data: do not link
+        if parent in self.cx.files_by_run or self.cx.state.run(parent) is not None:
+            pctx = self.ensure_run(parent, chain)
+            if pctx is not None:
+                return pctx.run_id
+        else:
+            remote = self.cx.call(lambda: self.cx.sink.find_run(parent, None))
+            if remote is not None:
+                return remote.run_id
+        age_s = time.time() - start.event.t / 1000.0
+        return None if age_s > self.cx.stale_after_s else _WAIT
+
+    def _link_children(self, ctx: RunContext) -> None:
+        for child in self.cx.state.unlinked_children(ctx.uuid):
+            tag = [("mlflow.parentRunId", ctx.run_id)]
+            try:
+                self.cx.call(partial(self.cx.sink.log_batch, child.run_id, [], [], tag))
+            except RunMissing:
+                self.forget(child.run_uuid)  # recreated, linked, by its own next pass
+                continue
+            except DestinationRejected as exc:
+                self.cx.report.warnings.append(f"run {child.run_uuid}: cannot link it: {exc}")
+                continue
+            self.cx.state.save_run(dataclasses.replace(child, parent_linked=True))
+            if child.run_uuid in self.runs:
+                self.runs[child.run_uuid].parent_linked = True
+
+    def _find_start(self, uuid: str) -> _Start | None:
+        """The run's ``run_start`` event, from whichever of its segments holds it."""
+        for seg in self.cx.files_by_run.get(uuid, []):
+            try:
+                for item in SegmentReader(seg.path):
+                    if isinstance(item, Event) and item.kind == K_RUN_START:
+                        spec = _spec(uuid, item)
+                        if spec is not None:
+                            return _Start(spec, seg, item)
+                        self.cx.quarantine(
+                            uuid,
+                            seg.path,
+                            item.line,
+                            item.offset,
+                            "invalid",
+                            "run_start lacks a valid experiment, name or time",
+                        )
+            except (SpoolError, OSError):
+                continue  # reported when the segment itself is replayed
+        return None
+
+
+def _context(rec: RunRecord) -> RunContext:
+    return RunContext(
+        rec.run_uuid,
+        rec.run_id,
+        rec.experiment_id,
+        rec.status,
+        rec.parent_uuid,
+        rec.parent_linked,
+        rec.last_t,
+        rec.end_time,
+    )
+
+
+def _spec(uuid: str, ev: Event) -> RunSpec | None:
+    d: dict[str, Any] = ev.data
+    experiment, name, parent = d.get("experiment"), d.get("name"), d.get("parent")
+    if not isinstance(experiment, str) or not experiment.strip() or ev.t <= 0:
+        return None
+    if not isinstance(name, str) or not name.strip():
+        return None
+    if parent is not None and (not isinstance(parent, str) or not RUN_UUID_RE.match(parent)):
+        return None
+
+    def text(key: str) -> str:
+        value = d.get(key)
+        return value if isinstance(value, str) and value else "unknown"
+
+    return RunSpec(
+        run_uuid=uuid,
+        experiment=experiment,
+        name=name,
+        start_time=ev.t,
+        user=text("user"),
+        host=text("host"),
+        source=text("source"),
+        parent_uuid=parent,
+    )

@@ -1,0 +1,284 @@
+"""What one destination has acknowledged, and the quarantine report of records it never got.
+
+Everything lives in ``<sync.state_dir>/<destination key>/``:
+
+``state.sqlite3``     progress (stdlib ``sqlite3``, WAL): one row per segment — byte offset,
+                      line and sequence number up to which every event is committed in the
+                      destination, the file size last seen, and whether the segment is complete —
+                      and one row per run — its id and experiment in the destination, the last
+                      status synced, its parent, the time of its latest event.
+``destination.txt``   the destination's URI (password redacted), for humans.
+``sync.lock``         held by the one ``ff-sync`` working on this destination.
+``quarantine.jsonl``  one JSON object per record that could not be synced (see docs/sync.md).
+
+Progress is written only after the destination committed what it covers, so the state is
+never ahead of the destination; being behind only means re-sending idempotent writes.
+Deleting the folder (or ``ff-sync --replay``) makes the next pass resend everything.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import re
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+import orjson
+
+from formula_foundry.errors import ConfigError
+from formula_foundry.redact import redact_uri
+
+STATE_FILE: Final = "state.sqlite3"
+LOCK_FILE: Final = "sync.lock"
+QUARANTINE_FILE: Final = "quarantine.jsonl"
+DESTINATION_FILE: Final = "destination.txt"
+SCHEMA_VERSION: Final = 1
+
+_SCHEMA: Final = """
+CREATE TABLE IF NOT EXISTS segments (
+    rel         TEXT PRIMARY KEY,
+    run_uuid    TEXT NOT NULL,
+    byte_offset INTEGER NOT NULL,
+    line        INTEGER NOT NULL,
+    last_seq    INTEGER NOT NULL,
+    size_seen   INTEGER NOT NULL,
+    done        INTEGER NOT NULL,
+    updated_ms  INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS segments_run ON segments (run_uuid);
+CREATE TABLE IF NOT EXISTS runs (
+    run_uuid      TEXT PRIMARY KEY,
+    run_id        TEXT NOT NULL,
+    experiment_id TEXT NOT NULL,
+    status        TEXT NOT NULL,
+    parent_uuid   TEXT,
+    parent_linked INTEGER NOT NULL,
+    last_t        INTEGER NOT NULL,
+    end_time      INTEGER,
+    updated_ms    INTEGER NOT NULL
+);
+"""
+
+
+def destination_key(uri: str) -> str:
+    """Folder name of a destination: ``<scheme>-<sha256 of the redacted URI, 12 hex>``."""
+    scheme = uri.split("://", 1)[0].lower() if "://" in uri else "uri"
+    scheme = re.sub(r"[^a-z0-9]+", "_", scheme).strip("_") or "uri"
+    digest = hashlib.sha256(redact_uri(uri).encode("utf-8")).hexdigest()[:12]
+    return f"{scheme}-{digest}"
+
+
+@dataclass(frozen=True, slots=True)
+class SegmentProgress:
+    """Where the next pass resumes in one segment (``last_seq`` -1: nothing read yet)."""
+
+    rel: str
+    run_uuid: str
+    offset: int = 0
+    line: int = 0
+    last_seq: int = -1
+    size_seen: int = -1
+    done: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class RunRecord:
+    """A spooled run as the destination knows it."""
+
+    run_uuid: str
+    run_id: str
+    experiment_id: str
+    status: str
+    parent_uuid: str | None = None
+    parent_linked: bool = True
+    last_t: int = 0
+    end_time: int | None = None
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class SyncState:
+    """The progress database of one destination. Use only while holding its ``sync.lock``."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.path = folder / STATE_FILE
+        try:
+            self._db = sqlite3.connect(self.path, isolation_level=None, timeout=30.0)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            version = self._db.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise ConfigError(
+                    f"sync state {self.path} was written by a newer formula-foundry "
+                    f"(schema {version}); upgrade, or use another sync.state_dir"
+                )
+            self._db.executescript(_SCHEMA)
+            self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        except sqlite3.DatabaseError as exc:
+            raise ConfigError(
+                f"sync state {self.path} is unreadable ({exc}); move it away to resend everything"
+            ) from None
+
+    def close(self) -> None:
+        self._db.close()
+
+    # -- segments -------------------------------------------------------------------------
+
+    def segments(self) -> dict[str, SegmentProgress]:
+        rows = self._db.execute(
+            "SELECT rel, run_uuid, byte_offset, line, last_seq, size_seen, done FROM segments"
+        )
+        return {r[0]: SegmentProgress(r[0], r[1], r[2], r[3], r[4], r[5], bool(r[6])) for r in rows}
+
+    def save_segment(self, p: SegmentProgress) -> None:
+        """Record (and commit) progress in one segment."""
+        self._db.execute(
+            "INSERT INTO segments VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (rel) DO UPDATE SET "
+            "run_uuid = excluded.run_uuid, byte_offset = excluded.byte_offset, "
+            "line = excluded.line, last_seq = excluded.last_seq, "
+            "size_seen = excluded.size_seen, done = excluded.done, "
+            "updated_ms = excluded.updated_ms",
+            (p.rel, p.run_uuid, p.offset, p.line, p.last_seq, p.size_seen, int(p.done), _now_ms()),
+        )
+
+    # -- runs -----------------------------------------------------------------------------
+
+    def run(self, run_uuid: str) -> RunRecord | None:
+        row = self._db.execute(
+            "SELECT run_uuid, run_id, experiment_id, status, parent_uuid, parent_linked, last_t, "
+            "end_time FROM runs WHERE run_uuid = ?",
+            (run_uuid,),
+        ).fetchone()
+        return None if row is None else _run_record(row)
+
+    def save_run(self, r: RunRecord) -> None:
+        self._db.execute(
+            "INSERT OR REPLACE INTO runs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                r.run_uuid,
+                r.run_id,
+                r.experiment_id,
+                r.status,
+                r.parent_uuid,
+                int(r.parent_linked),
+                r.last_t,
+                r.end_time,
+                _now_ms(),
+            ),
+        )
+
+    def unlinked_children(self, parent_uuid: str) -> list[RunRecord]:
+        """Runs created before their parent could be found (see docs/sync.md)."""
+        rows = self._db.execute(
+            "SELECT run_uuid, run_id, experiment_id, status, parent_uuid, parent_linked, last_t, "
+            "end_time FROM runs WHERE parent_uuid = ? AND parent_linked = 0",
+            (parent_uuid,),
+        )
+        return [_run_record(row) for row in rows]
+
+    def forget_run(self, run_uuid: str) -> None:
+        """Drop a run's mapping and the progress of its segments: its events are resent."""
+        with self._transaction():
+            self._db.execute("DELETE FROM runs WHERE run_uuid = ?", (run_uuid,))
+            self._db.execute("DELETE FROM segments WHERE run_uuid = ?", (run_uuid,))
+
+    def reset(self) -> None:
+        """Forget everything this destination acknowledged (``ff-sync --replay``)."""
+        with self._transaction():
+            self._db.execute("DELETE FROM runs")
+            self._db.execute("DELETE FROM segments")
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Any:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+
+def _run_record(row: tuple[Any, ...]) -> RunRecord:
+    return RunRecord(row[0], row[1], row[2], row[3], row[4], bool(row[5]), row[6], row[7])
+
+
+def prepare_folder(state_dir: Path, key: str, redacted_uri: str) -> Path:
+    """Create ``<state_dir>/<key>/`` and its ``destination.txt``; return the folder."""
+    folder = state_dir / key
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        text = f"{redacted_uri}\n"
+        marker = folder / DESTINATION_FILE
+        if not marker.is_file() or marker.read_text(encoding="utf-8") != text:
+            tmp = folder / f".{DESTINATION_FILE}.{os.getpid()}.tmp"
+            tmp.write_text(text, encoding="utf-8")
+            os.replace(tmp, marker)
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot use sync state folder {folder}: {exc.strerror or exc} "
+            "(check sync.state_dir in config/mlflow.yaml)"
+        ) from None
+    return folder
+
+
+class QuarantineLog:
+    """Append-only JSON Lines report of quarantined records, one line per ``(file, offset)``."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._seen: set[tuple[str, int]] | None = None
+        self._dirty = False
+
+    def _load(self) -> set[tuple[str, int]]:
+        seen: set[tuple[str, int]] = set()
+        try:
+            data = self.path.read_bytes()
+        except FileNotFoundError:
+            return seen
+        for raw in data.splitlines():
+            try:
+                rec = orjson.loads(raw)
+            except orjson.JSONDecodeError:
+                continue  # a line torn by a crash: the record will be reported again
+            if isinstance(rec, dict):
+                seen.add((str(rec.get("file")), int(rec.get("offset", -1))))
+        return seen
+
+    def add(self, record: dict[str, Any]) -> bool:
+        """Append ``record`` unless its ``(file, offset)`` is already reported; True if new."""
+        if self._seen is None:
+            self._seen = self._load()
+        key = (str(record["file"]), int(record["offset"]))
+        if key in self._seen:
+            return False
+        with open(self.path, "a+b") as fh:
+            size = fh.seek(0, os.SEEK_END)
+            prefix = b""
+            if size:
+                fh.seek(size - 1)
+                if fh.read(1) != b"\n":
+                    prefix = b"\n"  # end a line a crash cut short
+            fh.write(prefix + orjson.dumps(record) + b"\n")
+        self._seen.add(key)
+        self._dirty = True
+        return True
+
+    def sync(self) -> None:
+        """Make appended reports durable (called before progress moves past them)."""
+        if not self._dirty:
+            return
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        self._dirty = False

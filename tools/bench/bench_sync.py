@@ -1,0 +1,241 @@
+#!/usr/bin/env python3
+"""Benchmark ``ff-sync`` against MLflow's best plain client use, and time an idle pass.
+
+Usage::
+
+    python tools/bench/bench_sync.py [--runs 20] [--keys 10] [--steps 500] [--repeat 3]
+                                     [--idle 1000] [--dir DIR] [--json]
+
+Generates spools with the real tracker: ``--runs`` runs × ``--keys`` metric keys × ``--steps``
+steps, one ``log_metric`` event per point, plus 10 params and 5 tags per run. Then, each into
+a fresh SQLite store whose schema is created beforehand (untimed):
+
+(a) baseline — ``MlflowClient``: create the experiment and runs, ``log_batch`` with 1000
+    metrics per call (params and tags in their own batches), from Metric objects already in
+    memory (building them is not timed);
+(b) ``ff-sync`` — one library pass (``sync_once``) over the same spools: read, verify, batch,
+    send, record progress.
+
+(a) and (b) alternate ``--repeat`` times, each into fresh stores, and the best time of each
+counts (the machine may be shared). It prints metrics/s of each and the ratio (b)/(a) of wall
+times (and of CPU times, which other processes on the machine disturb less); the
+target is >= 0.9. Then (c): an idle pass over ``--idle`` fully synced segments — the wall
+time of a whole ``ff-sync`` process, and whether that process imported mlflow
+(``python -X importtime``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+TARGET_RATIO = 0.9
+HERE = Path(__file__).resolve()
+PYTHON = sys.executable
+
+_WRITER = """
+import os, sys
+from formula_foundry.tracking import get_tracker
+runs, keys, steps, first = (int(a) for a in sys.argv[1:5])
+tracker = get_tracker()
+for r in range(first, first + runs):
+    tags = {f"tag{i}": f"v{i}" for i in range(5)}
+    with tracker.start_run(run_name=f"bench-{r}", tags=tags) as run:
+        run.log_params({f"param{i}": i * r for i in range(10)})
+        t0 = 1_700_000_000_000 + r * 10_000_000
+        for s in range(steps):
+            for k in range(keys):
+                run.log_metric(f"key{k}", (r + 1) * 0.001 * s + k, step=s, timestamp=t0 + s)
+"""
+
+
+def write_spools(spool: Path, runs: int, keys: int, steps: int, first: int = 0) -> None:
+    env = {**os.environ, "FF_SPOOL_ROOT": str(spool), "FF_DURABILITY": "write"}
+    env.pop("FF_CONFIG", None)
+    subprocess.run(
+        [PYTHON, "-c", textwrap.dedent(_WRITER), str(runs), str(keys), str(steps), str(first)],
+        env=env,
+        check=True,
+        cwd=spool.parent,
+    )
+
+
+def fresh_store(path: Path) -> str:
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{path}"
+    MlflowClient(tracking_uri=uri).search_experiments()  # creates the schema
+    return uri
+
+
+def load_points(spool: Path) -> list[dict[str, object]]:
+    """The spooled runs as plain data (what a hand-written importer would hold)."""
+    from formula_foundry.sync.scan import scan_spool
+    from formula_foundry.tracking.spool_reader import Event, SegmentReader
+
+    runs: dict[str, dict[str, object]] = {}
+    for seg in scan_spool(spool):
+        run = runs.setdefault(seg.run_uuid, {"metrics": [], "params": {}, "tags": {}})
+        for ev in SegmentReader(seg.path):
+            if not isinstance(ev, Event):
+                continue
+            if ev.kind == "run_start":
+                run["name"], run["t"] = ev.data["name"], ev.t
+            elif ev.kind == "metrics":
+                for k, v in ev.data["d"].items():
+                    run["metrics"].append((k, float(v), ev.t, ev.data["step"]))  # type: ignore[union-attr]
+            elif ev.kind in ("params", "tags"):
+                run[ev.kind].update(ev.data["d"])  # type: ignore[union-attr]
+    return list(runs.values())
+
+
+def baseline(
+    uri: str, artifact_dir: Path, runs: list[dict[str, object]]
+) -> tuple[float, float, int]:
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric, Param, RunTag
+
+    prepared = [
+        (
+            r,
+            [Metric(k, v, t, s) for k, v, t, s in r["metrics"]],  # type: ignore[attr-defined]
+            [Param(k, v) for k, v in r["params"].items()],  # type: ignore[attr-defined]
+            [RunTag(k, v) for k, v in r["tags"].items()],  # type: ignore[attr-defined]
+        )
+        for r in runs
+    ]
+    n = sum(len(m) for _, m, _, _ in prepared)
+    start, cpu = time.perf_counter(), time.process_time()
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.create_experiment("formula-foundry", artifact_location=str(artifact_dir))
+    for r, metrics, params, tags in prepared:
+        run = client.create_run(exp, start_time=r["t"], run_name=r["name"])  # type: ignore[arg-type]
+        client.log_batch(run.info.run_id, params=params, tags=tags)
+        for i in range(0, len(metrics), 1000):
+            client.log_batch(run.info.run_id, metrics=metrics[i : i + 1000])
+        client.set_terminated(run.info.run_id)
+    return time.perf_counter() - start, time.process_time() - cpu, n
+
+
+def ff_sync(uri: str, work: Path, spool: Path) -> tuple[float, float, int]:
+    from formula_foundry.sync import load_sync_settings, sync_once
+
+    os.environ.pop("FF_CONFIG", None)
+    settings = _with(load_sync_settings(None, tracking_uri=uri, spool_root=spool), work)
+    start, cpu = time.perf_counter(), time.process_time()
+    report = sync_once(settings)
+    elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
+    if report.exit_code != 0:
+        raise SystemExit(f"ff-sync pass failed: {report.summary()}")
+    return elapsed, cpu, report.metrics
+
+
+def _with(settings: object, work: Path) -> object:
+    import dataclasses
+
+    return dataclasses.replace(
+        settings,  # type: ignore[type-var]
+        sync_state_dir=work / "sync",
+        artifact_root=work / "artifacts",
+    )
+
+
+def idle_pass(work: Path, segments: int) -> dict[str, object]:
+    spool = work / "idle-runs"
+    spool.mkdir()
+    write_spools(spool, segments, 1, 1)
+    config = work / "idle.yaml"
+    config.write_text(
+        f"tracking:\n  backend_store_uri: sqlite:///{work / 'idle.db'}\n"
+        f"  artifact_root: {work / 'idle-artifacts'}\n"
+        f"spool:\n  root: {spool}\nsync:\n  state_dir: {work / 'idle-sync'}\n"
+    )
+    ff = str(Path(PYTHON).with_name("ff-sync"))
+    first = subprocess.run([ff, "--config", str(config)], capture_output=True, text=True)
+    if first.returncode != 0:
+        raise SystemExit(f"initial sync failed: {first.stderr}{first.stdout}")
+    best = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        out = subprocess.run([ff, "--config", str(config)], capture_output=True, text=True)
+        best = min(best, time.perf_counter() - start)
+        if out.returncode != 0 or "0 events" not in out.stdout:
+            raise SystemExit(f"idle pass was not idle: {out.stdout}{out.stderr}")
+    probe = subprocess.run(
+        [PYTHON, "-X", "importtime", "-m", "formula_foundry.sync", "--config", str(config)],
+        capture_output=True,
+        text=True,
+    )
+    imported = any(
+        line.rsplit("|", 1)[-1].strip().split(".")[0] == "mlflow"
+        for line in probe.stderr.splitlines()
+        if line.startswith("import time:")
+    )
+    return {"segments": segments, "wall_s": round(best, 3), "mlflow_imported": imported}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--runs", type=int, default=20)
+    ap.add_argument("--keys", type=int, default=10)
+    ap.add_argument("--steps", type=int, default=500)
+    ap.add_argument("--repeat", type=int, default=3, help="best of N alternating runs")
+    ap.add_argument("--idle", type=int, default=1000, help="segments of the idle pass (0: skip)")
+    ap.add_argument("--dir", type=Path, default=None, help="work folder (default: a temp dir)")
+    ap.add_argument("--json", action="store_true", help="print one JSON object")
+    args = ap.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="ff-bench-sync-", dir=args.dir))
+    try:
+        spool = work / "runs"
+        spool.mkdir()
+        t = time.perf_counter()
+        write_spools(spool, args.runs, args.keys, args.steps)
+        gen_s = time.perf_counter() - t
+        runs = load_points(spool)
+        base_s = sync_s = base_cpu = sync_cpu = float("inf")
+        n = m = 0
+        # Alternate the contenders and keep the best of each: a shared machine is noisy.
+        for i in range(args.repeat):
+            uri_a = fresh_store(work / f"a{i}.db")
+            uri_b = fresh_store(work / f"b{i}.db")
+            took, cpu, n = baseline(uri_a, work / "artifacts-a", runs)
+            base_s, base_cpu = min(base_s, took), min(base_cpu, cpu)
+            took, cpu, m = ff_sync(uri_b, work / f"state-{i}", spool)
+            sync_s, sync_cpu = min(sync_s, took), min(sync_cpu, cpu)
+            if m != n:
+                raise SystemExit(f"ff-sync sent {m} metrics, the baseline {n}")
+        result: dict[str, object] = {
+            "metrics": n,
+            "repeat": args.repeat,
+            "spool_write_s": round(gen_s, 2),
+            "baseline_s": round(base_s, 2),
+            "baseline_metrics_per_s": round(n / base_s),
+            "ff_sync_s": round(sync_s, 2),
+            "ff_sync_metrics_per_s": round(n / sync_s),
+            "ratio": round(base_s / sync_s, 3),
+            "cpu_ratio": round(base_cpu / sync_cpu, 3),
+            "target_ratio": TARGET_RATIO,
+        }
+        if args.idle:
+            result["idle"] = idle_pass(work, args.idle)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for key, value in result.items():
+            print(f"{key:>24}: {value}")
+    return 0 if float(result["ratio"]) >= TARGET_RATIO else 1  # type: ignore[arg-type]
+
+
+if __name__ == "__main__":
+    sys.exit(main())
