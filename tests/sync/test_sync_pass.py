@@ -319,3 +319,29 @@ def test_a_segment_that_shrank_is_reported_not_reread(project: Project) -> None:
     assert report.exit_code == 0 and report.events == 0
     assert any("shorter than the" in w for w in report.warnings)
     assert project.sync().idle
+
+
+def test_a_job_resumed_with_the_tracker_stays_one_mlflow_run(project: Project) -> None:
+    job = """
+    import sys
+    run = tracker.start_run(run_name="sweep", run_id="coupon-sweep-42")
+    first = int(sys.argv[1])
+    for i in range(first, first + 50):
+        run.log_metric("loss", 1.0 / (i + 1), step=i)
+    run.end(sys.argv[2])
+    """
+    project.spool(job, "0", "KILLED")  # the job hit its time limit
+    assert project.sync().exit_code == 0
+    assert project.snapshot()["runs"]["coupon-sweep-42"]["status"] == "KILLED"
+    project.spool(job, "50", "FINISHED")  # requeued: same run id, a new segment
+    report = project.sync()
+    assert report.exit_code == 0 and report.runs == 1
+    snap = project.snapshot()
+    assert list(snap["runs"]) == ["coupon-sweep-42"]
+    run = snap["runs"]["coupon-sweep-42"]
+    assert run["status"] == "FINISHED" and run["name"] == "sweep"
+    assert [s for s, _, _ in run["metrics"]["loss"]] == list(range(100))
+    # The same from scratch (state lost) gives the same run.
+    shutil.rmtree(project.state_dir)
+    assert project.sync().exit_code == 0
+    assert project.snapshot() == snap
