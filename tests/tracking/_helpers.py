@@ -12,15 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from formula_foundry.tracking.spool_reader import Event, Problem, SegmentReader
-
-CONFIG_ENV_VARS = (
-    "FF_CONFIG",
-    "FF_SPOOL_ROOT",
-    "FF_TRACKING_DISABLED",
-    "FF_DURABILITY",
-    "MLFLOW_TRACKING_URI",
-    "FF_RUN_ID",
-)
+from tests.conftest import CONFIG_ENV_VARS
 
 
 def segments(spool_root: Path, run_id: str) -> list[Path]:
