@@ -6,6 +6,7 @@ Exit codes (documented in docs/sync.md) come from the exception classes
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import time
@@ -16,7 +17,8 @@ from pathlib import Path
 
 import click
 
-from formula_foundry.errors import EXIT_OK, FormulaFoundryError
+from formula_foundry.config import Settings
+from formula_foundry.errors import EXIT_OK, ConfigError, FormulaFoundryError
 from formula_foundry.sync.engine import load_sync_settings, sync_once
 from formula_foundry.sync.report import Progress, one_line
 
@@ -31,6 +33,15 @@ class SyncOptions:
     config: Path | None
     tracking_uri: str | None
     spool_root: Path | None
+    stale_after: float | None = None
+
+    def settings(self) -> Settings:
+        settings = load_sync_settings(
+            self.config, tracking_uri=self.tracking_uri, spool_root=self.spool_root
+        )
+        if self.stale_after is not None:
+            settings = dataclasses.replace(settings, stale_after_s=self.stale_after)
+        return settings
 
 
 def _run(fn: Callable[[], int]) -> int:
@@ -82,9 +93,7 @@ class _ProgressLine:
 
 
 def _sync(opts: SyncOptions, replay: bool, quiet: bool) -> int:
-    settings = load_sync_settings(
-        opts.config, tracking_uri=opts.tracking_uri, spool_root=opts.spool_root
-    )
+    settings = opts.settings()
     line = _ProgressLine() if not quiet and sys.stderr.isatty() else None
     try:
         report = sync_once(settings, replay=replay, progress=line)
@@ -126,6 +135,13 @@ def _sync(opts: SyncOptions, replay: bool, quiet: bool) -> int:
     help="Forget what this destination acknowledged and send everything again (e.g. after "
     "restoring its database from a backup); converges to the same state.",
 )
+@click.option(
+    "--stale-after",
+    type=click.FloatRange(min=0.0, min_open=True),
+    metavar="SECONDS",
+    help="A run silent this long without an end event is marked KILLED, at its last sign of "
+    "life (overrides sync.stale_after_s).",
+)
 @click.option("-q", "--quiet", is_flag=True, help="No progress and no detail lines.")
 @click.pass_context
 def main(
@@ -134,6 +150,7 @@ def main(
     tracking_uri: str | None,
     spool_root: Path | None,
     replay: bool,
+    stale_after: float | None,
     quiet: bool,
 ) -> None:
     """Replay spooled runs into the MLflow tracking store, exactly once.
@@ -149,8 +166,85 @@ def main(
       75  destination unavailable, or another ff-sync holds its lock: try again later
       70  internal error (a bug; FF_DEBUG=1 shows the traceback)
     """
-    ctx.obj = SyncOptions(config, tracking_uri, spool_root)
+    ctx.obj = SyncOptions(config, tracking_uri, spool_root, stale_after)
     if ctx.invoked_subcommand is not None:
         return
     code = _run(lambda: _sync(ctx.obj, replay, quiet))
     ctx.exit(code if code != EXIT_OK else EXIT_OK)
+
+
+def _err(line: str) -> None:
+    click.echo(line, err=True)
+
+
+@main.command("watch")
+@click.option(
+    "--interval",
+    type=click.FloatRange(min=0.0, min_open=True),
+    default=30.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="Seconds from the start of one pass to the start of the next.",
+)
+@click.option(
+    "--max-passes",
+    type=click.IntRange(min=1),
+    metavar="N",
+    help="Stop after N passes (default: run until SIGTERM/SIGINT).",
+)
+@click.option("-q", "--quiet", is_flag=True, help="Only the summary line of passes that did work.")
+@click.pass_obj
+def watch_command(opts: SyncOptions, interval: float, max_passes: int | None, quiet: bool) -> None:
+    """Sync every INTERVAL seconds until SIGTERM/SIGINT (which finish the pass, exit 0).
+
+    An unavailable destination or a lock held by another ff-sync is logged on one line and
+    retried at the next interval.
+    """
+    from formula_foundry.sync.watch import watch
+
+    code = _run(
+        lambda: watch(opts.settings(), interval, log=_err, max_passes=max_passes, quiet=quiet)
+    )
+    sys.exit(code)
+
+
+@main.command("gc")
+@click.option(
+    "--older-than",
+    type=click.FloatRange(min=0.0),
+    required=True,
+    metavar="SECONDS",
+    help="Only runs whose segments were all last modified at least this long ago.",
+)
+@click.option(
+    "--archive",
+    type=click.Path(path_type=Path, file_okay=False),
+    metavar="DIR",
+    help="Move collected run folders here (default: <spool root>/../runs-archive).",
+)
+@click.option("--delete", is_flag=True, help="Delete collected run folders instead of moving.")
+@click.option("--dry-run", is_flag=True, help="Only print what would be archived or deleted.")
+@click.pass_obj
+def gc_command(
+    opts: SyncOptions, older_than: float, archive: Path | None, delete: bool, dry_run: bool
+) -> None:
+    """Archive or delete the spool folders of ended runs every destination fully has.
+
+    A run folder is collected only if, in every destination with a state folder under
+    sync.state_dir, the run's end event is synced and each of its segments is acknowledged
+    to its last byte; never anything still to sync.
+    """
+
+    def body() -> int:
+        if archive is not None and delete:
+            raise ConfigError("--archive and --delete exclude each other")
+        from formula_foundry.sync.gc import collect_garbage
+
+        settings = opts.settings()
+        report = collect_garbage(
+            settings, older_than, archive=archive, delete=delete, dry_run=dry_run, log=_err
+        )
+        click.echo(report.summary("delete" if delete else "archive", dry_run))
+        return EXIT_OK
+
+    sys.exit(_run(body))

@@ -8,7 +8,9 @@
 3. scan the spool root — a ``stat`` per segment, no file opened — and compare each size with
    the size the state last saw. Nothing changed: return at once, without importing MLflow;
 4. open the destination (with retries), then replay the pending segments run by run, runs
-   ordered by their oldest pending segment (parents are created before children anyway).
+   ordered by their oldest pending segment (parents are created before children anyway);
+5. end dead runs: RUNNING runs silent for ``sync.stale_after_s`` become KILLED
+   (:mod:`formula_foundry.sync.stale`). Step 3 opens the destination for them too.
 
 A destination that stays unavailable through ``sync.retries`` retries ends the pass with
 :class:`~formula_foundry.errors.StoreUnavailable` (exit 75); what was committed before is
@@ -33,6 +35,7 @@ from formula_foundry.sync.retry import RetryPolicy
 from formula_foundry.sync.runs import RUN_UUID_RE, RunResolver, SyncContext
 from formula_foundry.sync.scan import SegmentFile, scan_spool
 from formula_foundry.sync.sink import Sink
+from formula_foundry.sync.stale import end_stale, find_stale
 from formula_foundry.sync.sync_state import (
     LOCK_FILE,
     QUARANTINE_FILE,
@@ -163,7 +166,8 @@ def _pass(
         seen = progress.get(seg.rel)
         if seen is None or seen.size_seen != seg.size:
             pending.setdefault(seg.run_uuid, []).append(seg)
-    if not pending:
+    stale = find_stale(state, settings.stale_after_s, pending)
+    if not pending and not stale:
         report.idle = True
         if not settings.spool_root.is_dir():
             report.warnings.append(f"spool root {settings.spool_root} does not exist")
@@ -189,5 +193,8 @@ def _pass(
         order = sorted(pending, key=lambda run: (min(s.order for s in pending[run]), run))
         for run_uuid in order:
             replayer.replay_run(run_uuid, pending[run_uuid])
+        # Dead runs (formula_foundry.sync.stale): judged after the replay, runs that grew
+        # during this pass excluded.
+        end_stale(sink, state, find_stale(state, settings.stale_after_s, pending), report, policy)
     finally:
         sink.close()

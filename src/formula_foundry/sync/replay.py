@@ -29,6 +29,7 @@ from formula_foundry.sync.report import Progress, ProgressFn
 from formula_foundry.sync.runs import RunContext, RunResolver, SyncContext
 from formula_foundry.sync.scan import SegmentFile
 from formula_foundry.sync.sink import ArtifactRef, DestinationRejected, ParamConflict, RunMissing
+from formula_foundry.sync.stale import revive
 from formula_foundry.sync.sync_state import SegmentProgress
 from formula_foundry.tracking.events import (
     INT64_MAX,
@@ -120,6 +121,8 @@ class Replayer:
         if ctx is None:
             return
         self.report.runs += 1
+        if revive(self.sink, self.cx.state, ctx.record(), self.cx.policy):
+            ctx.status = "RUNNING"  # the sync had ended it as dead: it is alive after all
         for seg in sorted(pending, key=lambda s: s.order):
             self._segment(ctx, seg)
         self.resolver.save_run(ctx)

@@ -68,6 +68,7 @@ class SyncReport:
     blocked: list[str] = field(default_factory=list)
     waiting: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    stale: list[str] = field(default_factory=list)  # runs this pass ended as KILLED (dead)
 
     @property
     def quarantine_file(self) -> Path:
@@ -94,6 +95,8 @@ class SyncReport:
             parts.append(f"{len(self.blocked)} refused")
         if self.waiting:
             parts.append(f"{len(self.waiting)} waiting")
+        if self.stale:
+            parts.append(f"{len(self.stale)} dead run{'s' if len(self.stale) != 1 else ''} ended")
         head = "nothing new" if self.idle else "synced"
         return f"ff-sync: {head}: {', '.join(parts)} in {self.seconds:.2f} s -> {self.destination}"
 

@@ -6,7 +6,10 @@ Everything lives in ``<sync.state_dir>/<destination key>/``:
                       line and sequence number up to which every event is committed in the
                       destination, the file size last seen, and whether the segment is complete —
                       and one row per run — its id and experiment in the destination, the last
-                      status synced, its parent, the time of its latest event.
+                      status synced, its parent, the time of its latest event (its last
+                      sign of life, heartbeats included) — and the runs the sync itself ended
+                      as KILLED because they went silent (``stale_ended``, see
+                      :mod:`formula_foundry.sync.stale`).
 ``destination.txt``   the destination's URI (password redacted), for humans.
 ``sync.lock``         held by the one ``ff-sync`` working on this destination.
 ``quarantine.jsonl``  one JSON object per record that could not be synced (see docs/sync.md).
@@ -61,6 +64,11 @@ CREATE TABLE IF NOT EXISTS runs (
     last_t        INTEGER NOT NULL,
     end_time      INTEGER,
     updated_ms    INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS stale_ended (
+    run_uuid    TEXT PRIMARY KEY,
+    last_t      INTEGER NOT NULL,
+    ended_ms    INTEGER NOT NULL
 );
 """
 
@@ -184,16 +192,52 @@ class SyncState:
         )
         return [_run_record(row) for row in rows]
 
+    def live_runs(self) -> list[RunRecord]:
+        """Runs whose last status synced is RUNNING (no end event synced)."""
+        rows = self._db.execute(
+            "SELECT run_uuid, run_id, experiment_id, status, parent_uuid, parent_linked, last_t, "
+            "end_time FROM runs WHERE status = 'RUNNING'"
+        )
+        return [_run_record(row) for row in rows]
+
+    def ended_runs(self) -> list[RunRecord]:
+        """Runs whose real end event is synced (runs the sync ended as stale excluded)."""
+        rows = self._db.execute(
+            "SELECT r.run_uuid, r.run_id, r.experiment_id, r.status, r.parent_uuid, "
+            "r.parent_linked, r.last_t, r.end_time FROM runs r LEFT JOIN stale_ended s "
+            "ON s.run_uuid = r.run_uuid AND s.last_t = r.last_t "
+            "WHERE r.status IN ('FINISHED', 'FAILED', 'KILLED') AND s.run_uuid IS NULL"
+        )
+        return [_run_record(row) for row in rows]
+
+    def mark_stale_ended(self, r: RunRecord) -> None:
+        """Record that the sync ended ``r`` (KILLED at its last sign of life ``r.last_t``)."""
+        with self._transaction():
+            self.save_run(r)
+            self._db.execute(
+                "INSERT OR REPLACE INTO stale_ended VALUES (?, ?, ?)",
+                (r.run_uuid, r.last_t, _now_ms()),
+            )
+
+    def is_stale_ended(self, run_uuid: str, last_t: int) -> bool:
+        """Whether the sync ended the run as dead at ``last_t`` (and nothing came since)."""
+        row = self._db.execute(
+            "SELECT 1 FROM stale_ended WHERE run_uuid = ? AND last_t = ?", (run_uuid, last_t)
+        ).fetchone()
+        return row is not None
+
     def forget_run(self, run_uuid: str) -> None:
         """Drop a run's mapping and the progress of its segments: its events are resent."""
         with self._transaction():
             self._db.execute("DELETE FROM runs WHERE run_uuid = ?", (run_uuid,))
+            self._db.execute("DELETE FROM stale_ended WHERE run_uuid = ?", (run_uuid,))
             self._db.execute("DELETE FROM segments WHERE run_uuid = ?", (run_uuid,))
 
     def reset(self) -> None:
         """Forget everything this destination acknowledged (``ff-sync --replay``)."""
         with self._transaction():
             self._db.execute("DELETE FROM runs")
+            self._db.execute("DELETE FROM stale_ended")
             self._db.execute("DELETE FROM segments")
 
     @contextlib.contextmanager
