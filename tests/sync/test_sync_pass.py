@@ -9,6 +9,7 @@ import stat
 import orjson
 
 from formula_foundry.sync.sink import artifact_ref_file
+from tests.tracking._helpers import segments
 
 from .conftest import RICH_SPOOL, Project, tree
 
@@ -20,7 +21,7 @@ def _rich(project: Project, points: int = 50) -> tuple[str, str, str]:
 
 def _events(project: Project, run: str) -> list[dict[str, object]]:
     out: list[dict[str, object]] = []
-    for seg in sorted((project.spool_root / run).glob("seg-*.jsonl")):
+    for seg in segments(project.spool_root, run):
         out += [orjson.loads(line) for line in seg.read_bytes().splitlines()]
     return out
 

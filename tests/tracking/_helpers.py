@@ -12,12 +12,14 @@ from pathlib import Path
 from typing import Any
 
 from formula_foundry.tracking.spool_reader import Event, Problem, SegmentReader
+from formula_foundry.tracking.spool_writer import segment_started_ms
 from tests.conftest import CONFIG_ENV_VARS
 
 
 def segments(spool_root: Path, run_id: str) -> list[Path]:
-    """The segment files of one run, oldest first (by name: they start with the time)."""
-    return sorted((spool_root / run_id).glob("seg-*.jsonl"))
+    """The segment files of one run in the sync's merge order (name time, then name)."""
+    found = (spool_root / run_id).glob("seg-*.jsonl")
+    return sorted(found, key=lambda p: (segment_started_ms(p.name), p.name))
 
 
 def only_segment(spool_root: Path, run_id: str) -> Path:

@@ -15,11 +15,13 @@ import pytest
 from formula_foundry.errors import RunStateError, ValidationError
 from formula_foundry.tracking import get_tracker
 from formula_foundry.tracking.spool_reader import Event, SegmentReader
+from formula_foundry.tracking.spool_writer import now_ms, segment_started_ms
+from tests.tracking._helpers import segments as _merge_order
 
 
 def _events(root: Path, run_id: str) -> list[tuple[str, list[Event]]]:
     out = []
-    for seg in sorted((root / run_id).glob("seg-*.jsonl")):
+    for seg in _merge_order(root, run_id):
         out.append((seg.name, [e for e in SegmentReader(seg) if isinstance(e, Event)]))
     return out
 
@@ -58,6 +60,37 @@ def test_resume_by_run_id_writes_a_new_segment_of_the_same_run(ff_project: Path)
     assert [s["resume"] for s in starts] == [False, True]
     ends = [e.data["status"] for _, evs in segs for e in evs if e.kind == "run_end"]
     assert ends == ["FINISHED", "FINISHED"]
+
+
+def test_resumes_in_the_same_millisecond_keep_their_order(ff_project: Path) -> None:
+    # Start and resume back to back, often within one millisecond: the sync must still see the
+    # segments in the order they were written, or the run would end with an older status.
+    tracker = get_tracker()
+    for i in range(20):
+        with tracker.start_run(run_id="quick") as run:
+            run.log_metric("i", float(i), step=i)
+    segs = _events(ff_project / "data" / "runs", "quick")
+    starts = [e.data["resume"] for _, evs in segs for e in evs if e.kind == "run_start"]
+    assert starts == [False] + [True] * 19
+    steps = [e.data["step"] for _, evs in segs for e in evs if e.kind == "metrics"]
+    assert steps == list(range(20))
+
+
+def test_a_resumed_segment_sorts_last_even_if_this_clock_is_behind(ff_project: Path) -> None:
+    spool = ff_project / "data" / "runs"
+    tracker = get_tracker()
+    with tracker.start_run(run_id="skew"):
+        pass
+    # The first job ran on a node whose clock was an hour ahead of this one.
+    (first,) = (spool / "skew").glob("seg-*.jsonl")
+    ahead = now_ms() + 3_600_000
+    renamed = first.with_name(f"seg-{ahead}-{first.name.split('-', 2)[2]}")
+    first.rename(renamed)
+    with tracker.start_run(run_id="skew") as again:
+        again.set_tag("second", "yes")
+    order = _merge_order(spool, "skew")
+    assert order[0] == renamed
+    assert segment_started_ms(order[1].name) > ahead
 
 
 def test_resume_in_another_experiment_is_refused(ff_project: Path) -> None:

@@ -32,8 +32,9 @@ from pathlib import Path
 from formula_foundry.config import Settings
 from formula_foundry.errors import SyncLocked
 from formula_foundry.sync.runs import RUN_UUID_RE
-from formula_foundry.sync.scan import SegmentFile, is_segment_name, scan_spool
+from formula_foundry.sync.scan import SegmentFile, scan_spool
 from formula_foundry.sync.sync_state import LOCK_FILE, STATE_FILE, SyncState
+from formula_foundry.tracking.spool_writer import is_segment_name
 
 LogFn = Callable[[str], None]
 ARCHIVE_DIR_NAME = "runs-archive"

@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from formula_foundry.tracking.spool_writer import SEGMENT_PREFIX, SEGMENT_SUFFIX
+from formula_foundry.tracking.spool_writer import is_segment_name, segment_started_ms
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,19 +29,8 @@ class SegmentFile:
 
     @property
     def order(self) -> tuple[int, str]:
-        """Merge order of the segments of one run: start time of the writer, then name."""
+        """Merge order of the segments of one run: name time (see ``spool_writer``), then name."""
         return (self.started_ms, self.rel)
-
-
-def segment_started_ms(name: str) -> int:
-    """The writer's start time encoded in a segment's name (0 if the name does not say)."""
-    stem = name[len(SEGMENT_PREFIX) :]
-    head = stem.split("-", 1)[0]
-    return int(head) if head.isdigit() else 0
-
-
-def is_segment_name(name: str) -> bool:
-    return name.startswith(SEGMENT_PREFIX) and name.endswith(SEGMENT_SUFFIX)
 
 
 def scan_spool(root: Path) -> list[SegmentFile]:

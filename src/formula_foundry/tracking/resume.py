@@ -13,7 +13,7 @@ from pathlib import Path
 from formula_foundry.errors import FormulaFoundryError, ValidationError
 from formula_foundry.tracking.events import K_RUN_START
 from formula_foundry.tracking.spool_reader import Event, SegmentReader
-from formula_foundry.tracking.spool_writer import SEGMENT_PREFIX, SEGMENT_SUFFIX
+from formula_foundry.tracking.spool_writer import is_segment_name, segment_started_ms
 
 _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
 # run_start is the first event after the header; a few lines are enough to find it.
@@ -46,9 +46,8 @@ def find_origin(spool_root: Path, run_id: str) -> RunOrigin | None:
     if not folder.is_dir():
         return None
     segments = sorted(
-        p
-        for p in folder.iterdir()
-        if p.name.startswith(SEGMENT_PREFIX) and p.name.endswith(SEGMENT_SUFFIX)
+        (p for p in folder.iterdir() if is_segment_name(p.name)),
+        key=lambda p: (segment_started_ms(p.name), p.name),
     )
     for path in segments:
         try:

@@ -67,6 +67,34 @@ def now_ms() -> int:
     return _time_ns() // 1_000_000
 
 
+def is_segment_name(name: str) -> bool:
+    return name.startswith(SEGMENT_PREFIX) and name.endswith(SEGMENT_SUFFIX)
+
+
+def segment_started_ms(name: str) -> int:
+    """The start time encoded in a segment's name (0 if the name does not say)."""
+    head = name[len(SEGMENT_PREFIX) :].split("-", 1)[0]
+    return int(head) if head.isdigit() else 0
+
+
+def _name_time_after_existing(run_dir: Path) -> int:
+    """Now, or just after the newest segment already in ``run_dir``, whichever is later.
+
+    The sync merges a run's segments in name-time order. A resumed run's new segment must come
+    after the old ones even when both start in the same millisecond or the new node's clock is
+    behind the old one's (clock skew between compute nodes is common).
+    """
+    newest = 0
+    try:
+        with os.scandir(run_dir) as entries:
+            for entry in entries:
+                if is_segment_name(entry.name):
+                    newest = max(newest, segment_started_ms(entry.name))
+    except OSError:
+        pass  # the open below reports an unusable folder
+    return max(now_ms(), newest + 1)
+
+
 def _safe_host(host: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in host)[:64] or "host"
 
@@ -163,7 +191,7 @@ class SegmentWriter:
                 f"run {self.run_uuid}: cannot create spool folder {self.run_dir}: "
                 f"{exc.strerror or exc}"
             ) from None
-        started = now_ms()
+        started = _name_time_after_existing(self.run_dir)
         pid = os.getpid()
         for _ in range(8):
             name = (
