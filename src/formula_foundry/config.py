@@ -56,6 +56,7 @@ _SCHEMA: dict[str, dict[str, tuple[type | tuple[type, ...], Any]]] = {
         "backoff_s": ((int, float), 1.0),
         "stale_after_s": ((int, float), 3600.0),
         "bulk": (bool, True),
+        "workers": (int, 4),
     },
 }
 
@@ -80,6 +81,7 @@ class Settings:
     sync_backoff_s: float
     stale_after_s: float
     sync_bulk: bool
+    sync_workers: int
     raw: Mapping[str, Mapping[str, Any]] = field(repr=False, compare=False, default_factory=dict)
 
 
@@ -204,6 +206,8 @@ def _build(values: dict[str, dict[str, Any]], path: Path | None, root: Path) -> 
     ):
         if value < 0:
             raise ConfigError(f"{where}: {name} must be >= 0, got {value!r}")
+    if not 1 <= sy["workers"] <= 64:
+        raise ConfigError(f"{where}: sync.workers must be between 1 and 64, got {sy['workers']!r}")
     if not tr["default_experiment"].strip():
         raise ConfigError(f"{where}: tracking.default_experiment must not be empty")
 
@@ -224,6 +228,7 @@ def _build(values: dict[str, dict[str, Any]], path: Path | None, root: Path) -> 
         sync_backoff_s=float(sy["backoff_s"]),
         stale_after_s=float(sy["stale_after_s"]),
         sync_bulk=bool(sy["bulk"]),
+        sync_workers=int(sy["workers"]),
         raw=values,
     )
 

@@ -245,6 +245,8 @@ def test_bad_environment_values_are_errors_naming_the_variable(
         ("sync:\n  retries: 1.5\n", ": sync.retries must be int, got 1.5"),
         ("sync:\n  retries: -1\n", ": sync.retries must be >= 0, got -1"),
         ("sync:\n  backoff_s: -0.5\n", ": sync.backoff_s must be >= 0, got -0.5"),
+        ("sync:\n  workers: 0\n", ": sync.workers must be between 1 and 64, got 0"),
+        ("sync:\n  workers: 65\n", ": sync.workers must be between 1 and 64, got 65"),
         (
             "spool:\n  durability: sometimes\n",
             ": spool.durability must be one of write, fsync, buffered, got 'sometimes'",

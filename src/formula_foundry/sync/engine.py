@@ -87,9 +87,9 @@ def check_destination(uri: str) -> None:
 
 def mlflow_sink(settings: Settings) -> Sink:
     """The default sink factory: the MLflow client adapter (imports mlflow)."""
-    from formula_foundry.sync.mlflow_sink import MlflowSink
+    from formula_foundry.sync.mlflow_sink import open_sink
 
-    return MlflowSink(settings.backend_store_uri, settings.artifact_root)
+    return open_sink(settings)
 
 
 def sync_once(

@@ -28,6 +28,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
+from formula_foundry.config import Settings
 from formula_foundry.errors import (
     ConfigError,
     FormulaFoundryError,
@@ -378,6 +379,11 @@ class MlflowSink:
 
     def close(self) -> None:
         pass
+
+
+def open_sink(settings: Settings) -> MlflowSink:
+    """The sink for ``settings``' destination (the bulk SQL path plugs in here)."""
+    return MlflowSink(settings.backend_store_uri, settings.artifact_root)
 
 
 def _pid_alive(pid: int) -> bool:
