@@ -50,6 +50,78 @@ def _as_postgres_user(cmd: list[str]) -> list[str]:
     return cmd
 
 
+class PostgresCluster:
+    """A throw-away PostgreSQL cluster on 127.0.0.1 that can be stopped and started again on
+    the same port (to simulate an outage). ``admin_uri`` names the ``postgres`` database."""
+
+    def __init__(self) -> None:
+        # Its own folder directly under the temp root: the postgres user must be able to reach
+        # it, and pytest's tmp_path folders are private to root.
+        self.base = Path(tempfile.mkdtemp(prefix="ff-pg-"))
+        self.base.chmod(0o755)
+        self.data = self.base / "pgdata"
+        self.data.mkdir()
+        if os.geteuid() == 0:
+            pw = pwd.getpwnam("postgres")
+            os.chown(self.data, pw.pw_uid, pw.pw_gid)
+        self.port = free_port()
+        self.admin_uri = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+        subprocess.run(
+            _as_postgres_user(
+                [_pg_bin("initdb"), "-D", str(self.data), "-A", "trust", "-U", "postgres"]
+            ),
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
+
+    def start(self) -> None:
+        opts = f"-p {self.port} -k {self.data} -c listen_addresses=127.0.0.1 -c fsync=off"
+        subprocess.run(
+            _as_postgres_user(
+                [
+                    _pg_bin("pg_ctl"),
+                    "-D",
+                    str(self.data),
+                    "-o",
+                    opts,
+                    "-l",
+                    str(self.data / "log"),
+                    "-w",
+                    "start",
+                ]
+            ),
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
+
+    def stop(self, mode: str = "immediate") -> None:
+        subprocess.run(
+            _as_postgres_user([_pg_bin("pg_ctl"), "-D", str(self.data), "-m", mode, "-w", "stop"]),
+            check=False,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+
+    def remove(self) -> None:
+        self.stop()
+        shutil.rmtree(self.base, ignore_errors=True)
+
+
+@contextmanager
+def pg_cluster() -> Iterator[PostgresCluster | None]:
+    """Start a throw-away cluster and yield it; yield None when ``FF_TEST_POSTGRES_URI`` names
+    a server to use instead (that one cannot be stopped by the tests)."""
+    if os.environ.get("FF_TEST_POSTGRES_URI"):
+        yield None
+        return
+    cluster = PostgresCluster()
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.remove()
+
+
 @contextmanager
 def postgres_cluster() -> Iterator[str]:
     """Start a throw-away PostgreSQL cluster; yield an admin URI (database ``postgres``)."""
@@ -57,49 +129,103 @@ def postgres_cluster() -> Iterator[str]:
     if env_uri:
         yield env_uri
         return
-    # Its own folder directly under the temp root: the postgres user must be able to reach it,
-    # and pytest's tmp_path folders are private to root.
-    base = Path(tempfile.mkdtemp(prefix="ff-pg-"))
-    base.chmod(0o755)
-    data = base / "pgdata"
-    data.mkdir()
-    if os.geteuid() == 0:
-        pw = pwd.getpwnam("postgres")
-        os.chown(data, pw.pw_uid, pw.pw_gid)
-    port = free_port()
-    subprocess.run(
-        _as_postgres_user([_pg_bin("initdb"), "-D", str(data), "-A", "trust", "-U", "postgres"]),
-        check=True,
-        stdout=subprocess.DEVNULL,
-    )
-    opts = f"-p {port} -k {data} -c listen_addresses=127.0.0.1 -c fsync=off"
-    subprocess.run(
-        _as_postgres_user(
-            [_pg_bin("pg_ctl"), "-D", str(data), "-o", opts, "-l", str(data / "log"), "-w", "start"]
-        ),
-        check=True,
-        stdout=subprocess.DEVNULL,
-    )
-    try:
-        yield f"postgresql://postgres@127.0.0.1:{port}/postgres"
-    finally:
-        subprocess.run(
-            _as_postgres_user([_pg_bin("pg_ctl"), "-D", str(data), "-m", "immediate", "stop"]),
-            check=False,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        shutil.rmtree(base, ignore_errors=True)
+    with pg_cluster() as cluster:
+        assert cluster is not None
+        yield cluster.admin_uri
 
 
-def create_database(admin_uri: str, prefix: str = "ff") -> str:
-    """Create a fresh database on the cluster of ``admin_uri``; return its URI."""
+def create_database(admin_uri: str, prefix: str = "ff", template: str | None = None) -> str:
+    """Create a fresh database on the cluster of ``admin_uri`` (a copy of ``template`` if
+    given); return its URI."""
     import psycopg
 
     name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    clause = f' TEMPLATE "{template}"' if template else ""
     with psycopg.connect(admin_uri, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
+        conn.execute(f'CREATE DATABASE "{name}"{clause}')
     return admin_uri.rsplit("/", 1)[0] + "/" + name
+
+
+def migrated_template(admin_uri: str, scratch: Path) -> str:
+    """A database holding MLflow's empty, fully migrated schema; return its name.
+
+    MLflow migrates a new database on first use (seconds); ``create_database(admin,
+    template=name)`` copies this one instead (a fraction of a second)."""
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    uri = create_database(admin_uri, prefix="ff_template")
+    store = SqlAlchemyStore(uri, str(scratch))  # type: ignore[no-untyped-call]
+    store.engine.dispose()
+    SqlAlchemyStore._engine_map.pop(uri, None)  # type: ignore[attr-defined]
+    return uri.rsplit("/", 1)[1]
+
+
+class MlflowServer:
+    """``mlflow server`` on loopback with its own store; can be stopped (by pid) and started
+    again on the same port with the same store."""
+
+    def __init__(self, base: Path, backend_uri: str | None = None) -> None:
+        base.mkdir(parents=True, exist_ok=True)
+        self.base = base
+        self.port = free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.backend = backend_uri or f"sqlite:///{base / 'server.db'}"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid if self.proc is not None else -1
+
+    def start(self) -> None:
+        mlflow_bin = str(Path(sys.executable).with_name("mlflow"))
+        with open(self.base / "server.log", "ab") as log:
+            proc = subprocess.Popen(
+                [
+                    mlflow_bin,
+                    "server",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(self.port),
+                    "--workers",
+                    "1",
+                    "--backend-store-uri",
+                    self.backend,
+                    "--artifacts-destination",
+                    str(self.base / "artifacts"),
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        self.proc = proc
+        deadline = time.monotonic() + 180
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(
+                    f"mlflow server exited with {proc.returncode}; see {self.base / 'server.log'}"
+                )
+            try:
+                with urllib.request.urlopen(self.uri + "/health", timeout=2) as resp:
+                    if resp.status == 200:
+                        return
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"mlflow server did not start; see {self.base / 'server.log'}")
+            time.sleep(0.3)
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        proc, self.proc = self.proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        os.killpg(proc.pid, sig)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
 
 
 @contextmanager
@@ -109,54 +235,9 @@ def mlflow_server(base: Path, backend_uri: str | None = None) -> Iterator[tuple[
     if env_uri:
         yield env_uri, -1
         return
-    base.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    backend = backend_uri or f"sqlite:///{base / 'server.db'}"
-    mlflow_bin = str(Path(sys.executable).with_name("mlflow"))
-    log = open(base / "server.log", "wb")  # noqa: SIM115 - kept open for the server's lifetime
-    proc = subprocess.Popen(
-        [
-            mlflow_bin,
-            "server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-            "--backend-store-uri",
-            backend,
-            "--artifacts-destination",
-            str(base / "artifacts"),
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    uri = f"http://127.0.0.1:{port}"
+    server = MlflowServer(base, backend_uri)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(
-                    f"mlflow server exited with {proc.returncode}; see {base / 'server.log'}"
-                )
-            try:
-                with urllib.request.urlopen(uri + "/health", timeout=2) as resp:
-                    if resp.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"mlflow server did not start; see {base / 'server.log'}")
-            time.sleep(0.3)
-        yield uri, proc.pid
+        server.start()
+        yield server.uri, server.pid
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-        log.close()
+        server.stop()

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Set up the development environment (if needed) and run the whole test suite with lint and types.
 # Usage: ./tools/test.sh [pytest args...]
+# The sync suite runs on SQLite, PostgreSQL and an mlflow server; for a quick SQLite-only run:
+#   ./tools/test.sh -m "not postgres and not server"
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -9,8 +11,9 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet -e '.[dev]'
-# The destination tests start a throw-away PostgreSQL cluster (Debian's server) and an
-# mlflow server on 127.0.0.1 themselves; make sure the PostgreSQL server binaries exist.
+# The destination tests start one throw-away PostgreSQL cluster (Debian's server; as the
+# postgres user when run as root) and one mlflow server on 127.0.0.1 per session themselves;
+# make sure the PostgreSQL server binaries exist.
 if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && ! command -v initdb >/dev/null; then
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
   $SUDO apt-get update -qq

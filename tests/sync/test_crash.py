@@ -7,6 +7,8 @@ the failure message) uniformly over the duration of an uninterrupted pass, so ki
 store creation, run creation, batches, status updates and progress records. Each chain starts
 from its own empty destination: kill → kill → … → a pass that completes → compare. One chain
 also deletes the sync state after every kill; another kills real ``ff-sync`` processes.
+
+Both run on every destination (SQLite, PostgreSQL, the mlflow server; see ``Targets``).
 """
 
 from __future__ import annotations
@@ -19,13 +21,14 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from .conftest import FF_SYNC, Project
+from .conftest import FF_SYNC, Destination, Project, comparable
 
 MIN_KILLS = 50
 MAX_CHAINS = 24
@@ -93,31 +96,126 @@ def zygote(project: Project) -> Iterator[Zygote]:
         z.close()
 
 
+@dataclass
+class Target:
+    """One empty destination to crash a chain of passes into, and what it must end up holding.
+
+    SQLite and PostgreSQL: the project's spool, a fresh store of the kind. The mlflow server
+    (one per session, cannot be emptied): a spool of its own with the same code (new run ids),
+    compared (runs and duplicates) with a SQLite sync of that same spool."""
+
+    config: Path
+    state: Project
+    uri: str
+    args: list[str]
+    reference: Callable[[], dict[str, Any]]
+    actual: Callable[[], dict[str, Any]]
+
+
+class Targets:
+    def __init__(
+        self, project: Project, destination: Destination, zygote: Zygote | None, tmp_path: Path
+    ) -> None:
+        self.project, self.destination, self.zygote = project, destination, zygote
+        self.tmp_path = tmp_path
+        self.count = 0
+        self._reference: dict[str, Any] | None = None
+
+    def _sync(self, config: Path, uri: str, log: Path) -> float:
+        args = ["--config", str(config), "-q", "--tracking-uri", uri]
+        if self.zygote is not None:
+            out = self.zygote.run(args, None, log)
+            assert out["rc"] == 0, log.read_text()
+            return float(out["elapsed"])
+        started = time.monotonic()
+        result = subprocess.run(
+            [FF_SYNC, *args],
+            cwd=self.project.root,
+            env=self.project.env(),
+            capture_output=True,
+            text=True,
+        )
+        assert result.returncode == 0, result.stderr
+        return time.monotonic() - started
+
+    def reference_pass(self, log: Path) -> tuple[float, dict[str, Any]]:
+        """One uninterrupted pass into the destination kind: (seconds, what it gives)."""
+        target = self.new()
+        took = self._sync(target.config, target.uri, log)
+        snap = target.actual()
+        if self.destination.shared:
+            assert snap == target.reference()  # the server gives what SQLite gives
+        else:
+            self._reference = snap  # the reference of every later chain
+        return took, snap
+
+    def new(self) -> Target:
+        self.count += 1
+        project, dest = self.project, self.destination
+        if not dest.shared:
+            uri = dest.fresh()
+            assert uri is not None
+
+            def reference() -> dict[str, Any]:
+                assert self._reference is not None, "reference_pass first"
+                return self._reference
+
+            return Target(
+                project.config,
+                project,
+                uri,
+                ["--config", str(project.config), "-q", "--tracking-uri", uri],
+                reference,
+                lambda: project.snapshot(uri),
+            )
+        own = Project(self.tmp_path / f"spool-{self.count}", dest.uri, shared=True)
+        own.configure()
+        own.spool(CRASH_SPOOL)
+        ref_uri = f"sqlite:///{own.root / 'reference.db'}"
+        self._sync(own.config, ref_uri, own.root / "reference.log")
+        expected = comparable(own.snapshot(ref_uri))
+        return Target(
+            own.config,
+            own,
+            dest.uri,
+            ["--config", str(own.config), "-q", "--tracking-uri", dest.uri],
+            lambda: expected,
+            lambda: comparable(own.snapshot()),
+        )
+
+
+# How many kills must land, per destination: a pass into PostgreSQL or the server is slower
+# and each chain there costs more (a spool of its own on the server), so fewer kills; every
+# chain still ends with the full exactly-once comparison.
+MIN_KILLS_BY_KIND = {"sqlite": MIN_KILLS, "postgresql": 30, "http": 12}
+MAX_CHAINS_BY_KIND = {"sqlite": MAX_CHAINS, "postgresql": 14, "http": 6}
+
+
+@pytest.mark.timeout(1500)  # the slow destinations on a loaded machine
 def test_sigkill_at_random_moments_converges_to_one_uninterrupted_sync(
-    project: Project, zygote: Zygote, tmp_path: Path
+    project: Project, destination: Destination, zygote: Zygote, tmp_path: Path
 ) -> None:
     seed = int(os.environ.get("FF_CRASH_SEED", "4041"))
     rng = random.Random(seed)
-    project.spool(CRASH_SPOOL)
+    min_kills = MIN_KILLS_BY_KIND[destination.kind]
+    max_chains = MAX_CHAINS_BY_KIND[destination.kind]
+    if not destination.shared:
+        project.spool(CRASH_SPOOL)
     logs = tmp_path / "logs"
     logs.mkdir()
-    base = ["--config", str(project.config), "-q"]
+    targets = Targets(project, destination, zygote, tmp_path)
 
-    ref_uri = f"sqlite:///{tmp_path / 'reference.db'}"
-    ref = zygote.run([*base, "--tracking-uri", ref_uri], None, logs / "reference.log")
-    assert ref["rc"] == 0, (logs / "reference.log").read_text()
-    full = float(ref["elapsed"])
-    reference = project.snapshot(ref_uri)
+    full, reference = targets.reference_pass(logs / "reference.log")
     assert reference["duplicates"] == {} and len(reference["runs"]) == 7
     assert sum(len(h) for r in reference["runs"].values() for h in r["metrics"].values()) > 9000
 
     kills: list[tuple[int, int, float]] = []
     chain = 0
-    while len(kills) < MIN_KILLS and chain < MAX_CHAINS:
+    while len(kills) < min_kills and chain < max_chains:
         chain += 1
-        uri = f"sqlite:///{tmp_path / f'chain-{chain}.db'}"
+        target = targets.new()
+        uri, args = target.uri, target.args
         forget_state = chain == 2  # this chain loses the sync state after every kill
-        args = [*base, "--tracking-uri", uri]
         # Draw each kill over what is probably left of the work, so most attempts die.
         left = full
         for attempt in range(ATTEMPTS_PER_CHAIN):
@@ -127,36 +225,44 @@ def test_sigkill_at_random_moments_converges_to_one_uninterrupted_sync(
             out = zygote.run(args, delay, log)
             if not out["killed"]:
                 assert out["rc"] == 0, log.read_text()
+                if attempt == 0:  # a whole pass: recalibrate (the machine's load changes)
+                    full = float(out["elapsed"])
                 break
             kills.append((chain, attempt, round(delay, 3)))
             if forget_state:
-                shutil.rmtree(project.state_folder(uri), ignore_errors=True)
+                shutil.rmtree(target.state.state_folder(uri), ignore_errors=True)
         final = zygote.run(args, None, logs / f"chain-{chain}-final.log")
-        where = f"seed {seed}, chain {chain}, kills {[k for k in kills if k[0] == chain]}"
+        where = f"{destination.kind}, seed {seed}, chain {chain}, "
+        where += f"kills {[k for k in kills if k[0] == chain]}"
         assert final["rc"] == 0, f"{where}: {(logs / f'chain-{chain}-final.log').read_text()}"
-        assert project.snapshot(uri) == reference, where
-        idle = zygote.run([*args[:-1], uri], None, logs / f"chain-{chain}-idle.log")
+        assert target.actual() == target.reference(), where
+        idle = zygote.run(args, None, logs / f"chain-{chain}-idle.log")
         assert idle["rc"] == 0
         assert "nothing new: 0 runs, 0 events" in (logs / f"chain-{chain}-idle.log").read_text()
-        assert not (project.state_folder(uri) / "quarantine.jsonl").exists(), where
-    assert len(kills) >= MIN_KILLS, f"seed {seed}: only {len(kills)} kills landed"
-    print(f"crash test: seed {seed}, {len(kills)} kills in {chain} chains, pass {full:.2f} s")
+        assert not (target.state.state_folder(uri) / "quarantine.jsonl").exists(), where
+    assert len(kills) >= min_kills, f"seed {seed}: only {len(kills)} kills landed"
+    print(
+        f"crash test ({destination.kind}): seed {seed}, {len(kills)} kills in {chain} chains, "
+        f"pass {full:.2f} s"
+    )
 
 
-def test_sigkilled_ff_sync_processes_converge_too(project: Project, tmp_path: Path) -> None:
+@pytest.mark.timeout(1500)  # the slow destinations on a loaded machine
+def test_sigkilled_ff_sync_processes_converge_too(
+    project: Project, destination: Destination, tmp_path: Path
+) -> None:
     """The same with real ``ff-sync`` processes (the import of MLflow included)."""
     seed = int(os.environ.get("FF_CRASH_SEED", "4041"))
     rng = random.Random(seed + 1)
-    project.spool(CRASH_SPOOL)
-    ref_uri = f"sqlite:///{tmp_path / 'reference.db'}"
-    started = time.monotonic()
-    assert project.ff_sync("--tracking-uri", ref_uri).returncode == 0
-    full = time.monotonic() - started
-    uri = f"sqlite:///{tmp_path / 'killed.db'}"
+    if not destination.shared:
+        project.spool(CRASH_SPOOL)
+    targets = Targets(project, destination, None, tmp_path)
+    full, _ = targets.reference_pass(tmp_path / "reference.log")
+    target = targets.new()
     kills = []
     for _ in range(4):
         proc = subprocess.Popen(
-            [FF_SYNC, "--config", str(project.config), "--tracking-uri", uri],
+            [FF_SYNC, *target.args],
             cwd=project.root,
             env=project.env(),
             stdout=subprocess.DEVNULL,
@@ -169,7 +275,10 @@ def test_sigkilled_ff_sync_processes_converge_too(project: Project, tmp_path: Pa
             proc.send_signal(signal.SIGKILL)
             kills.append(round(delay, 3))
         proc.wait()
-    result = project.ff_sync("--tracking-uri", uri)
+    result = subprocess.run(
+        [FF_SYNC, *target.args], cwd=project.root, env=project.env(), capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stderr
     assert kills, "no kill landed"
-    assert project.snapshot(uri) == project.snapshot(ref_uri), f"seed {seed}, kills {kills}"
+    where = f"{destination.kind}, seed {seed}, kills {kills}"
+    assert target.actual() == target.reference(), where

@@ -1,4 +1,7 @@
-"""Destination faults: locked or unreachable stores, lost answers, refused runs."""
+"""Destination faults: locked or unreachable stores, lost answers, refused runs.
+
+The outage test runs on every destination; the locked-SQLite test is about SQLite itself.
+"""
 
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ from formula_foundry.sync import RetryPolicy, RunSpec
 from formula_foundry.sync.mlflow_sink import MlflowSink
 from formula_foundry.sync.sink import ArtifactRef, DestinationRejected, ParamConflict, RemoteRun
 
-from .conftest import RICH_SPOOL, Project
+from .conftest import RICH_SPOOL, Destination, Project
 
 
 def _segments(project: Project) -> dict[str, tuple[int, int]]:
@@ -62,6 +65,39 @@ def test_a_locked_store_exits_75_loses_nothing_and_the_next_pass_completes(
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("ff-sync: synced: 3 runs, ")
     assert len(project.snapshot()["runs"]) == 4
+
+
+def test_an_outage_exits_75_loses_nothing_and_the_next_pass_completes(
+    project: Project, destination: Destination
+) -> None:
+    """The destination goes away between two passes (SQLite locked, the PostgreSQL cluster
+    stopped, the mlflow server killed) and comes back with the same URI."""
+    if destination.outage is None:
+        pytest.skip("the destination is an external server the tests cannot stop")
+    project.configure(retries=0, backoff=0.01)
+    project.spool('with tracker.start_run(run_name="first") as r:\n    r.log_metric("m", 1.0)\n')
+    assert project.ff_sync().returncode == 0
+    project.spool(RICH_SPOOL, "200")
+    state_before = _segments(project)
+    snap_before = project.snapshot()
+
+    with destination.outage():
+        started = time.monotonic()
+        result = project.ff_sync()
+        took = time.monotonic() - started
+    assert result.returncode == 75, result.stderr
+    (line,) = [x for x in result.stderr.splitlines() if x.startswith("ff-sync: error:")]
+    assert line.startswith(f"ff-sync: error: {project.uri} is unavailable (")
+    assert line.endswith("(gave up after 1 attempt); nothing was lost, run ff-sync again later")
+    assert took < 60
+    assert _segments(project) == state_before
+    assert project.snapshot() == snap_before
+
+    done = project.ff_sync()
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("ff-sync: synced: 3 runs, ")
+    assert len(project.snapshot()["runs"]) == 4
+    assert project.ff_sync().stdout.startswith("ff-sync: nothing new: 0 runs, 0 events")
 
 
 class Flaky:

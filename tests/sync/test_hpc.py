@@ -22,7 +22,7 @@ import orjson
 import pytest
 
 from formula_foundry.sync.gc import collect_garbage, default_archive
-from tests.sync.conftest import FF_SYNC, Project
+from tests.sync.conftest import FF_SYNC, Destination, Project
 
 REPO = Path(__file__).resolve().parents[2]
 RECIPES = REPO / "docs" / "recipes"
@@ -169,33 +169,36 @@ def test_four_ranks_log_into_one_run(project: Project) -> None:
     assert len(run["metrics"]["loss"]) == 10
 
 
-def test_dead_run_is_killed_then_revived_by_resume(project: Project) -> None:
-    proc = _writer(project, "dead-run", 0, 20, "wait")
+def test_dead_run_is_killed_then_revived_by_resume(
+    project: Project, destination: Destination
+) -> None:
+    dead = f"dead-run-{destination.unique}"  # run ids are unique on the shared server
+    proc = _writer(project, dead, 0, 20, "wait")
     try:
         _expect(proc, "ready")
         _kill(proc)
     finally:
         proc.kill()
         proc.wait()
-    last = _last_t(project.spool_root / "dead-run")
+    last = _last_t(project.spool_root / dead)
     first = project.ff_sync("--stale-after", "1")  # synced, but still within the second
     assert first.returncode == 0, first.stderr
-    assert project.snapshot()["runs"]["dead-run"]["status"] == "RUNNING"
+    assert project.snapshot()["runs"][dead]["status"] == "RUNNING"
     time.sleep(max(0.0, last / 1000 + 1.3 - time.time()))
 
     killed = project.ff_sync("--stale-after", "1")
     assert killed.returncode == 0, killed.stderr
     assert "1 dead run ended" in killed.stdout
-    run = project.snapshot()["runs"]["dead-run"]
+    run = project.snapshot()["runs"][dead]
     assert (run["status"], run["end_time"]) == ("KILLED", last)
     again = project.ff_sync("--stale-after", "1")
     assert "nothing new" in again.stdout and "dead run" not in again.stdout  # not redone
 
-    resumed = _writer(project, "dead-run", 20, 5, "wait")
+    resumed = _writer(project, dead, 20, 5, "wait")
     try:
         _expect(resumed, "ready")
         assert project.ff_sync("--stale-after", "1").returncode == 0
-        run = project.snapshot()["runs"]["dead-run"]
+        run = project.snapshot()["runs"][dead]
         assert run["status"] == "RUNNING"
         (project.root / "go").touch()
         _expect(resumed, "done")
@@ -204,7 +207,7 @@ def test_dead_run_is_killed_then_revived_by_resume(project: Project) -> None:
         resumed.kill()
         resumed.wait()
     assert project.ff_sync("--stale-after", "1").returncode == 0
-    run = project.snapshot()["runs"]["dead-run"]
+    run = project.snapshot()["runs"][dead]
     assert run["status"] == "FINISHED" and run["end_time"] > last
     assert [p[0] for p in run["metrics"]["loss"]] == list(range(25))
 

@@ -1,5 +1,5 @@
 """A run synced while it is being written: each pass sends only what is new; RUNNING until the
-end event is synced, then FINISHED with the end time the run recorded."""
+end event is synced, then FINISHED with the end time the run recorded. On every destination."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import textwrap
 
 import orjson
 
-from .conftest import Project
+from .conftest import Destination, Project
 
 WRITER = """
 import pathlib, sys, time
@@ -41,7 +41,10 @@ print("ended", flush=True)
 """
 
 
-def test_a_growing_run_is_synced_incrementally_and_finished_last(project: Project) -> None:
+def test_a_growing_run_is_synced_incrementally_and_finished_last(
+    project: Project, destination: Destination
+) -> None:
+    assert project.uri == destination.uri
     proc = subprocess.Popen(
         [sys.executable, "-c", textwrap.dedent(WRITER), str(project.root)],
         cwd=project.root,

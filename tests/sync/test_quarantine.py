@@ -1,4 +1,7 @@
-"""Bad records are quarantined with file, line, offset and reason; everything else is synced."""
+"""Bad records are quarantined with file, line, offset and reason; everything else is synced.
+
+On every destination (SQLite, PostgreSQL, the mlflow server).
+"""
 
 from __future__ import annotations
 
@@ -9,7 +12,7 @@ import orjson
 
 from formula_foundry.tracking.events import frame
 
-from .conftest import Project
+from .conftest import Destination, Project
 
 SPOOL = """
 with tracker.start_run(run_name="damaged") as r:
@@ -61,7 +64,9 @@ def _segment(
     return seg
 
 
-def test_damaged_records_are_quarantined_and_the_rest_is_synced(project: Project) -> None:
+def test_damaged_records_are_quarantined_and_the_rest_is_synced(
+    project: Project, destination: Destination
+) -> None:
     run, healthy, seg = _damage(project)
     t = 4_000_000_000_000
     second = _segment(
@@ -119,7 +124,9 @@ def test_damaged_records_are_quarantined_and_the_rest_is_synced(project: Project
     assert project.snapshot()["runs"] == snap
 
 
-def test_an_invalid_payload_is_quarantined_not_sent(project: Project) -> None:
+def test_an_invalid_payload_is_quarantined_not_sent(
+    project: Project, destination: Destination
+) -> None:
     run = project.spool(
         'with tracker.start_run(run_name="r") as r:\n    r.log_metric("ok", 1.0)\nprint(r.run_id)'
     ).strip()
@@ -153,7 +160,9 @@ def test_an_invalid_payload_is_quarantined_not_sent(project: Project) -> None:
     assert run_snap["artifact_refs"] == {}
 
 
-def test_a_torn_last_line_waits_for_the_next_pass(project: Project) -> None:
+def test_a_torn_last_line_waits_for_the_next_pass(
+    project: Project, destination: Destination
+) -> None:
     run = project.spool(
         'with tracker.start_run(run_name="r") as r:\n    r.log_metric("m", 1.0)\nprint(r.run_id)'
     ).strip()

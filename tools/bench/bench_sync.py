@@ -36,8 +36,10 @@ import tempfile
 import textwrap
 import time
 from pathlib import Path
+from typing import Any
 
 TARGET_RATIO = 0.9
+BULK_TARGET_RATIO = 8.0
 HERE = Path(__file__).resolve()
 PYTHON = sys.executable
 
@@ -76,12 +78,12 @@ def fresh_store(path: Path) -> str:
     return uri
 
 
-def load_points(spool: Path) -> list[dict[str, object]]:
+def load_points(spool: Path) -> list[dict[str, Any]]:
     """The spooled runs as plain data (what a hand-written importer would hold)."""
     from formula_foundry.sync.scan import scan_spool
     from formula_foundry.tracking.spool_reader import Event, SegmentReader
 
-    runs: dict[str, dict[str, object]] = {}
+    runs: dict[str, dict[str, Any]] = {}
     for seg in scan_spool(spool):
         run = runs.setdefault(seg.run_uuid, {"metrics": [], "params": {}, "tags": {}})
         for ev in SegmentReader(seg.path):
@@ -91,9 +93,9 @@ def load_points(spool: Path) -> list[dict[str, object]]:
                 run["name"], run["t"] = ev.data["name"], ev.t
             elif ev.kind == "metrics":
                 for k, v in ev.data["d"].items():
-                    run["metrics"].append((k, float(v), ev.t, ev.data["step"]))  # type: ignore[union-attr]
+                    run["metrics"].append((k, float(v), ev.t, ev.data["step"]))
             elif ev.kind in ("params", "tags"):
-                run[ev.kind].update(ev.data["d"])  # type: ignore[union-attr]
+                run[ev.kind].update(ev.data["d"])
     return list(runs.values())
 
 
@@ -125,14 +127,28 @@ def baseline(
     return time.perf_counter() - start, time.process_time() - cpu, n
 
 
-def ff_sync(uri: str, work: Path, spool: Path) -> tuple[float, float, int]:
+def ff_sync(
+    uri: str, work: Path, spool: Path, bulk: bool = True, profile: Path | None = None
+) -> tuple[float, float, int]:
+    import dataclasses
+
     from formula_foundry.sync import load_sync_settings, sync_once
 
     os.environ.pop("FF_CONFIG", None)
     settings = _with(load_sync_settings(None, tracking_uri=uri, spool_root=spool), work)
+    settings = dataclasses.replace(settings, sync_bulk=bulk)  # type: ignore[type-var]
+    prof = None
+    if profile is not None:
+        import cProfile
+
+        prof = cProfile.Profile()
+        prof.enable()
     start, cpu = time.perf_counter(), time.process_time()
-    report = sync_once(settings)
+    report = sync_once(settings)  # type: ignore[arg-type]
     elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
+    if prof is not None and profile is not None:
+        prof.disable()
+        prof.dump_stats(str(profile))
     if report.exit_code != 0:
         raise SystemExit(f"ff-sync pass failed: {report.summary()}")
     return elapsed, cpu, report.metrics
@@ -146,6 +162,63 @@ def _with(settings: object, work: Path) -> object:
         sync_state_dir=work / "sync",
         artifact_root=work / "artifacts",
     )
+
+
+def store_rows(db: Path) -> dict[str, list[tuple[object, ...]]]:
+    """The rows of each table that matters, run ids replaced by the spool's run ids."""
+    import sqlite3
+
+    con = sqlite3.connect(db)
+    try:
+        ff = dict(con.execute("SELECT run_uuid, value FROM tags WHERE key = 'ff.run_uuid'"))
+        queries = {
+            "runs": "SELECT run_uuid, name, status, start_time, end_time, lifecycle_stage "
+            "FROM runs",
+            "metrics": "SELECT run_uuid, key, value, timestamp, step, is_nan FROM metrics",
+            "latest_metrics": "SELECT run_uuid, key, value, timestamp, step, is_nan "
+            "FROM latest_metrics",
+            "params": "SELECT run_uuid, key, value FROM params",
+            "tags": "SELECT run_uuid, key, value FROM tags WHERE key != 'mlflow.parentRunId'",
+        }
+        return {
+            name: sorted(
+                tuple(
+                    ff[r[0]] if i == 0 else repr(v) if isinstance(v, float) else v
+                    for i, v in enumerate(r)
+                )
+                for r in con.execute(sql)
+            )
+            for name, sql in queries.items()
+        }
+    finally:
+        con.close()
+
+
+def bulk_mode(args: argparse.Namespace, work: Path) -> dict[str, object]:
+    """ff-sync with the bulk metric path vs with log_batch, same spools, same script."""
+    spool = work / "runs"
+    spool.mkdir()
+    t = time.perf_counter()
+    write_spools(spool, args.runs, args.keys, args.steps)
+    gen_s = time.perf_counter() - t
+    uri_a, uri_b = fresh_store(work / "log_batch.db"), fresh_store(work / "bulk.db")
+    base_s, base_cpu, n = ff_sync(uri_a, work / "state-a", spool, bulk=False)
+    bulk_s, bulk_cpu, m = ff_sync(uri_b, work / "state-b", spool, bulk=True, profile=args.profile)
+    if m != n:
+        raise SystemExit(f"the bulk pass sent {m} metrics, the log_batch pass {n}")
+    same = store_rows(work / "log_batch.db") == store_rows(work / "bulk.db")
+    return {
+        "metrics": n,
+        "spool_write_s": round(gen_s, 2),
+        "log_batch_s": round(base_s, 2),
+        "log_batch_metrics_per_s": round(n / base_s),
+        "bulk_s": round(bulk_s, 2),
+        "bulk_metrics_per_s": round(n / bulk_s),
+        "ratio": round(base_s / bulk_s, 2),
+        "cpu_ratio": round(base_cpu / bulk_cpu, 2),
+        "target_ratio": BULK_TARGET_RATIO,
+        "identical": same,
+    }
 
 
 def idle_pass(work: Path, segments: int) -> dict[str, object]:
@@ -186,12 +259,18 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=20)
     ap.add_argument("--keys", type=int, default=10)
-    ap.add_argument("--steps", type=int, default=500)
+    ap.add_argument("--steps", type=int, default=None, help="default 500, with --bulk 5000")
+    ap.add_argument("--bulk", action="store_true", help="bulk SQL path vs log_batch (see above)")
+    ap.add_argument("--profile", type=Path, default=None, help="cProfile file of the bulk pass")
     ap.add_argument("--repeat", type=int, default=3, help="best of N alternating runs")
     ap.add_argument("--idle", type=int, default=1000, help="segments of the idle pass (0: skip)")
     ap.add_argument("--dir", type=Path, default=None, help="work folder (default: a temp dir)")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     args = ap.parse_args()
+    if args.steps is None:
+        args.steps = 5000 if args.bulk else 500
+    if args.bulk:
+        return run_bulk(args)
 
     work = Path(tempfile.mkdtemp(prefix="ff-bench-sync-", dir=args.dir))
     try:
@@ -235,6 +314,21 @@ def main() -> int:
         for key, value in result.items():
             print(f"{key:>24}: {value}")
     return 0 if float(result["ratio"]) >= TARGET_RATIO else 1  # type: ignore[arg-type]
+
+
+def run_bulk(args: argparse.Namespace) -> int:
+    work = Path(tempfile.mkdtemp(prefix="ff-bench-bulk-", dir=args.dir))
+    try:
+        result = bulk_mode(args, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for key, value in result.items():
+            print(f"{key:>24}: {value}")
+    ok = result["identical"] and float(result["ratio"]) >= BULK_TARGET_RATIO  # type: ignore[arg-type]
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

@@ -14,6 +14,9 @@ filesystem for every contender), best of ``--runs``:
   ``os.write`` per call, nothing lost on SIGKILL) — validation, sequence number, checksum;
 * ``run.log_metrics({10 keys}, step=i)`` — reported per metric;
 * ``fsync`` and ``buffered`` durability, for information;
+* heartbeat overhead: ``log_metric`` in fresh interpreters with ``spool.heartbeat_s`` 0 (no
+  heartbeat thread), 60 (the default) and 0.01 (a beat every 10 ms, 6000 x the default rate,
+  to make any contention visible), timed in alternation, best of ``--runs`` each;
 * ``import formula_foundry.tracking`` in a fresh interpreter: best of ``--import-runs`` minus
   the best bare ``python -c pass`` (timed in alternation), after one warm-up run that writes
   the bytecode cache, as an installed package has one.
@@ -99,6 +102,46 @@ def bench_log_metrics(folder: Path, calls: int, width: int = 10) -> float:
         return (time.perf_counter() - start) / (calls * width) * 1e6
 
 
+_HEARTBEAT_CHILD = """
+import sys, time
+from formula_foundry.tracking import get_tracker
+calls = int(sys.argv[1])
+with get_tracker().start_run(run_name="bench-heartbeat") as run:
+    log_metric = run.log_metric
+    log_metric("loss", 0.5, step=0)
+    start = time.perf_counter()
+    for i in range(calls):
+        log_metric("loss", 0.5, step=i)
+    print((time.perf_counter() - start) / calls * 1e6)
+"""
+
+
+def bench_heartbeat(folder: Path, calls: int, runs: int) -> dict[str, float]:
+    """µs per log_metric call with the heartbeat off, at its default, and beating every 10 ms."""
+    env = {k: v for k, v in os.environ.items() if k not in CONFIG_VARS}
+    intervals = {"heartbeat_off": 0.0, "heartbeat_60s": 60.0, "heartbeat_10ms": 0.01}
+    configs = {}
+    for name, interval in intervals.items():
+        config = folder / f"{name}.yaml"
+        config.write_text(
+            f"spool:\n  root: {folder / 'hb-spool'}\n  heartbeat_s: {interval}\n",
+            encoding="utf-8",
+        )
+        configs[name] = config
+    best = dict.fromkeys(intervals, float("inf"))
+    for _ in range(runs):
+        for name, config in configs.items():
+            out = subprocess.run(
+                [sys.executable, "-c", _HEARTBEAT_CHILD, str(calls)],
+                env={**env, "FF_CONFIG": str(config)},
+                check=True,
+                capture_output=True,
+                text=True,
+            ).stdout
+            best[name] = min(best[name], float(out))
+    return {f"log_metric_{name}_us": us for name, us in best.items()}
+
+
 def bench_import(runs: int) -> dict[str, float]:
     """Fresh-interpreter cost of the import (and of import + get_tracker()), in ms.
 
@@ -155,6 +198,7 @@ def main() -> int:
         fig["log_metric_fsync_us"] = best_of(
             min(runs, 3), lambda: bench_log_metric(folder, "fsync", args.fsync_calls)
         )
+        fig.update(bench_heartbeat(folder, n, runs))
         fig.update(bench_import(args.import_runs))
     fig["ratio"] = fig["log_metric_us"] / fig["baseline_us"]
 
@@ -176,6 +220,10 @@ def main() -> int:
     )
     print(f"log_metric (buffered)       {fig['log_metric_buffered_us']:8.2f} µs/call")
     print(f"log_metric (fsync)          {fig['log_metric_fsync_us']:8.2f} µs/call")
+    off = fig["log_metric_heartbeat_off_us"]
+    for name in ("heartbeat_off", "heartbeat_60s", "heartbeat_10ms"):
+        us = fig[f"log_metric_{name}_us"]
+        print(f"log_metric, {name:<16}  {us:8.2f} µs/call   {us / off:.3f} x heartbeat off")
     ms = fig["import_ms"]
     print(
         f"import formula_foundry.tracking {ms:5.1f} ms        "

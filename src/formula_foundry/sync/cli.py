@@ -7,6 +7,7 @@ Exit codes (documented in docs/sync.md) come from the exception classes
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import sys
 import time
@@ -14,6 +15,7 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
@@ -21,6 +23,9 @@ from formula_foundry.config import Settings
 from formula_foundry.errors import EXIT_OK, ConfigError, FormulaFoundryError
 from formula_foundry.sync.engine import load_sync_settings, sync_once
 from formula_foundry.sync.report import Progress, one_line
+
+if TYPE_CHECKING:
+    from formula_foundry.sync.verify import Difference
 
 EXIT_INTERRUPTED = 130
 EXIT_INTERNAL = 70  # EX_SOFTWARE
@@ -246,5 +251,69 @@ def gc_command(
         )
         click.echo(report.summary("delete" if delete else "archive", dry_run))
         return EXIT_OK
+
+    sys.exit(_run(body))
+
+
+def _print_json(data: object) -> None:
+    click.echo(json.dumps(data, indent=2, sort_keys=False))
+
+
+@main.command("status")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (keys in docs/operations.md).")
+@click.option(
+    "--all",
+    "all_destinations",
+    is_flag=True,
+    help="Every destination with a state folder under sync.state_dir, not only the configured one.",
+)
+@click.pass_obj
+def status_command(opts: SyncOptions, as_json: bool, all_destinations: bool) -> None:
+    """Events pending, synced and quarantined per run and in total; runs that look dead.
+
+    Reads only the spools and the sync state: never the destination, never MLflow.
+    """
+
+    def body() -> int:
+        from formula_foundry.sync.status import render_table, sync_status
+
+        report = sync_status(opts.settings(), all_destinations=all_destinations)
+        if as_json:
+            _print_json(report.to_json())
+        else:
+            click.echo(render_table(report))
+        return EXIT_OK
+
+    sys.exit(_run(body))
+
+
+@main.command("verify")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (keys in docs/operations.md).")
+@click.pass_obj
+def verify_command(opts: SyncOptions, as_json: bool) -> None:
+    """Compare the destination with the spools and list every difference.
+
+    \b
+    Exit codes:
+      0   the destination holds exactly what the spools say
+      1   differences (listed on stdout)
+      2   usage or configuration error (also: MLflow not installed)
+      75  destination unavailable: try again later
+    """
+
+    def body() -> int:
+        from formula_foundry.sync.verify import verify
+
+        settings = opts.settings()
+
+        def show(diff: Difference) -> None:
+            click.echo(one_line(diff.message, settings.backend_store_uri, limit=2000))
+
+        report = verify(settings, on_difference=None if as_json else show)
+        if as_json:
+            _print_json(report.to_json())
+        else:
+            click.echo(report.summary())
+        return report.exit_code
 
     sys.exit(_run(body))

@@ -9,6 +9,8 @@
    the size the state last saw. Nothing changed: return at once, without importing MLflow;
 4. open the destination (with retries), then replay the pending segments run by run, runs
    ordered by their oldest pending segment (parents are created before children anyway);
+   toward a server (HTTP, PostgreSQL) ``sync.workers`` runs at a time
+   (:mod:`formula_foundry.sync.parallel`), toward SQLite one;
 5. end dead runs: RUNNING runs silent for ``sync.stale_after_s`` become KILLED
    (:mod:`formula_foundry.sync.stale`). Step 3 opens the destination for them too.
 
@@ -30,6 +32,7 @@ from pathlib import Path
 from formula_foundry.config import Settings, load_settings, resolve_store_uri
 from formula_foundry.errors import ConfigError, MlflowMissing, SyncError, SyncLocked
 from formula_foundry.redact import redact_uri
+from formula_foundry.sync.parallel import replay_parallel, workers_for
 from formula_foundry.sync.report import ProgressFn, SyncReport
 from formula_foundry.sync.retry import RetryPolicy
 from formula_foundry.sync.runs import RUN_UUID_RE, RunResolver, SyncContext
@@ -187,12 +190,26 @@ def _pass(
             files_by_run=files_by_run,
             stale_after_s=settings.stale_after_s,
         )
-        from formula_foundry.sync.replay import Replayer
-
-        replayer = Replayer(cx, RunResolver(cx), progress_fn, len(pending))
+        resolver = RunResolver(cx)
         order = sorted(pending, key=lambda run: (min(s.order for s in pending[run]), run))
-        for run_uuid in order:
-            replayer.replay_run(run_uuid, pending[run_uuid])
+        workers = min(workers_for(settings), len(order))
+        report.workers = workers
+        if workers > 1:
+            replay_parallel(
+                cx,
+                resolver,
+                lambda: sink_factory(settings),
+                order,
+                pending,
+                progress_fn,
+                workers,
+            )
+        else:
+            from formula_foundry.sync.replay import Replayer
+
+            replayer = Replayer(cx, resolver, progress_fn, len(pending))
+            for run_uuid in order:
+                replayer.replay_run(run_uuid, pending[run_uuid])
         # Dead runs (formula_foundry.sync.stale): judged after the replay, runs that grew
         # during this pass excluded.
         end_stale(sink, state, find_stale(state, settings.stale_after_s, pending), report, policy)

@@ -33,7 +33,7 @@ from formula_foundry.config import Settings
 from formula_foundry.errors import SyncLocked
 from formula_foundry.sync.runs import RUN_UUID_RE
 from formula_foundry.sync.scan import SegmentFile, scan_spool
-from formula_foundry.sync.sync_state import LOCK_FILE, STATE_FILE, SyncState
+from formula_foundry.sync.sync_state import DESTINATION_FILE, LOCK_FILE, STATE_FILE, SyncState
 from formula_foundry.tracking.spool_writer import is_segment_name
 
 LogFn = Callable[[str], None]
@@ -93,10 +93,10 @@ def _locked(folders: list[Path], timeout_s: float) -> Iterator[None]:
             lock.release()
 
 
-def _fully_acked(folders: list[Path]) -> tuple[set[str], dict[str, int]]:
-    """Runs whose end is synced in every destination; per segment, the size all of them
-    acknowledged cleanly (-1 if they disagree or one lacks it)."""
-    runs: set[str] | None = None
+def _fully_acked(folders: list[Path]) -> tuple[dict[Path, set[str]], dict[str, int]]:
+    """Per destination, the runs whose end it has synced; per segment, the size all of them
+    acknowledged cleanly (absent if they disagree or one lacks it)."""
+    ended_in: dict[Path, set[str]] = {}
     acked: dict[str, int] | None = None
     for folder in folders:
         state = SyncState(folder)
@@ -109,12 +109,35 @@ def _fully_acked(folders: list[Path]) -> tuple[set[str], dict[str, int]]:
             }
         finally:
             state.close()
-        runs = ended if runs is None else runs & ended
+        ended_in[folder] = ended
         if acked is None:
             acked = here
         else:
             acked = {rel: off for rel, off in acked.items() if here.get(rel) == off}
-    return runs or set(), acked or {}
+    return ended_in, acked or {}
+
+
+def _lagging(ended_in: dict[Path, set[str]], present: set[str]) -> list[tuple[Path, int]]:
+    """Destinations that hold back runs the other destinations have all ended.
+
+    A state folder left by a destination no longer used (a one-off ``--tracking-uri``, the
+    SQLite file before a migration) would otherwise keep every new run forever, silently.
+    """
+    if len(ended_in) < 2:
+        return []
+    ended_somewhere = set().union(*ended_in.values()) & present
+    return [
+        (folder, len(ended_somewhere - ended))
+        for folder, ended in ended_in.items()
+        if ended_somewhere - ended
+    ]
+
+
+def _describe(folder: Path) -> str:
+    try:
+        return (folder / DESTINATION_FILE).read_text(encoding="utf-8").strip() or folder.name
+    except OSError:
+        return folder.name
 
 
 def _snapshot(run_dir: Path) -> dict[str, tuple[int, float]] | None:
@@ -155,7 +178,14 @@ def collect_garbage(
         report.kept = len(by_run)
         return report
     with _locked(folders, settings.sync_lock_timeout_s):
-        ended, acked = _fully_acked(folders)
+        ended_in, acked = _fully_acked(folders)
+        ended = set.intersection(*ended_in.values())
+        for folder, count in _lagging(ended_in, set(by_run)):
+            log(
+                f"ff-sync gc: {_describe(folder)} has not synced the end of {count} run"
+                f"{'s' if count != 1 else ''} other destinations have; if it is no longer "
+                f"used, move {folder} out of {settings.sync_state_dir}"
+            )
         for run_uuid in sorted(by_run):
             run_dir = settings.spool_root / run_uuid
             files = _snapshot(run_dir) if RUN_UUID_RE.match(run_uuid) else None

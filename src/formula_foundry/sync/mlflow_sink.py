@@ -12,7 +12,9 @@ It is imported only when a pass has something to send, so an idle pass never pay
 * artifact references are small JSON documents written with ``log_dict`` (same path, same
   content on a retry).
 
-MLflow errors become :class:`~formula_foundry.errors.StoreUnavailable` (retry later) or a
+MLflow errors become :class:`~formula_foundry.errors.StoreUnavailable` (retry later),
+:class:`~formula_foundry.errors.ConfigError` (login refused, driver missing: see
+:mod:`formula_foundry.sync.store_access`) or a
 :class:`~formula_foundry.sync.sink.DestinationRejected` subclass; messages never carry a
 password.
 """
@@ -20,20 +22,18 @@ password.
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import re
 from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
-from typing import Any, Final, TypeVar
+from typing import Any, TypeVar
 
 from formula_foundry.config import Settings
 from formula_foundry.errors import (
     ConfigError,
     FormulaFoundryError,
     MlflowMissing,
-    StoreUnavailable,
 )
 from formula_foundry.redact import redact_uri
 from formula_foundry.sync.report import one_line
@@ -46,46 +46,19 @@ from formula_foundry.sync.sink import (
     RemoteRun,
     RunMissing,
     RunSpec,
+    Sink,
     artifact_ref_file,
+)
+from formula_foundry.sync.store_access import (
+    INSTALL_HINT,
+    SQL_SCHEMES,
+    access_error,
+    prepare_mlflow_env,
+    probe_database,
+    scheme_of,
 )
 
 T = TypeVar("T")
-
-INSTALL_HINT: Final = "pip install 'formula-foundry[tracking]'"
-SQL_SCHEMES: Final = ("sqlite", "postgresql", "mysql", "mssql")
-_UNAVAILABLE_CODES: Final = frozenset(
-    {
-        "TEMPORARILY_UNAVAILABLE",
-        "INTERNAL_ERROR",
-        "REQUEST_LIMIT_EXCEEDED",
-        "RESOURCE_EXHAUSTED",
-        "DEADLINE_EXCEEDED",
-        "SERVICE_UNDER_MAINTENANCE",
-        "ENDPOINT_NOT_FOUND",
-    }
-)
-_UNAVAILABLE_TEXT: Final = re.compile(
-    r"database is locked|database table is locked|could not connect|connection refused|"
-    r"connection reset|connection aborted|server closed the connection|timed out|timeout|"
-    r"max retries exceeded|failed with exception|name or service not known|"
-    r"temporarily unavailable|failed with error code 5\d\d|too many connections|"
-    r"the database system is (starting up|shutting down)",
-    re.IGNORECASE,
-)
-_UNAVAILABLE_TYPES: Final = frozenset(
-    {"OperationalError", "InterfaceError", "DisconnectionError", "TimeoutError"}
-)
-_ENV_DEFAULTS: Final = {
-    # MLflow's own HTTP retries take minutes by default; ff-sync retries with its own policy.
-    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
-    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-    "MLFLOW_HTTP_REQUEST_TIMEOUT": "60",
-    "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
-}
-
-
-def scheme_of(uri: str) -> str:
-    return uri.split("://", 1)[0].lower().split("+", 1)[0] if "://" in uri else ""
 
 
 def _experiment_dir(name: str) -> str:
@@ -111,11 +84,7 @@ class MlflowSink:
             raise MlflowMissing(
                 f"MLflow is not installed ({exc}); on the sync host run: {INSTALL_HINT}"
             ) from None
-        for name, value in _ENV_DEFAULTS.items():
-            os.environ.setdefault(name, value)
-        # Our errors say what went wrong, once; MLflow's log lines would repeat it on stderr.
-        logging.getLogger("mlflow").setLevel(logging.ERROR)
-        logging.getLogger("alembic").setLevel(logging.WARNING)
+        prepare_mlflow_env()
         self._Metric, self._Param, self._RunTag, self._ViewType = Metric, Param, RunTag, ViewType
         self.uri = uri
         self.description = redact_uri(uri)
@@ -126,7 +95,7 @@ class MlflowSink:
         if self.scheme == "sqlite":
             self._call("open the store", self._prepare_sqlite)
         elif self.scheme in SQL_SCHEMES:
-            self._call("open the store", self._probe_server)
+            self._call("open the store", lambda: probe_database(uri))
         # Open the store now (the client does), so an unreachable destination fails here.
         self._client = self._call("open the store", lambda: MlflowClient(tracking_uri=uri))
         store = self._call("open the store", lambda: self._client._tracking_client.store)
@@ -153,27 +122,13 @@ class MlflowSink:
 
     def classify(self, exc: BaseException, what: str) -> FormulaFoundryError | None:
         """Map an exception from MLflow (or its drivers) to our families; None: a bug."""
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        text = one_line(first, self.uri, limit=240)
+        access = access_error(exc, what, self.uri)
+        if access is not None:
+            return access
         code = getattr(exc, "error_code", None)
-        if isinstance(exc, ModuleNotFoundError):
-            return ConfigError(
-                f"{self.description}: the database driver {exc.name!r} is not installed; "
-                "pip install 'formula-foundry[postgres]' (PostgreSQL) or the driver your URI names"
-            )
-        chain: list[BaseException] = [exc]
-        while chain[-1].__cause__ is not None and len(chain) < 8:
-            chain.append(chain[-1].__cause__)
-        unavailable = (
-            code in _UNAVAILABLE_CODES
-            or any(type(e).__name__ in _UNAVAILABLE_TYPES for e in chain)
-            or any(isinstance(e, OSError) for e in chain)
-            or bool(_UNAVAILABLE_TEXT.search(text))
-        )
-        if code is None and not unavailable:
+        if code is None:
             return None
-        if unavailable:
-            return StoreUnavailable(f"{self.description} is unavailable ({what}): {text}")
+        text = one_line((str(exc).strip().splitlines() or [""])[0], self.uri, limit=240)
         if code == "INVALID_PARAMETER_VALUE" and "Changing param values is not allowed" in text:
             return ParamConflict(f"{self.description} refused {what}: {text}")
         if code == "RESOURCE_DOES_NOT_EXIST":
@@ -211,19 +166,6 @@ class MlflowSink:
                 os.link(tmp, db)  # never replaces a store someone else created meanwhile
         finally:
             tmp.unlink(missing_ok=True)
-
-    def _probe_server(self) -> None:
-        """Connect once: MLflow itself retries an unreachable database for ~100 s, silently."""
-        import sqlalchemy
-        from sqlalchemy.pool import NullPool
-
-        args = {"connect_timeout": 10} if self.scheme == "postgresql" else {}
-        engine = sqlalchemy.create_engine(self.uri, poolclass=NullPool, connect_args=args)
-        try:
-            with engine.connect():
-                pass
-        finally:
-            engine.dispose()
 
     # -- runs and experiments -------------------------------------------------------------
 
@@ -381,9 +323,12 @@ class MlflowSink:
         pass
 
 
-def open_sink(settings: Settings) -> MlflowSink:
-    """The sink for ``settings``' destination (the bulk SQL path plugs in here)."""
-    return MlflowSink(settings.backend_store_uri, settings.artifact_root)
+def open_sink(settings: Settings) -> Sink:
+    """The sink for ``settings``' destination: bulk metrics for known SQL schemas (sync.bulk)."""
+    from formula_foundry.sync.sql_bulk import open_bulk
+
+    sink = MlflowSink(settings.backend_store_uri, settings.artifact_root)
+    return open_bulk(sink) if settings.sync_bulk else sink
 
 
 def _pid_alive(pid: int) -> bool:

@@ -69,6 +69,9 @@ class SyncReport:
     waiting: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     stale: list[str] = field(default_factory=list)  # runs this pass ended as KILLED (dead)
+    # Runs replayed concurrently (formula_foundry.sync.parallel): 1 for SQLite and any
+    # destination that does not gain from it, ``sync.workers`` for servers.
+    workers: int = 1
 
     @property
     def quarantine_file(self) -> Path:
@@ -83,6 +86,20 @@ class SyncReport:
         self.quarantined += 1
         if len(self.problems) < SHOWN_PROBLEMS:
             self.problems.append(text)
+
+    def merge(self, other: SyncReport) -> None:
+        """Add what a worker's own report counted (a parallel pass gives each one its own)."""
+        self.runs += other.runs
+        self.events += other.events
+        self.metrics += other.metrics
+        self.segments += other.segments
+        self.quarantined += other.quarantined
+        self.conflicts += other.conflicts
+        self.problems += other.problems[: max(0, SHOWN_PROBLEMS - len(self.problems))]
+        self.blocked += other.blocked
+        self.waiting += other.waiting
+        self.warnings += other.warnings
+        self.stale += other.stale
 
     def summary(self) -> str:
         """One line: runs, events, quarantined, seconds, destination."""

@@ -2,8 +2,9 @@
 
 Lookup order for a run: the sync state (``runs`` table) → the destination, by the tag
 ``ff.run_uuid`` (deleted runs included) → create it from its ``run_start`` event. Creation is
-serialised by the destination's ``sync.lock``, and every attempt after a failure looks the
-run up again first, so a create that committed before its answer was lost is never repeated.
+serialised by the destination's ``sync.lock`` between passes and by the resolver's lock between
+the workers of a pass, and every attempt after a failure looks the run up again first, so a
+create that committed before its answer was lost is never repeated.
 
 A nested run needs its parent's destination id for ``mlflow.parentRunId``: the parent is
 created first, wherever its events are. A parent found nowhere (not in the spool, the state
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -125,14 +127,27 @@ _WAIT: Final = "\0wait"
 
 
 class RunResolver:
-    """Finds or creates the destination run of each spooled run (see the module docstring)."""
+    """Finds or creates the destination run of each spooled run (see the module docstring).
+
+    Shared by the workers of a parallel pass: one reentrant lock (parents are resolved
+    recursively) serialises every lookup and creation, which is what keeps a spooled run to
+    one destination run. Its calls go through ``cx.sink``, which only it uses during a pass.
+    """
 
     def __init__(self, cx: SyncContext) -> None:
         self.cx = cx
         self.runs: dict[str, RunContext] = {}
+        self._lock = threading.RLock()
 
     def ensure_run(self, uuid: str, chain: tuple[str, ...] = ()) -> RunContext | None:
         """The run's context, creating the destination run if needed; None: it must wait."""
+        ctx = self.runs.get(uuid)
+        if ctx is not None:
+            return ctx  # the common case in workers: resolved before they started, no lock
+        with self._lock:
+            return self._ensure_run(uuid, chain)
+
+    def _ensure_run(self, uuid: str, chain: tuple[str, ...]) -> RunContext | None:
         ctx = self.runs.get(uuid)
         if ctx is not None:
             return ctx
@@ -190,10 +205,14 @@ class RunResolver:
 
     def forget(self, uuid: str) -> None:
         """Drop what the state knows about a run, so it is found or created and sent anew."""
-        self.cx.state.forget_run(uuid)
-        self.runs.pop(uuid, None)
-        for rel in [r for r, p in self.cx.progress.items() if p.run_uuid == uuid]:
-            del self.cx.progress[rel]
+        with self._lock:
+            self.cx.state.forget_run(uuid)
+            self.runs.pop(uuid, None)
+            # Only this run's own segments, one atomic pop each: other workers update the
+            # progress of their runs meanwhile, so iterating the whole dict could fail. Progress
+            # of a segment no longer on disk is never read, so leaving it in memory is harmless.
+            for seg in self.cx.files_by_run.get(uuid, []):
+                self.cx.progress.pop(seg.rel, None)
 
     # -- internals ------------------------------------------------------------------------
 

@@ -13,17 +13,33 @@ equal exactly when they hold the same things:
 * ``untracked_runs``: number of runs without ``ff.run_uuid`` (not written by ff-sync).
 
 Floats are written with ``repr`` so NaN compares equal to NaN. Read-only; imports MLflow
-when called (it is also the basis of ``ff-sync verify``).
+when called. :class:`StoreReader` is the streaming, run-at-a-time reader ``ff-sync verify``
+uses (a whole-store dump would hold every metric of every run at once).
 """
 
 from __future__ import annotations
 
 import json
 import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
-from formula_foundry.sync.sink import ARTIFACT_REF_DIR
+from formula_foundry.errors import FormulaFoundryError, MlflowMissing, StoreUnavailable
+from formula_foundry.redact import redact_uri
+from formula_foundry.sync.sink import ARTIFACT_REF_DIR, RunMissing
+from formula_foundry.sync.store_access import (
+    INSTALL_HINT,
+    SQL_SCHEMES,
+    access_error,
+    prepare_mlflow_env,
+    probe_database,
+    scheme_of,
+)
+
+T = TypeVar("T")
 
 VOLATILE_TAGS: Final = frozenset({"mlflow.parentRunId", "mlflow.log-model.history"})
 
@@ -135,3 +151,153 @@ def _refs(client: Any, run_id: str) -> dict[str, Any]:
             local = client.download_artifacts(run_id, path, tmp)
             refs[path] = json.loads(Path(local).read_text(encoding="utf-8"))
     return refs
+
+
+# -- streaming reads for ``ff-sync verify`` ---------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class StoredRun:
+    """One destination run as ``ff-sync verify`` compares it (its metrics are read apart)."""
+
+    run_id: str
+    experiment: str | None
+    name: str
+    status: str
+    start_time: int | None
+    end_time: int | None
+    lifecycle_stage: str
+    params: dict[str, str]
+    tags: dict[str, str]
+    metric_keys: frozenset[str]
+
+
+class StoreReader:
+    """Read-only, run-at-a-time access to a tracking store, keyed by ``ff.run_uuid``.
+
+    :meth:`index` holds one id per run, never a run's data; :meth:`run`,
+    :meth:`metric_points` and :meth:`artifact_refs` read one run when asked, so a verify
+    holds at most one run's metrics. Every failure to reach the store is raised as
+    :class:`~formula_foundry.errors.StoreUnavailable` naming the destination (password
+    redacted); an SQLite file that does not exist is one too — never created.
+    """
+
+    def __init__(self, uri: str) -> None:
+        try:
+            from mlflow import MlflowClient
+        except ImportError as exc:
+            raise MlflowMissing(
+                f"MLflow is not installed ({exc}); on this host run: {INSTALL_HINT}"
+            ) from None
+        prepare_mlflow_env()
+        self.uri = uri
+        self.description = redact_uri(uri)
+        self._check_reachable()
+        self._client: Any = self._call("open the store", lambda: MlflowClient(tracking_uri=uri))
+        self._call("open the store", lambda: self._client._tracking_client.store)
+        self._experiments: dict[str, str] = {}
+
+    def _check_reachable(self) -> None:
+        scheme = scheme_of(self.uri)
+        if scheme == "sqlite":
+            path = self.uri[len("sqlite:///") :].split("?", 1)[0]
+            if path and not path.startswith(":memory:") and not Path(path).is_file():
+                raise StoreUnavailable(f"{self.description} is unavailable: no such database file")
+        elif scheme in SQL_SCHEMES:
+            self._call("open the store", lambda: probe_database(self.uri))
+
+    def _call(self, what: str, fn: Callable[[], T]) -> T:
+        try:
+            return fn()
+        except FormulaFoundryError:
+            raise
+        except Exception as exc:
+            err = access_error(exc, what, self.uri)
+            if err is not None:
+                raise err from None
+            raise
+
+    def index(self) -> dict[str, list[str]]:
+        """``ff.run_uuid`` → the ids of the runs carrying it (deleted runs included)."""
+        from mlflow.entities import ViewType
+
+        token: str | None = None
+        while True:
+            page = self._call(
+                "list experiments",
+                partial(
+                    self._client.search_experiments,
+                    view_type=ViewType.ALL,
+                    max_results=1000,
+                    page_token=token,
+                ),
+            )
+            self._experiments.update({str(e.experiment_id): e.name for e in page})
+            token = page.token
+            if not token:
+                break
+        found: dict[str, list[str]] = {}
+        ids = sorted(self._experiments)
+        for i in range(0, len(ids), 100):
+            token = None
+            while True:
+                runs = self._call(
+                    "list runs",
+                    partial(
+                        self._client.search_runs,
+                        ids[i : i + 100],
+                        "tags.`ff.run_uuid` != ''",
+                        run_view_type=ViewType.ALL,
+                        max_results=1000,
+                        page_token=token,
+                    ),
+                )
+                for r in runs:
+                    uuid = r.data.tags.get("ff.run_uuid")
+                    if uuid:
+                        found.setdefault(uuid, []).append(r.info.run_id)
+                token = runs.token
+                if not token:
+                    break
+        return {k: sorted(v) for k, v in found.items()}
+
+    def run(self, run_id: str) -> StoredRun:
+        """The run's info, params and tags (``RunMissing`` if it is gone)."""
+        try:
+            run = self._call(f"read run {run_id}", lambda: self._client.get_run(run_id))
+        except Exception as exc:
+            if getattr(exc, "error_code", None) == "RESOURCE_DOES_NOT_EXIST":
+                raise RunMissing(f"{self.description} has no run {run_id}") from None
+            raise
+        info, data = run.info, run.data
+        return StoredRun(
+            run_id=info.run_id,
+            experiment=self._experiments.get(str(info.experiment_id)),
+            name=info.run_name,
+            status=info.status,
+            start_time=info.start_time,
+            end_time=info.end_time,
+            lifecycle_stage=info.lifecycle_stage,
+            params=dict(data.params),
+            tags=dict(data.tags),
+            metric_keys=frozenset(data.metrics),
+        )
+
+    def metric_points(self, run_id: str, key: str) -> list[tuple[int, int, float]]:
+        """Every stored point of one metric: ``(step, timestamp, value)``."""
+        points = self._call(
+            f"read metric {key!r} of run {run_id}",
+            lambda: self._client.get_metric_history(run_id, key),
+        )
+        return [(int(m.step), int(m.timestamp), float(m.value)) for m in points]
+
+    def artifact_refs(self, run_id: str) -> dict[str, Any]:
+        """Logical path → the artifact reference document stored for it."""
+        docs = self._call(
+            f"read the artifact references of run {run_id}", lambda: _refs(self._client, run_id)
+        )
+        prefix, suffix = f"{ARTIFACT_REF_DIR}/", ".json"
+        return {
+            p[len(prefix) : -len(suffix)] if p.startswith(prefix) and p.endswith(suffix) else p: d
+            for p, d in docs.items()
+        }

@@ -26,6 +26,7 @@ import hashlib
 import os
 import re
 import sqlite3
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +42,9 @@ LOCK_FILE: Final = "sync.lock"
 QUARANTINE_FILE: Final = "quarantine.jsonl"
 DESTINATION_FILE: Final = "destination.txt"
 SCHEMA_VERSION: Final = 1
+_RUN_COLUMNS: Final = (
+    "run_uuid, run_id, experiment_id, status, parent_uuid, parent_linked, last_t, end_time"
+)
 
 _SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS segments (
@@ -113,13 +117,23 @@ def _now_ms() -> int:
 
 
 class SyncState:
-    """The progress database of one destination. Use only while holding its ``sync.lock``."""
+    """The progress database of one destination. Use only while holding its ``sync.lock``.
+
+    Thread-safe: the parallel workers of a pass (:mod:`formula_foundry.sync.parallel`) share
+    one connection behind one lock. Each write is a single small statement committed at once,
+    so the lock is held for microseconds; per-thread connections would only add WAL write
+    contention and lose the single-transaction guarantees of :meth:`forget_run`.
+    """
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
         self.path = folder / STATE_FILE
+        # Reentrant: mark_stale_ended holds it across its transaction and calls save_run.
+        self._lock = threading.RLock()
         try:
-            self._db = sqlite3.connect(self.path, isolation_level=None, timeout=30.0)
+            self._db = sqlite3.connect(
+                self.path, isolation_level=None, timeout=30.0, check_same_thread=False
+            )
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             version = self._db.execute("PRAGMA user_version").fetchone()[0]
@@ -136,83 +150,98 @@ class SyncState:
             ) from None
 
     def close(self) -> None:
-        self._db.close()
+        with self._lock:
+            self._db.close()
 
     # -- segments -------------------------------------------------------------------------
 
     def segments(self) -> dict[str, SegmentProgress]:
-        rows = self._db.execute(
-            "SELECT rel, run_uuid, byte_offset, line, last_seq, size_seen, done FROM segments"
-        )
-        return {r[0]: SegmentProgress(r[0], r[1], r[2], r[3], r[4], r[5], bool(r[6])) for r in rows}
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT rel, run_uuid, byte_offset, line, last_seq, size_seen, done FROM segments"
+            )
+            return {
+                r[0]: SegmentProgress(r[0], r[1], r[2], r[3], r[4], r[5], bool(r[6])) for r in rows
+            }
 
     def save_segment(self, p: SegmentProgress) -> None:
         """Record (and commit) progress in one segment."""
-        self._db.execute(
-            "INSERT INTO segments VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (rel) DO UPDATE SET "
-            "run_uuid = excluded.run_uuid, byte_offset = excluded.byte_offset, "
-            "line = excluded.line, last_seq = excluded.last_seq, "
-            "size_seen = excluded.size_seen, done = excluded.done, "
-            "updated_ms = excluded.updated_ms",
-            (p.rel, p.run_uuid, p.offset, p.line, p.last_seq, p.size_seen, int(p.done), _now_ms()),
-        )
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO segments VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (rel) "
+                "DO UPDATE SET "
+                "run_uuid = excluded.run_uuid, byte_offset = excluded.byte_offset, "
+                "line = excluded.line, last_seq = excluded.last_seq, "
+                "size_seen = excluded.size_seen, done = excluded.done, "
+                "updated_ms = excluded.updated_ms",
+                (
+                    p.rel,
+                    p.run_uuid,
+                    p.offset,
+                    p.line,
+                    p.last_seq,
+                    p.size_seen,
+                    int(p.done),
+                    _now_ms(),
+                ),
+            )
 
     # -- runs -----------------------------------------------------------------------------
 
     def run(self, run_uuid: str) -> RunRecord | None:
-        row = self._db.execute(
-            "SELECT run_uuid, run_id, experiment_id, status, parent_uuid, parent_linked, last_t, "
-            "end_time FROM runs WHERE run_uuid = ?",
-            (run_uuid,),
-        ).fetchone()
-        return None if row is None else _run_record(row)
+        with self._lock:
+            row = self._db.execute(
+                f"SELECT {_RUN_COLUMNS} FROM runs WHERE run_uuid = ?",
+                (run_uuid,),
+            ).fetchone()
+            return None if row is None else _run_record(row)
 
     def save_run(self, r: RunRecord) -> None:
-        self._db.execute(
-            "INSERT OR REPLACE INTO runs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                r.run_uuid,
-                r.run_id,
-                r.experiment_id,
-                r.status,
-                r.parent_uuid,
-                int(r.parent_linked),
-                r.last_t,
-                r.end_time,
-                _now_ms(),
-            ),
-        )
+        with self._lock:
+            self._db.execute(
+                "INSERT OR REPLACE INTO runs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    r.run_uuid,
+                    r.run_id,
+                    r.experiment_id,
+                    r.status,
+                    r.parent_uuid,
+                    int(r.parent_linked),
+                    r.last_t,
+                    r.end_time,
+                    _now_ms(),
+                ),
+            )
 
     def unlinked_children(self, parent_uuid: str) -> list[RunRecord]:
         """Runs created before their parent could be found (see docs/sync.md)."""
-        rows = self._db.execute(
-            "SELECT run_uuid, run_id, experiment_id, status, parent_uuid, parent_linked, last_t, "
-            "end_time FROM runs WHERE parent_uuid = ? AND parent_linked = 0",
-            (parent_uuid,),
-        )
-        return [_run_record(row) for row in rows]
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT {_RUN_COLUMNS} FROM runs WHERE parent_uuid = ? AND parent_linked = 0",
+                (parent_uuid,),
+            )
+            return [_run_record(row) for row in rows]
 
     def live_runs(self) -> list[RunRecord]:
         """Runs whose last status synced is RUNNING (no end event synced)."""
-        rows = self._db.execute(
-            "SELECT run_uuid, run_id, experiment_id, status, parent_uuid, parent_linked, last_t, "
-            "end_time FROM runs WHERE status = 'RUNNING'"
-        )
-        return [_run_record(row) for row in rows]
+        with self._lock:
+            rows = self._db.execute(f"SELECT {_RUN_COLUMNS} FROM runs WHERE status = 'RUNNING'")
+            return [_run_record(row) for row in rows]
 
     def ended_runs(self) -> list[RunRecord]:
         """Runs whose real end event is synced (runs the sync ended as stale excluded)."""
-        rows = self._db.execute(
-            "SELECT r.run_uuid, r.run_id, r.experiment_id, r.status, r.parent_uuid, "
-            "r.parent_linked, r.last_t, r.end_time FROM runs r LEFT JOIN stale_ended s "
-            "ON s.run_uuid = r.run_uuid AND s.last_t = r.last_t "
-            "WHERE r.status IN ('FINISHED', 'FAILED', 'KILLED') AND s.run_uuid IS NULL"
-        )
-        return [_run_record(row) for row in rows]
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT r.run_uuid, r.run_id, r.experiment_id, r.status, r.parent_uuid, "
+                "r.parent_linked, r.last_t, r.end_time FROM runs r LEFT JOIN stale_ended s "
+                "ON s.run_uuid = r.run_uuid AND s.last_t = r.last_t "
+                "WHERE r.status IN ('FINISHED', 'FAILED', 'KILLED') AND s.run_uuid IS NULL"
+            )
+            return [_run_record(row) for row in rows]
 
     def mark_stale_ended(self, r: RunRecord) -> None:
         """Record that the sync ended ``r`` (KILLED at its last sign of life ``r.last_t``)."""
-        with self._transaction():
+        with self._lock, self._transaction():
             self.save_run(r)
             self._db.execute(
                 "INSERT OR REPLACE INTO stale_ended VALUES (?, ?, ?)",
@@ -221,21 +250,22 @@ class SyncState:
 
     def is_stale_ended(self, run_uuid: str, last_t: int) -> bool:
         """Whether the sync ended the run as dead at ``last_t`` (and nothing came since)."""
-        row = self._db.execute(
-            "SELECT 1 FROM stale_ended WHERE run_uuid = ? AND last_t = ?", (run_uuid, last_t)
-        ).fetchone()
-        return row is not None
+        with self._lock:
+            row = self._db.execute(
+                "SELECT 1 FROM stale_ended WHERE run_uuid = ? AND last_t = ?", (run_uuid, last_t)
+            ).fetchone()
+            return row is not None
 
     def forget_run(self, run_uuid: str) -> None:
         """Drop a run's mapping and the progress of its segments: its events are resent."""
-        with self._transaction():
+        with self._lock, self._transaction():
             self._db.execute("DELETE FROM runs WHERE run_uuid = ?", (run_uuid,))
             self._db.execute("DELETE FROM stale_ended WHERE run_uuid = ?", (run_uuid,))
             self._db.execute("DELETE FROM segments WHERE run_uuid = ?", (run_uuid,))
 
     def reset(self) -> None:
         """Forget everything this destination acknowledged (``ff-sync --replay``)."""
-        with self._transaction():
+        with self._lock, self._transaction():
             self._db.execute("DELETE FROM runs")
             self._db.execute("DELETE FROM stale_ended")
             self._db.execute("DELETE FROM segments")
@@ -281,6 +311,8 @@ class QuarantineLog:
         self.path = path
         self._seen: set[tuple[str, int]] | None = None
         self._dirty = False
+        # Parallel workers share the log: one lock keeps lines whole and the dedup set right.
+        self._lock = threading.Lock()
 
     def _load(self) -> set[tuple[str, int]]:
         seen: set[tuple[str, int]] = set()
@@ -299,6 +331,10 @@ class QuarantineLog:
 
     def add(self, record: dict[str, Any]) -> bool:
         """Append ``record`` unless its ``(file, offset)`` is already reported; True if new."""
+        with self._lock:
+            return self._add(record)
+
+    def _add(self, record: dict[str, Any]) -> bool:
         if self._seen is None:
             self._seen = self._load()
         key = (str(record["file"]), int(record["offset"]))
@@ -318,11 +354,12 @@ class QuarantineLog:
 
     def sync(self) -> None:
         """Make appended reports durable (called before progress moves past them)."""
-        if not self._dirty:
-            return
-        fd = os.open(self.path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        self._dirty = False
+        with self._lock:
+            if not self._dirty:
+                return
+            fd = os.open(self.path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            self._dirty = False

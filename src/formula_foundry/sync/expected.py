@@ -1,0 +1,178 @@
+"""What a destination should hold for one spooled run, computed from its segments alone.
+
+This is the reference ``ff-sync verify`` compares the destination with. It follows the replay
+(:mod:`formula_foundry.sync.replay`, :mod:`formula_foundry.sync.runs`) rule for rule, but
+without a destination:
+
+* the run is created from the first valid ``run_start`` in merge order (name, experiment,
+  start time, the tags ``create_run`` writes);
+* records the reader rejects, and payloads :class:`PayloadChecker` rejects, are skipped —
+  the replay quarantines exactly those, so they are expected to be absent;
+* params are write-once: the first value in merge order is expected, later different
+  values are conflicts (any value the spool logged is accepted when the quarantine log holds
+  a ``param_conflict`` of the run, since which value was synced first depends on timing);
+* tags are last-write-wins in event order; ``run_end`` sets status and end time, a later
+  ``run_start`` makes the run RUNNING again;
+* metric points are a set of ``(step, timestamp, value)`` per key (MLflow keeps one row per
+  distinct point), with ±inf stored as ±``sys.float_info.max`` and NaN equal to NaN.
+
+One run at a time: nothing here holds more than one run's data.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Final
+
+from formula_foundry.errors import SpoolError
+from formula_foundry.sync.payloads import InvalidRecord, PayloadChecker
+from formula_foundry.sync.scan import SegmentFile
+from formula_foundry.sync.sink import ArtifactRef
+from formula_foundry.tracking.events import (
+    K_ARTIFACT_REF,
+    K_METRICS,
+    K_PARAMS,
+    K_RUN_END,
+    K_RUN_START,
+    K_TAGS,
+    MAX_PARAM_VALUE_LENGTH,
+    MAX_TAG_VALUE_LENGTH,
+)
+from formula_foundry.tracking.spool_reader import Event, SegmentReader
+
+END_STATUSES: Final = frozenset({"FINISHED", "FAILED", "KILLED"})
+MetricValue = float | str  # a float, or "NaN" (so that NaN compares equal to NaN)
+Point = tuple[int, int, MetricValue]  # step, timestamp ms, value
+
+
+def metric_value(value: float) -> MetricValue:
+    """A metric value as MLflow stores it, in a form where NaN equals NaN."""
+    if math.isnan(value):
+        return "NaN"
+    if math.isinf(value):
+        return math.copysign(sys.float_info.max, value)
+    return float(value)
+
+
+@dataclass
+class ExpectedRun:
+    """The destination run one spooled run should have become."""
+
+    uuid: str
+    experiment: str = ""
+    name: str = ""
+    start_time: int = 0
+    parent_uuid: str | None = None
+    started: bool = False  # a valid run_start was found: the run can be created at all
+    status: str = "RUNNING"
+    end_time: int | None = None
+    last_t: int = 0
+    params: dict[str, str] = field(default_factory=dict)
+    param_values: dict[str, set[str]] = field(default_factory=dict)
+    tags: dict[str, str] = field(default_factory=dict)
+    metrics: dict[str, set[Point]] = field(default_factory=dict)
+    refs: dict[str, dict[str, object]] = field(default_factory=dict)
+    events: int = 0
+
+
+def expected_run(uuid: str, segments: Iterable[SegmentFile]) -> ExpectedRun:
+    """Read ``segments`` (one run's, any order) and return what the destination should hold."""
+    run = ExpectedRun(uuid)
+    builder = _Builder(run)
+    for seg in sorted(segments, key=lambda s: s.order):
+        builder.segment(seg)
+    return run
+
+
+class _Builder:
+    def __init__(self, run: ExpectedRun) -> None:
+        self.run = run
+        self.check = PayloadChecker()
+        self.tag_events: list[tuple[str, str]] = []
+
+    def segment(self, seg: SegmentFile) -> None:
+        reader = SegmentReader(seg.path)
+        try:
+            for item in reader:
+                if reader.header is not None and reader.header.get("run") != self.run.uuid:
+                    return  # quarantined as ``header`` by the replay: none of it is synced
+                if isinstance(item, Event):
+                    self.event(item)
+        except (SpoolError, OSError):
+            return  # quarantined (``version``/``header``) or unreadable: nothing of it synced
+
+    def event(self, ev: Event) -> None:
+        run = self.run
+        run.last_t = max(run.last_t, ev.t)
+        try:
+            if ev.kind == K_RUN_START:
+                self.run_start(ev)
+            elif ev.kind == K_RUN_END:
+                self.run_end(ev)
+            elif ev.kind == K_METRICS:
+                for key, number, t, step in self.check.metric_rows(ev):
+                    run.metrics.setdefault(key, set()).add((step, t, metric_value(number)))
+            elif ev.kind == K_PARAMS:
+                for key, value in self.check.strings(ev, MAX_PARAM_VALUE_LENGTH):
+                    run.params.setdefault(key, value)
+                    run.param_values.setdefault(key, set()).add(value)
+            elif ev.kind == K_TAGS:
+                for key, value in self.check.strings(ev, MAX_TAG_VALUE_LENGTH):
+                    run.tags[key] = value
+            elif ev.kind == K_ARTIFACT_REF:
+                ref: ArtifactRef = self.check.artifact_ref(ev)
+                run.refs[ref.path] = ref.to_json()
+            else:
+                return  # segment headers, heartbeats: nothing reaches the destination
+        except InvalidRecord:
+            return  # quarantined as ``invalid`` by the replay
+        run.events += 1
+
+    def run_start(self, ev: Event) -> None:
+        run = self.run
+        if run.started:
+            if run.status != "RUNNING":
+                run.status, run.end_time = "RUNNING", None  # a resumed run runs again
+            return
+        d = ev.data
+        experiment, name, parent = d.get("experiment"), d.get("name"), d.get("parent")
+        valid = (
+            isinstance(experiment, str)
+            and bool(experiment.strip())
+            and ev.t > 0
+            and isinstance(name, str)
+            and bool(name.strip())
+            and (parent is None or isinstance(parent, str))
+        )
+        if not valid:
+            raise InvalidRecord("run_start lacks a valid experiment, name or time")
+        assert isinstance(experiment, str) and isinstance(name, str)
+        run.started = True
+        run.experiment, run.name, run.start_time = experiment, name, ev.t
+        run.parent_uuid = parent if isinstance(parent, str) else None
+        # The tags create_run writes; tag events logged before the run_start do not exist
+        # for the destination yet, so these go first and events override them in order.
+        created = {
+            "ff.run_uuid": run.uuid,
+            "ff.host": _text(d.get("host")),
+            "mlflow.user": _text(d.get("user")),
+            "mlflow.source.name": _text(d.get("source")),
+            "mlflow.source.type": "LOCAL",
+            "mlflow.runName": name,
+        }
+        if run.parent_uuid:
+            created["ff.parent_run_uuid"] = run.parent_uuid
+        run.tags = {**created, **run.tags}
+
+    def run_end(self, ev: Event) -> None:
+        status = ev.data.get("status")
+        if status not in END_STATUSES:
+            raise InvalidRecord(f"run_end status {status!r} is not one of {sorted(END_STATUSES)}")
+        self.run.status, self.run.end_time = str(status), ev.t
+
+
+def _text(value: object) -> str:
+    return value if isinstance(value, str) and value else "unknown"

@@ -1,0 +1,388 @@
+"""The bulk metric path writes exactly what MLflow's own ``log_batch`` path writes.
+
+Each example spools arbitrary events with the real tracker (several runs and keys, repeated
+and out-of-order steps, equal steps with other timestamps or values, NaN, ±inf, -0.0,
+params set twice), in phases; after each phase both destinations are synced with the real
+library pass (``sync_once``): one with ``sync.bulk`` on, one with it off. Some passes
+"crash" after committing (their progress is thrown away), so the next pass sends those
+batches again; batch sizes are drawn too, so the two paths cut the stream differently.
+Then the two SQLite databases must hold the same rows, table by table.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import math
+import os
+import shutil
+import sqlite3
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+
+from formula_foundry.config import Settings, load_settings
+from formula_foundry.errors import ParamConflictError
+from formula_foundry.sync import sync_once
+from formula_foundry.sync.mlflow_sink import MlflowSink, open_sink
+from formula_foundry.sync.sink import BatchLimits
+from formula_foundry.sync.sql_bulk import (
+    KNOWN_REVISIONS,
+    BulkSink,
+    fold_latest,
+    open_bulk,
+    sql_rows,
+)
+from formula_foundry.sync.sync_state import destination_key
+from formula_foundry.tracking.tracker import Tracker
+
+_ENV = ("FF_CONFIG", "FF_SPOOL_ROOT", "MLFLOW_TRACKING_URI", "FF_TRACKING_DISABLED")
+KEYS = ("loss", "acc", "a/b")
+# Zeros and NaN (stored as 0) tie on (step, timestamp, value): which one wins is the subtle part.
+VALUES = (0.0, -0.0, math.nan, 0.0, math.nan, 1.0, -1.5, 1e308, math.inf, -math.inf)
+T0 = 1_700_000_000_000
+
+
+@pytest.fixture(scope="module")
+def template(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A freshly migrated store, created once; each example starts from a copy of it."""
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    folder = tmp_path_factory.mktemp("bulk-template")
+    db = folder / "template.db"
+    store = SqlAlchemyStore(f"sqlite:///{db}", str(folder / "artifacts"))  # type: ignore[no-untyped-call]
+    store.engine.dispose()
+    with pytest.MonkeyPatch.context() as mp:
+        for name in _ENV:
+            mp.delenv(name, raising=False)
+        mp.chdir(folder)
+        yield db
+
+
+def _restore(template: Path, db: Path) -> None:
+    """Reset ``db`` to the template through SQLite, so MLflow's pooled connections follow."""
+    src, dst = sqlite3.connect(template), sqlite3.connect(db)
+    try:
+        src.backup(dst)
+    finally:
+        src.close()
+        dst.close()
+
+
+def _settings(work: Path, uri: str, bulk: bool) -> Settings:
+    base = load_settings(None, start=work)
+    return dataclasses.replace(
+        base,
+        backend_store_uri=uri,
+        artifact_root=work / "artifacts",
+        spool_root=work / "runs",
+        sync_state_dir=work / f"sync-{'bulk' if bulk else 'plain'}",
+        durability="write",
+        sync_bulk=bulk,
+        sync_retries=0,
+    )
+
+
+def _state_folder(s: Settings) -> Path:
+    return s.sync_state_dir / destination_key(s.backend_store_uri)
+
+
+def _pass(s: Settings, crash: bool) -> None:
+    """One pass; a crash keeps what the destination committed but forgets the progress."""
+    folder = _state_folder(s)
+    saved = folder.parent / (folder.name + ".saved")
+    if crash and folder.exists():
+        shutil.copytree(folder, saved)
+    report = sync_once(s)
+    assert not report.blocked, report.summary()
+    if crash and saved.exists():
+        shutil.rmtree(folder)
+        saved.rename(folder)
+
+
+# -- the store, as comparable rows -----------------------------------------------------------
+
+
+def _f(value: float) -> str:
+    return repr(float(value))
+
+
+def tables(uri: str, only: set[str]) -> dict[str, list[tuple[Any, ...]]]:
+    """The rows of the runs ``only`` (spool run ids), with MLflow's run ids replaced by those."""
+    import sqlalchemy as sa
+    from sqlalchemy.pool import NullPool
+
+    engine = sa.create_engine(uri, poolclass=NullPool)
+    try:
+        with engine.connect() as con:
+            return _rows(con, only)
+    finally:
+        engine.dispose()
+
+
+def _rows(con: Any, only: set[str]) -> dict[str, list[tuple[Any, ...]]]:
+    import sqlalchemy as sa
+
+    def q(sql: str) -> list[Any]:
+        return list(con.execute(sa.text(sql)))
+
+    ff = {r: v for r, v in q("SELECT run_uuid, value FROM tags WHERE key = 'ff.run_uuid'")}
+    ff = {r: v for r, v in ff.items() if v in only}
+    out: dict[str, list[tuple[Any, ...]]] = {}
+    out["runs"] = sorted(
+        (ff[r[0]], *r[1:])
+        for r in q(
+            "SELECT r.run_uuid, r.name, r.source_type, r.source_name, r.user_id, r.status, "
+            "r.start_time, r.end_time, r.lifecycle_stage, e.name FROM runs r "
+            "JOIN experiments e ON e.experiment_id = r.experiment_id"
+        )
+        if r[0] in ff
+    )
+    for table in ("metrics", "latest_metrics"):
+        out[table] = sorted(
+            (ff[run], key, _f(value), t, step, bool(nan))
+            for run, key, value, t, step, nan in q(
+                f"SELECT run_uuid, key, value, timestamp, step, is_nan FROM {table}"
+            )
+            if run in ff
+        )
+    out["params"] = sorted(
+        (ff[r], k, v) for r, k, v in q("SELECT run_uuid, key, value FROM params") if r in ff
+    )
+    out["tags"] = sorted(
+        (ff[r], k, ff.get(v, v) if k == "mlflow.parentRunId" else v)
+        for r, k, v in q("SELECT run_uuid, key, value FROM tags")
+        if r in ff
+    )
+    return out
+
+
+# -- event sequences --------------------------------------------------------------------------
+
+metric_op = st.tuples(
+    st.just("m"),
+    st.sampled_from(KEYS),
+    st.sampled_from(VALUES) | st.floats(allow_nan=True, allow_infinity=True, width=64),
+    st.integers(-1, 2),
+    st.integers(0, 2),
+)
+multi_op = st.tuples(
+    st.just("ms"),
+    st.dictionaries(st.sampled_from(KEYS), st.sampled_from(VALUES), min_size=1),
+    st.integers(-1, 2),
+    st.integers(0, 2),
+)
+param_op = st.tuples(st.just("p"), st.sampled_from(("lr", "seed")), st.sampled_from(("1", "2")))
+tag_op = st.tuples(st.just("t"), st.sampled_from(("phase", "note")), st.sampled_from("xyz"))
+op = st.tuples(
+    st.integers(0, 2), st.one_of(metric_op, metric_op, metric_op, multi_op, param_op, tag_op)
+)
+phase = st.tuples(st.lists(op, max_size=30), st.booleans())
+scenario = st.fixed_dictionaries(
+    {
+        "phases": st.lists(phase, min_size=1, max_size=3),
+        "bulk_batch": st.integers(1, 40),
+        "plain_batch": st.integers(1, 40),
+        "replay_at_end": st.booleans(),
+    }
+)
+
+
+def _apply(run: Any, item: tuple[Any, ...]) -> None:
+    kind = item[0]
+    if kind == "m":
+        run.log_metric(item[1], item[2], step=item[3], timestamp=T0 + item[4])
+    elif kind == "ms":
+        run.log_metrics(item[1], step=item[2], timestamp=T0 + item[3])
+    elif kind == "p":
+        with contextlib.suppress(ParamConflictError):  # the tracker refuses a changed value
+            run.log_param(item[1], item[2])
+    else:
+        run.set_tag(item[1], item[2])
+
+
+def _limits(n: int, params: int) -> BatchLimits:
+    return BatchLimits(metrics=n, params=min(n, params), tags=min(n, params), total=n)
+
+
+def run_scenario(bulk_uri: str, plain_uri: str, work: Path, sc: dict[str, Any]) -> None:
+    """Spool and sync ``sc`` into both stores, then compare the runs it made."""
+    bulk, plain = _settings(work, bulk_uri, True), _settings(work, plain_uri, False)
+    tracker = Tracker(bulk)
+    parent = tracker.start_run(run_name="parent", experiment_name="diff")
+    child = tracker.start_run(run_name="child", nested=True, experiment_name="diff-2")
+    runs = [parent, child]
+    mp = pytest.MonkeyPatch()
+    mp.setattr(BulkSink, "limits", _limits(sc["bulk_batch"], 100))
+    mp.setattr(MlflowSink, "limits", _limits(sc["plain_batch"], 100))
+    try:
+        for i, (ops, crash) in enumerate(sc["phases"]):
+            for which, item in ops:
+                _apply(runs[min(which, len(runs) - 1)], item)
+            if i == len(sc["phases"]) - 1:
+                child.end("FAILED")
+                parent.end()
+            for s in (bulk, plain):
+                _pass(s, crash)
+        if sc["replay_at_end"]:
+            for s in (bulk, plain):
+                sync_once(s, replay=True)
+    finally:
+        mp.undo()
+        tracker.end_all()
+    mine = {parent.run_id, child.run_id}
+    assert tables(bulk_uri, mine) == tables(plain_uri, mine)
+
+
+# Ties at the greatest (step, timestamp, value), within a batch and across passes: the first
+# to arrive must stay in latest_metrics (NaN and 0.0 both store 0, -0.0 equals 0.0).
+TIES: dict[str, Any] = {
+    "phases": [
+        (
+            [
+                (0, ("m", "loss", math.nan, 2, 2)),
+                (0, ("m", "loss", 0.0, 2, 2)),
+                (0, ("m", "acc", -0.0, 1, 1)),
+                (0, ("ms", {"acc": 0.0, "loss": -0.0}, 2, 2)),
+                (1, ("m", "a/b", 0.0, 0, 0)),
+            ],
+            True,
+        ),
+        ([(0, ("m", "acc", math.nan, 1, 1)), (1, ("m", "a/b", math.nan, 0, 0))], False),
+    ],
+    "bulk_batch": 40,
+    "plain_batch": 1,
+    "replay_at_end": True,
+}
+
+
+@settings(
+    max_examples=int(os.environ.get("FF_DIFF_EXAMPLES", "20")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+@given(sc=scenario)
+@example(sc=TIES)
+def test_bulk_path_writes_what_log_batch_writes(template: Path, sc: dict[str, Any]) -> None:
+    # The same two files for every example: MLflow opens a store once per URI and process.
+    bulk_db, plain_db = template.parent / "bulk.db", template.parent / "plain.db"
+    _restore(template, bulk_db)
+    _restore(template, plain_db)
+    with tempfile.TemporaryDirectory(dir=template.parent) as tmp:
+        run_scenario(f"sqlite:///{bulk_db}", f"sqlite:///{plain_db}", Path(tmp), sc)
+
+
+# -- choosing the path ------------------------------------------------------------------------
+
+
+def _sink_kind(work: Path, db: Path | str, bulk: bool) -> type:
+    uri = db if isinstance(db, str) else f"sqlite:///{db}"
+    sink = open_sink(_settings(work, uri, bulk))
+    try:
+        return type(sink)
+    finally:
+        sink.close()
+
+
+def test_known_schema_gets_the_bulk_path_and_sync_bulk_false_is_honoured(
+    template: Path, tmp_path: Path
+) -> None:
+    db = tmp_path / "store.db"
+    shutil.copy(template, db)
+    assert _sink_kind(tmp_path, db, bulk=True) is BulkSink
+    assert _sink_kind(tmp_path, db, bulk=False) is MlflowSink
+
+
+def test_unknown_schema_revision_falls_back_to_log_batch(template: Path, tmp_path: Path) -> None:
+    db = tmp_path / "other.db"
+    shutil.copy(template, db)
+    # MLflow refuses to open a store whose revision it does not know, so open it first, then
+    # move the revision on as a newer MLflow's migration would.
+    inner = MlflowSink(f"sqlite:///{db}", tmp_path / "artifacts")
+    assert open_bulk(inner) is not inner
+    con = sqlite3.connect(db)
+    with con:
+        con.execute("UPDATE alembic_version SET version_num = 'ffffffffffff'")
+    con.close()
+    assert open_bulk(inner) is inner
+
+
+def test_a_deleted_run_refuses_bulk_metrics_as_it_refuses_log_batch(
+    template: Path, tmp_path: Path
+) -> None:
+    from mlflow import MlflowClient
+
+    reports = {}
+    for bulk in (True, False):
+        work = tmp_path / str(bulk)
+        db = work / "store.db"
+        work.mkdir()
+        shutil.copy(template, db)
+        s = _settings(work, f"sqlite:///{db}", bulk)
+        run = Tracker(s).start_run(run_name="doomed", experiment_name="diff")
+        run.log_metric("loss", 1.0, step=0)
+        assert sync_once(s).exit_code == 0
+        client = MlflowClient(tracking_uri=s.backend_store_uri)
+        (found,) = client.search_runs(
+            [client.get_experiment_by_name("diff").experiment_id],  # type: ignore[union-attr]
+            f"tags.`ff.run_uuid` = '{run.run_id}'",
+        )
+        client.delete_run(found.info.run_id)
+        run.log_metric("loss", 0.5, step=1)
+        run.end()
+        report = sync_once(s)
+        ids = {str(db): "DB", run.run_id: "RUN", found.info.run_id: "MLFLOW_RUN"}
+        reports[bulk] = [
+            functools.reduce(lambda t, kv: t.replace(*kv), ids.items(), line)
+            for line in report.blocked
+        ]
+        steps = [row[4] for row in tables(s.backend_store_uri, {run.run_id})["metrics"]]
+        assert steps == [0]  # nothing written after the deletion
+    assert reports[True] and reports[True] == reports[False]
+    assert "must be in the 'active' state" in reports[True][0]
+
+
+def test_known_revision_is_the_installed_mlflow_head() -> None:
+    from alembic.script import ScriptDirectory
+    from mlflow.store.db.utils import _get_alembic_config
+
+    script = ScriptDirectory.from_config(_get_alembic_config("sqlite://"))  # type: ignore[no-untyped-call]
+    assert set(script.get_heads()) <= KNOWN_REVISIONS
+
+
+@pytest.fixture(scope="module")
+def pg_pair(template: Path) -> Iterator[tuple[str, str]]:
+    """Two migrated PostgreSQL databases on a throw-away cluster: bulk and log_batch."""
+    from tests._services import create_database, migrated_template, postgres_cluster
+
+    with postgres_cluster() as admin:
+        name = migrated_template(admin, template.parent / "pg-scratch")
+        pair = create_database(admin, template=name), create_database(admin, template=name)
+        assert _sink_kind(template.parent, pair[0], bulk=True) is BulkSink
+        yield pair
+
+
+@pytest.mark.postgres
+@settings(max_examples=4, deadline=None, suppress_health_check=list(HealthCheck))
+@given(sc=scenario)
+def test_bulk_path_on_postgresql_writes_what_log_batch_writes(
+    pg_pair: tuple[str, str], template: Path, sc: dict[str, Any]
+) -> None:
+    # No reset between examples: each compares only the runs it made.
+    with tempfile.TemporaryDirectory(dir=template.parent) as tmp:
+        run_scenario(*pg_pair, Path(tmp), sc)
+
+
+def test_fold_keeps_the_first_of_equal_points_and_needs_strictly_greater() -> None:
+    rows = sql_rows("r", [("k", 1.0, 5, 2), ("k", math.nan, 5, 2), ("k", 0.0, 5, 2)])
+    assert rows[1] == ("k", 0.0, 5, 2, True, "r")
+    latest, changed = fold_latest(rows, {})
+    assert latest["k"] == ("k", 1.0, 5, 2, False, "r") and changed == {"k"}
+    inf = sql_rows("r", [("k", math.inf, 0, 0), ("k", -math.inf, 0, 0)])
+    assert [r[1] for r in inf] == [1.7976931348623157e308, -1.7976931348623157e308]

@@ -1,0 +1,237 @@
+"""Parallel passes (``sync.workers``): servers get several runs at once, SQLite one writer.
+
+Real destinations only: an ``mlflow server`` and a throw-away PostgreSQL cluster
+(``tests/_services.py``), compared with what a one-writer pass puts in a SQLite store.
+No timing is asserted here; tools/bench/bench_sync_http.py measures the gain.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from formula_foundry.config import Settings
+from formula_foundry.errors import StoreUnavailable
+from formula_foundry.sync import Progress, SyncReport, load_sync_settings, sync_once
+from formula_foundry.sync.engine import mlflow_sink
+from formula_foundry.sync.parallel import workers_for
+from formula_foundry.sync.sink import Sink
+from tests._services import create_database, free_port, postgres_cluster
+
+from .conftest import Project
+
+# Runs of very different sizes, nested three deep across two experiments: parents, children
+# and grandchildren end up in different workers, and a big run keeps one worker busy while
+# the others go through the small ones.
+TREES = """
+import sys
+trees, points = int(sys.argv[1]), int(sys.argv[2])
+for t in range(trees):
+    with tracker.start_run(run_name=f"tree-{t}", tags={"tree": str(t)}) as top:
+        top.log_params({"lr": 0.1 * (t + 1), "tree": t})
+        for i in range(points * (t % 3 + 1)):
+            top.log_metric("loss", 1.0 / (i + 1), step=i)
+        for c in range(2):
+            with tracker.start_run(run_name=f"child-{t}-{c}", nested=True,
+                                   experiment_name="ff-parallel-children") as child:
+                child.log_param("c", c)
+                for i in range(points // 4):
+                    child.log_metrics({"a": i * 0.5, "b": -i}, step=i)
+                with tracker.start_run(run_name=f"grandchild-{t}-{c}", nested=True) as g:
+                    g.set_tag("depth", "2")
+                    g.log_metric("x", float(t), step=0)
+                    if c == 1:
+                        g.log_artifact_reference("out/model.bin", "sha256:" + "cd" * 32, 77)
+"""
+TREE_COUNT, POINTS = 4, 600
+RUN_COUNT = TREE_COUNT * 5
+
+
+def _comparable(snap: dict[str, Any]) -> dict[str, Any]:
+    """What must match across store kinds (artifact locations differ by design)."""
+    return {"duplicates": snap["duplicates"], "runs": snap["runs"]}
+
+
+class CountingFactory:
+    """The real MLflow sink factory, noting which threads opened a sink."""
+
+    def __init__(self) -> None:
+        self.threads: list[int] = []
+        self._lock = threading.Lock()
+
+    def __call__(self, settings: Settings) -> Sink:
+        with self._lock:
+            self.threads.append(threading.get_ident())
+        return mlflow_sink(settings)
+
+
+def _settings(project: Project, uri: str | None, workers: int) -> Settings:
+    settings = load_sync_settings(project.config, tracking_uri=uri)
+    return dataclasses.replace(settings, sync_workers=workers)
+
+
+def _parallel_pass(project: Project, uri: str, workers: int = 4) -> SyncReport:
+    factory = CountingFactory()
+    seen: list[Progress] = []
+    report = sync_once(_settings(project, uri, workers), sink_factory=factory, progress=seen.append)
+    assert report.exit_code == 0, report.details()
+    assert report.runs == RUN_COUNT and report.workers == workers
+    # The pass's own sink (resolving runs) plus one per worker, each opened in its thread.
+    assert len(factory.threads) == workers + 1
+    assert len(set(factory.threads)) == workers + 1
+    # One coherent display: whole-pass figures that never go backwards.
+    assert seen and seen[-1].runs_total == RUN_COUNT
+    for before, after in itertools.pairwise(seen):
+        assert after.events >= before.events and after.metrics >= before.metrics
+        assert after.runs_done >= before.runs_done
+    assert max(p.metrics for p in seen) == report.metrics
+    return report
+
+
+def _reference(project: Project) -> dict[str, Any]:
+    project.spool(TREES, str(TREE_COUNT), str(POINTS))
+    report = project.sync()
+    assert report.exit_code == 0 and report.workers == 1 and report.runs == RUN_COUNT
+    return _comparable(project.snapshot())
+
+
+def test_only_servers_get_several_workers(project: Project) -> None:
+    for uri, expected in [
+        ("sqlite:////tmp/x.db", 1),
+        ("http://127.0.0.1:5000", 8),
+        ("https://mlflow.example", 8),
+        ("postgresql://u@h/db", 8),
+        ("postgresql+psycopg2://u@h/db", 8),
+        ("mysql://u@h/db", 1),
+    ]:
+        assert workers_for(_settings(project, uri, 8)) == expected, uri
+
+
+def test_sqlite_keeps_one_writer_with_eight_workers(project: Project) -> None:
+    project.spool(TREES, "3", "200")
+    factory = CountingFactory()
+    report = sync_once(_settings(project, None, 8), sink_factory=factory)
+    assert report.exit_code == 0 and report.runs == 15
+    assert report.workers == 1
+    assert factory.threads == [threading.get_ident()]  # one sink, in the calling thread
+
+
+@pytest.mark.server
+def test_parallel_http_matches_one_writer(project: Project, tmp_path: Path) -> None:
+    reference = _reference(project)
+    with _server(tmp_path / "server", free_port()) as (uri, _proc):
+        report = _parallel_pass(project, uri)
+        assert report.metrics > 0
+        assert _comparable(project.snapshot(uri)) == reference
+        again = sync_once(_settings(project, uri, 4))
+        assert again.idle and again.events == 0
+
+
+@pytest.mark.postgres
+def test_parallel_postgresql_matches_one_writer(project: Project) -> None:
+    reference = _reference(project)
+    with postgres_cluster() as admin:
+        uri = create_database(admin)
+        _parallel_pass(project, uri)
+        assert _comparable(project.snapshot(uri)) == reference
+        assert sync_once(_settings(project, uri, 4)).idle
+
+
+@pytest.mark.server
+def test_outage_mid_pass_stops_cleanly_then_exactly_once(project: Project, tmp_path: Path) -> None:
+    reference = _reference(project)
+    port = free_port()
+    base = tmp_path / "server"
+    settings = _settings(project, f"http://127.0.0.1:{port}", 4)
+    batches: list[Progress] = []
+    with _server(base, port) as (uri, proc):
+        assert uri == settings.backend_store_uri
+
+        def kill_after_some(p: Progress) -> None:
+            batches.append(p)
+            if len(batches) == 5:
+                os.killpg(proc.pid, signal.SIGKILL)  # the server dies mid-pass
+                proc.wait()
+
+        with pytest.raises(StoreUnavailable) as info:
+            sync_once(settings, progress=kill_after_some)
+        assert info.value.exit_code == 75
+    assert len(batches) >= 5
+    with _server(base, port) as (uri, _proc):
+        # Nothing recorded beyond what the server committed: the rest comes exactly once.
+        partial = project.snapshot(uri)
+        assert partial["duplicates"] == {}
+        report = sync_once(settings)
+        assert report.exit_code == 0, report.details()
+        assert _comparable(project.snapshot(uri)) == reference
+        assert sync_once(settings).idle
+
+
+# -- a server that can be restarted on the same port and store -----------------------------
+
+
+@contextmanager
+def _server(base: Path, port: int) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """``mlflow server`` on 127.0.0.1:``port`` with its store under ``base`` (kept across
+    restarts, so a pass interrupted by stopping it resumes against the same destination)."""
+    if os.environ.get("FF_TEST_MLFLOW_SERVER_URI"):
+        pytest.skip("needs a server this test can stop and restart")
+    base.mkdir(parents=True, exist_ok=True)
+    mlflow_bin = str(Path(sys.executable).with_name("mlflow"))
+    cmd = [
+        mlflow_bin,
+        "server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+        "--backend-store-uri",
+        f"sqlite:///{base / 'server.db'}",
+        "--artifacts-destination",
+        str(base / "artifacts"),
+    ]
+    with open(base / "server.log", "ab") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        _wait_healthy(uri, proc.poll)
+        yield uri, proc
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
+def _wait_healthy(uri: str, exited: Callable[[], int | None]) -> None:
+    deadline = time.monotonic() + 120
+    while True:
+        if exited() is not None:
+            raise RuntimeError(f"mlflow server exited with {exited()}")
+        try:
+            with urllib.request.urlopen(uri + "/health", timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError("mlflow server did not start")
+        time.sleep(0.3)

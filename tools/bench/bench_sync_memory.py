@@ -1,0 +1,117 @@
+#!/usr/bin/env python3
+"""Peak memory of an ``ff-sync`` pass: does it grow with the size of the spool?
+
+Usage::
+
+    python tools/bench/bench_sync_memory.py [--small-mb 100] [--big-mb 1024] [--dir DIR]
+
+Two spools are written with the real tracker (20 runs, ``log_metrics`` of 10 keys per call,
+200-character keys so that a gigabyte is a few million points rather than tens of millions),
+then each is synced by a fresh ``ff-sync`` process into a fresh SQLite store. The peak resident
+memory of each process comes from ``wait4``'s rusage (``ru_maxrss``). The baseline, measured the
+same way in the same script, is a process that only imports MLflow and opens the same kind of
+store (what any MLflow client pays before it writes anything).
+
+Printed: peak RSS of the baseline, of the small and of the big sync, and the ratio big/small
+(flat memory: close to 1.00) and the increment of each sync over the baseline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+RUNS = 20
+KEYS = 10
+WRITER = """
+import sys
+from formula_foundry.tracking import get_tracker
+budget, runs, keys = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+names = [f"layer{k}".ljust(200, "_") for k in range(keys)]
+tracker = get_tracker()
+for r in range(runs):
+    with tracker.start_run(run_name=f"mem-{r}") as run:
+        step, written = 0, 0
+        while written < budget // runs:
+            run.log_metrics({n: step * 0.5 + i for i, n in enumerate(names)}, step=step)
+            written += 2120  # bytes of one such line, near enough
+            step += 1
+"""
+BASELINE = """
+import sys
+from formula_foundry.sync.engine import load_sync_settings
+from formula_foundry.sync.mlflow_sink import open_sink
+open_sink(load_sync_settings(sys.argv[1])).close()
+"""
+
+
+def peak_rss_mib(cmd: list[str], cwd: Path, env: dict[str, str]) -> tuple[float, float, int]:
+    """Run ``cmd``; return (peak RSS MiB, seconds, exit code) of that process alone."""
+    start = time.monotonic()
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL)
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return usage.ru_maxrss / 1024, time.monotonic() - start, proc.returncode
+
+
+def spool_size(root: Path) -> int:
+    return sum(p.stat().st_size for p in root.glob("*/seg-*.jsonl"))
+
+
+def write_spool(project: Path, megabytes: int, env: dict[str, str]) -> int:
+    """Spool about ``megabytes`` MiB of metric points; return the exact size in bytes."""
+    (project / "config").mkdir(parents=True)
+    (project / "config" / "mlflow.yaml").write_text(
+        "sync:\n  stale_after_s: 86400\n", encoding="utf-8"
+    )
+    budget = megabytes * 1024 * 1024
+    subprocess.run(
+        [sys.executable, "-c", WRITER, str(budget), str(RUNS), str(KEYS)],
+        cwd=project,
+        env=env,
+        check=True,
+    )
+    return spool_size(project / "data" / "runs")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--small-mb", type=int, default=100)
+    parser.add_argument("--big-mb", type=int, default=1024)
+    parser.add_argument("--dir", type=Path, default=None)
+    args = parser.parse_args()
+    ff_sync = str(Path(sys.executable).with_name("ff-sync"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("FF_", "MLFLOW_"))}
+    results: dict[str, tuple[float, float, int, int]] = {}
+    with tempfile.TemporaryDirectory(prefix="ff-bench-mem-", dir=args.dir) as tmp:
+        for name, mb in (("small", args.small_mb), ("big", args.big_mb)):
+            project = Path(tmp) / name
+            size = write_spool(project, mb, env)
+            rss, secs, code = peak_rss_mib([ff_sync, "-q"], project, env)
+            if code != 0:
+                raise SystemExit(f"ff-sync exited {code} on the {name} spool")
+            results[name] = (rss, secs, code, size)
+            print(
+                f"{name}: {size / 2**20:8.0f} MiB spool synced in {secs:6.0f} s, peak {rss:.1f} MiB"
+            )
+        base_project = Path(tmp) / "small"
+        config = str(base_project / "config" / "mlflow.yaml")
+        base, _, code = peak_rss_mib([sys.executable, "-c", BASELINE, config], base_project, env)
+        if code != 0:
+            raise SystemExit("the baseline process failed")
+    small, big = results["small"][0], results["big"][0]
+    print(f"baseline: import MLflow and open a SQLite store: peak {base:.1f} MiB")
+    print(
+        f"peak RSS: small {small:.1f} MiB (+{small - base:.1f} over baseline), "
+        f"big {big:.1f} MiB (+{big - base:.1f}); big / small = {big / small:.3f}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
