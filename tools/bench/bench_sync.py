@@ -221,10 +221,41 @@ def bulk_mode(args: argparse.Namespace, work: Path) -> dict[str, object]:
     }
 
 
+_FORKING_WRITER = """
+import os, sys
+from formula_foundry.tracking import get_tracker
+runs, per_run = int(sys.argv[1]), int(sys.argv[2])
+tracker = get_tracker()
+for r in range(runs):
+    with tracker.start_run(run_name=f"idle-{r}") as run:
+        run.log_metric("x", 0.0, step=0)
+        for i in range(1, per_run):
+            pid = os.fork()
+            if pid == 0:  # a forked writer opens a segment of its own (docs/spool-format.md)
+                run.log_metric("x", float(i), step=i)
+                os._exit(0)
+            os.waitpid(pid, 0)
+"""
+
+
 def idle_pass(work: Path, segments: int) -> dict[str, object]:
+    """Wall time of a whole ``ff-sync`` process over ``segments`` fully synced segments.
+
+    The segments belong to ``segments // 100`` runs (forked writers, one segment each), so the
+    initial sync creates few MLflow runs; the idle pass costs the same per segment either way.
+    """
     spool = work / "idle-runs"
     spool.mkdir()
-    write_spools(spool, segments, 1, 1)
+    per_run = min(100, segments)
+    env = {**os.environ, "FF_SPOOL_ROOT": str(spool)}
+    env.pop("FF_CONFIG", None)
+    subprocess.run(
+        [PYTHON, "-c", _FORKING_WRITER, str(max(1, segments // per_run)), str(per_run)],
+        env=env,
+        check=True,
+        cwd=work,
+    )
+    found = len(list(spool.glob("*/seg-*.jsonl")))
     config = work / "idle.yaml"
     config.write_text(
         f"tracking:\n  backend_store_uri: sqlite:///{work / 'idle.db'}\n"
@@ -252,7 +283,7 @@ def idle_pass(work: Path, segments: int) -> dict[str, object]:
         for line in probe.stderr.splitlines()
         if line.startswith("import time:")
     )
-    return {"segments": segments, "wall_s": round(best, 3), "mlflow_imported": imported}
+    return {"segments": found, "wall_s": round(best, 3), "mlflow_imported": imported}
 
 
 def main() -> int:
@@ -264,6 +295,7 @@ def main() -> int:
     ap.add_argument("--profile", type=Path, default=None, help="cProfile file of the bulk pass")
     ap.add_argument("--repeat", type=int, default=3, help="best of N alternating runs")
     ap.add_argument("--idle", type=int, default=1000, help="segments of the idle pass (0: skip)")
+    ap.add_argument("--only-idle", action="store_true", help="only the idle pass (--idle N)")
     ap.add_argument("--dir", type=Path, default=None, help="work folder (default: a temp dir)")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     args = ap.parse_args()
@@ -271,6 +303,14 @@ def main() -> int:
         args.steps = 5000 if args.bulk else 500
     if args.bulk:
         return run_bulk(args)
+    if args.only_idle:
+        work = Path(tempfile.mkdtemp(prefix="ff-bench-idle-", dir=args.dir))
+        try:
+            idle = idle_pass(work, args.idle or 10_000)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        print(json.dumps(idle) if args.json else f"idle pass: {idle}")
+        return 0
 
     work = Path(tempfile.mkdtemp(prefix="ff-bench-sync-", dir=args.dir))
     try:

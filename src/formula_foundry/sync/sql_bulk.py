@@ -118,6 +118,18 @@ def fold_latest(
     return latest, changed
 
 
+def as_flushed(row: SqlRow, stored: SqlRow | None) -> SqlRow:
+    """The row MLflow's ORM leaves in the database when it moves ``stored`` to ``row``.
+
+    The ORM writes only the columns whose new value differs (``!=``) from the loaded one, so
+    an existing ``0.0`` replaced by ``-0.0`` stays ``0.0`` (PostgreSQL keeps the sign of
+    zero, SQLite does not: only the PostgreSQL differential test sees this).
+    """
+    if stored is None or row[1] != stored[1]:
+        return row
+    return (row[0], stored[1], *row[2:])
+
+
 class BulkSink:
     """An :class:`MlflowSink` whose metrics are inserted in bulk (see the module docstring)."""
 
@@ -185,10 +197,10 @@ class BulkSink:
                 conn.exec_driver_sql(_SQLITE_INSERT, rows)
             else:
                 self._insert_core(conn, rows)
-            latest = self._read_latest(conn, run_id, sorted({r[0] for r in rows}))
-            known = set(latest)
-            latest, changed = fold_latest(rows, latest)
-            self._write_latest(conn, [latest[k] for k in sorted(changed)], known)
+            stored = self._read_latest(conn, run_id, sorted({r[0] for r in rows}))
+            latest, changed = fold_latest(rows, dict(stored))
+            final = [as_flushed(latest[k], stored.get(k)) for k in sorted(changed)]
+            self._write_latest(conn, [r for r in final if r != stored.get(r[0])], set(stored))
 
     @staticmethod
     def _check_run(conn: Connection, run_id: str) -> None:
