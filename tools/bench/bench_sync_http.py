@@ -110,7 +110,14 @@ def mlflow_server(base: Path, workers: int) -> Iterator[str]:
         str(base / "artifacts"),
     ]
     with open(base / "server.log", "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            cmd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            # MLflow's job runner (seven huey processes) serves no tracking request.
+            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+        )
     uri = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 180
