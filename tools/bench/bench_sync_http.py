@@ -34,6 +34,7 @@ also run ``--server-workers 1`` for the conservative ratio, and report both.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -91,8 +92,8 @@ def _free_port() -> int:
 
 
 @contextmanager
-def mlflow_server(base: Path, workers: int) -> Iterator[str]:
-    """A fresh ``mlflow server`` on loopback with its own SQLite store; yields its URI."""
+def mlflow_server(base: Path, workers: int, backend: str | None = None) -> Iterator[str]:
+    """A fresh ``mlflow server`` on loopback with its own store (SQLite unless ``backend``)."""
     base.mkdir(parents=True)
     port = _free_port()
     cmd = [
@@ -105,7 +106,7 @@ def mlflow_server(base: Path, workers: int) -> Iterator[str]:
         "--workers",
         str(workers),
         "--backend-store-uri",
-        f"sqlite:///{base / 'server.db'}",
+        backend or f"sqlite:///{base / 'server.db'}",
         "--artifacts-destination",
         str(base / "artifacts"),
     ]
@@ -255,6 +256,12 @@ def main() -> int:
     ap.add_argument("--workers", default="1,4,8", help="sync.workers values, comma-separated")
     ap.add_argument("--server-workers", type=int, default=2, help="mlflow server --workers")
     ap.add_argument("--postgres", action="store_true", help="also measure postgresql:// direct")
+    ap.add_argument(
+        "--server-backend",
+        choices=("sqlite", "postgresql"),
+        default="sqlite",
+        help="the server's backend store (a team's server sits on PostgreSQL)",
+    )
     ap.add_argument("--no-http", action="store_true", help="skip the mlflow server part")
     ap.add_argument("--dir", type=Path, help="work folder (kept); default: a temporary one")
     ap.add_argument("--json", action="store_true", help="print the figures as JSON")
@@ -270,24 +277,35 @@ def main() -> int:
         write_spool(spool, args.runs, args.keys, args.steps)
         runs = load_runs(spool)
 
-        @contextmanager
-        def server(base: Path) -> Iterator[str]:
-            with mlflow_server(base, args.server_workers) as uri:
-                yield uri
+        sys.path.insert(0, str(REPO))
+        from tests._services import create_database, postgres_cluster
 
         results: list[dict[str, Any]] = []
-        if not args.no_http:
-            results.append(compare("http", server, work, spool, runs, workers, artifact_dir=False))
-            results[0]["server_workers"] = args.server_workers
-        if args.postgres:
-            sys.path.insert(0, str(REPO))
-            from tests._services import create_database, postgres_cluster
+        with contextlib.ExitStack() as stack:
+            admin = None
+            if args.postgres or args.server_backend == "postgresql":
+                admin = stack.enter_context(postgres_cluster())
 
-            with postgres_cluster() as admin:
+            @contextmanager
+            def server(base: Path) -> Iterator[str]:
+                backend = (
+                    None
+                    if admin is None or args.server_backend == "sqlite"
+                    else (create_database(admin, "ffserver"))
+                )
+                with mlflow_server(base, args.server_workers, backend) as uri:
+                    yield uri
+
+            if not args.no_http:
+                label = f"http ({args.server_backend} backend)"
+                results.append(compare(label, server, work, spool, runs, workers, False))
+                results[0]["server_workers"] = args.server_workers
+            if args.postgres and admin is not None:
+                pg_admin = admin
 
                 @contextmanager
                 def database(base: Path) -> Iterator[str]:
-                    yield create_database(admin, "ffbench")
+                    yield create_database(pg_admin, "ffbench")
 
                 results.append(
                     compare("postgresql", database, work, spool, runs, workers, artifact_dir=True)

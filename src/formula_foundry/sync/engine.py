@@ -39,6 +39,7 @@ from formula_foundry.sync.runs import RUN_UUID_RE, RunResolver, SyncContext
 from formula_foundry.sync.scan import SegmentFile, scan_spool
 from formula_foundry.sync.sink import Sink
 from formula_foundry.sync.stale import end_stale, find_stale
+from formula_foundry.sync.store_access import INSTALL_HINT
 from formula_foundry.sync.sync_state import (
     LOCK_FILE,
     QUARANTINE_FILE,
@@ -52,7 +53,6 @@ SinkFactory = Callable[[Settings], Sink]
 KNOWN_SCHEMES = frozenset(
     {"sqlite", "postgresql", "postgres", "mysql", "mssql", "http", "https", "file", "databricks"}
 )
-INSTALL_HINT = "pip install 'formula-foundry[tracking]'"
 
 
 def load_sync_settings(

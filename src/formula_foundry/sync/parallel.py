@@ -50,14 +50,11 @@ from formula_foundry.sync.sink import (
     RunSpec,
     Sink,
 )
+from formula_foundry.sync.store_access import scheme_of
 
 # Destinations that take concurrent writers. ``postgres`` is SQLAlchemy's old spelling.
 PARALLEL_SCHEMES: Final = frozenset({"http", "https", "postgresql", "postgres"})
 _JOIN_SLICE_S: Final = 0.2
-
-
-def scheme_of(uri: str) -> str:
-    return uri.split("://", 1)[0].lower().split("+", 1)[0] if "://" in uri else ""
 
 
 def workers_for(settings: Settings) -> int:

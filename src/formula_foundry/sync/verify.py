@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Final
 from formula_foundry.config import Settings
 from formula_foundry.errors import EXIT_OK, EXIT_PARTIAL, MlflowMissing
 from formula_foundry.redact import redact_uri
-from formula_foundry.sync.engine import INSTALL_HINT, check_destination
+from formula_foundry.sync.engine import check_destination
 from formula_foundry.sync.expected import (
     END_STATUSES,
     ExpectedRun,
@@ -39,6 +39,7 @@ from formula_foundry.sync.runs import RUN_UUID_RE
 from formula_foundry.sync.scan import SegmentFile, scan_spool
 from formula_foundry.sync.sink import RunMissing
 from formula_foundry.sync.status import StateView
+from formula_foundry.sync.store_access import INSTALL_HINT
 from formula_foundry.sync.sync_state import destination_key
 
 if TYPE_CHECKING:
