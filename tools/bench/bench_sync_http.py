@@ -55,6 +55,8 @@ TARGET_RATIO = 1.5
 HERE = Path(__file__).resolve()
 REPO = HERE.parents[2]
 PYTHON = sys.executable
+sys.path.insert(0, str(HERE.parent))
+from bench_sync import load_points  # noqa: E402  (the same spool-as-plain-data reader)
 
 _WRITER = """
 import sys
@@ -147,27 +149,6 @@ def mlflow_server(base: Path, workers: int, backend: str | None = None) -> Itera
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
-
-
-def load_runs(spool: Path) -> list[dict[str, Any]]:
-    """The spooled runs as plain data (what a hand-written importer would hold)."""
-    from formula_foundry.sync.scan import scan_spool
-    from formula_foundry.tracking.spool_reader import Event, SegmentReader
-
-    runs: dict[str, dict[str, Any]] = {}
-    for seg in scan_spool(spool):
-        run = runs.setdefault(seg.run_uuid, {"metrics": [], "params": {}, "tags": {}})
-        for ev in SegmentReader(seg.path):
-            if not isinstance(ev, Event):
-                continue
-            if ev.kind == "run_start":
-                run["name"], run["t"] = ev.data["name"], ev.t
-            elif ev.kind == "metrics":
-                for k, v in ev.data["d"].items():
-                    run["metrics"].append((k, float(v), ev.t, ev.data["step"]))
-            elif ev.kind in ("params", "tags"):
-                run[ev.kind].update(ev.data["d"])
-    return list(runs.values())
 
 
 def baseline(uri: str, runs: list[dict[str, Any]], artifact_dir: Path | None) -> tuple[float, int]:
@@ -275,7 +256,7 @@ def main() -> int:
         spool = work / "runs"
         spool.mkdir()
         write_spool(spool, args.runs, args.keys, args.steps)
-        runs = load_runs(spool)
+        runs = load_points(spool)
 
         sys.path.insert(0, str(REPO))
         from tests._services import create_database, postgres_cluster
