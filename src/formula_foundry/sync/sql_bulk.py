@@ -53,24 +53,22 @@ _DOUBLE_MAX: Final = 1.7976931348623157e308
 
 log = logging.getLogger(__name__)
 
-_METRICS = sa.table(
-    "metrics",
-    sa.column("key", sa.String),
-    sa.column("value", sa.Float),
-    sa.column("timestamp", sa.BigInteger),
-    sa.column("step", sa.BigInteger),
-    sa.column("is_nan", sa.Boolean),
-    sa.column("run_uuid", sa.String),
-)
-_LATEST = sa.table(
-    "latest_metrics",
-    sa.column("key", sa.String),
-    sa.column("value", sa.Float),
-    sa.column("timestamp", sa.BigInteger),
-    sa.column("step", sa.BigInteger),
-    sa.column("is_nan", sa.Boolean),
-    sa.column("run_uuid", sa.String),
-)
+
+def _metric_table(name: str) -> sa.TableClause:
+    """``metrics`` and ``latest_metrics`` share these columns (the rest stay MLflow's)."""
+    return sa.table(
+        name,
+        sa.column("key", sa.String),
+        sa.column("value", sa.Float),
+        sa.column("timestamp", sa.BigInteger),
+        sa.column("step", sa.BigInteger),
+        sa.column("is_nan", sa.Boolean),
+        sa.column("run_uuid", sa.String),
+    )
+
+
+_METRICS = _metric_table("metrics")
+_LATEST = _metric_table("latest_metrics")
 _RUNS = sa.table("runs", sa.column("run_uuid", sa.String), sa.column("lifecycle_stage"))
 _SQLITE_INSERT: Final = (
     "INSERT OR IGNORE INTO metrics (key, value, timestamp, step, is_nan, run_uuid) "
