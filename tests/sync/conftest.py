@@ -121,13 +121,18 @@ class Project:
         return env
 
     def python(
-        self, code: str, *args: str, timeout: float = 120.0, check: bool = True
+        self,
+        code: str,
+        *args: str,
+        timeout: float = 120.0,
+        check: bool = True,
+        env: dict[str, str] | None = None,
     ) -> subprocess.CompletedProcess[str]:
-        """Run a snippet in a fresh interpreter configured for this project."""
+        """Run a snippet in a fresh interpreter configured for this project (plus ``env``)."""
         result = subprocess.run(
             [PYTHON, "-c", textwrap.dedent(code), *args],
             cwd=self.root,
-            env=self.env(),
+            env=self.env(**(env or {})),
             capture_output=True,
             text=True,
             timeout=timeout,

@@ -8,12 +8,13 @@ Usage::
 Two spools are written with the real tracker (20 runs, ``log_metrics`` of 10 keys per call,
 200-character keys so that a gigabyte is a few million points rather than tens of millions),
 then each is synced by a fresh ``ff-sync`` process into a fresh SQLite store. The peak resident
-memory of each process comes from ``wait4``'s rusage (``ru_maxrss``). The baseline, measured the
-same way in the same script, is a process that only imports MLflow and opens the same kind of
-store (what any MLflow client pays before it writes anything).
+memory of each process comes from ``wait4``'s rusage (``ru_maxrss``). The baselines, measured the
+same way in the same script, are processes that only import MLflow and open the same kind of
+store (what any MLflow client pays before it writes anything): with every import, and with
+pandas, SciPy and PyArrow hidden as the ``ff-sync`` command hides them.
 
 Printed: peak RSS of the baseline, of the small and of the big sync, and the ratio big/small
-(flat memory: close to 1.00) and the increment of each sync over the baseline.
+(flat memory: close to 1.00) and the increment of each sync over the lean baseline.
 """
 
 from __future__ import annotations
@@ -44,6 +45,9 @@ for r in range(runs):
 """
 BASELINE = """
 import sys
+if sys.argv[2] == "lean":
+    from formula_foundry.sync.lean_imports import hide_unused_modules
+    hide_unused_modules()
 from formula_foundry.sync.engine import load_sync_settings
 from formula_foundry.sync.mlflow_sink import open_sink
 open_sink(load_sync_settings(sys.argv[1])).close()
@@ -101,11 +105,18 @@ def main() -> int:
             )
         base_project = Path(tmp) / "small"
         config = str(base_project / "config" / "mlflow.yaml")
-        base, _, code = peak_rss_mib([sys.executable, "-c", BASELINE, config], base_project, env)
-        if code != 0:
-            raise SystemExit("the baseline process failed")
+        bases = {}
+        for kind in ("full", "lean"):
+            cmd = [sys.executable, "-c", BASELINE, config, kind]
+            bases[kind], _, code = peak_rss_mib(cmd, base_project, env)
+            if code != 0:
+                raise SystemExit("the baseline process failed")
     small, big = results["small"][0], results["big"][0]
-    print(f"baseline: import MLflow and open a SQLite store: peak {base:.1f} MiB")
+    base = bases["lean"]
+    print(
+        f"baseline: import MLflow and open a SQLite store: peak {bases['full']:.1f} MiB, "
+        f"{base:.1f} MiB without pandas/SciPy/PyArrow (as ff-sync imports it)"
+    )
     print(
         f"peak RSS: small {small:.1f} MiB (+{small - base:.1f} over baseline), "
         f"big {big:.1f} MiB (+{big - base:.1f}); big / small = {big / small:.3f}"

@@ -317,3 +317,11 @@ def verify_command(opts: SyncOptions, as_json: bool) -> None:
         return report.exit_code
 
     sys.exit(_run(body))
+
+
+def run() -> None:
+    """The ``ff-sync`` command: :func:`main` in a process that skips MLflow's unused imports."""
+    from formula_foundry.sync.lean_imports import hide_unused_modules
+
+    hide_unused_modules()
+    main(prog_name="ff-sync")

@@ -36,6 +36,7 @@ from formula_foundry.errors import (
     MlflowMissing,
 )
 from formula_foundry.redact import redact_uri
+from formula_foundry.sync.lean_imports import OPT_OUT_ENV, hidden_module
 from formula_foundry.sync.report import one_line
 from formula_foundry.sync.sink import (
     MLFLOW_LIMITS,
@@ -81,6 +82,12 @@ class MlflowSink:
             from mlflow import MlflowClient
             from mlflow.entities import Metric, Param, RunTag, ViewType
         except ImportError as exc:
+            hidden = hidden_module(exc)
+            if hidden is not None:
+                raise ConfigError(
+                    f"MLflow needs {hidden!r}, which ff-sync hides from MLflow to save memory; "
+                    f"run again with {OPT_OUT_ENV}=1"
+                ) from None
             raise MlflowMissing(
                 f"MLflow is not installed ({exc}); on the sync host run: {INSTALL_HINT}"
             ) from None
