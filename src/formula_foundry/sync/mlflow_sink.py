@@ -38,6 +38,7 @@ from formula_foundry.errors import (
 from formula_foundry.redact import redact_uri
 from formula_foundry.sync.lean_imports import OPT_OUT_ENV, hidden_module
 from formula_foundry.sync.report import one_line
+from formula_foundry.sync.rest_batch import rest_log_batch
 from formula_foundry.sync.sink import (
     MLFLOW_LIMITS,
     ArtifactRef,
@@ -113,6 +114,8 @@ class MlflowSink:
                 run_id, metrics=metrics, params=params, tags=tags
             )
         )
+        # Toward a server: the same request without the protobuf round trip (rest_batch.py).
+        self._post_batch = rest_log_batch(store)
 
     # -- errors ---------------------------------------------------------------------------
 
@@ -188,15 +191,20 @@ class MlflowSink:
                 if self.scheme in SQL_SCHEMES
                 else None
             )
-            self._exp_ids = None
             try:
-                self._call(
+                new_id = self._call(
                     f"create experiment {name!r}",
                     lambda: self._client.create_experiment(name, artifact_location=location),
                 )
             except DestinationRejected as exc:
                 if "RESOURCE_ALREADY_EXISTS" not in str(exc) and "already exists" not in str(exc):
                     raise
+                self._exp_ids = None  # another writer created it: list them all again
+            else:
+                if self._exp_ids is not None:
+                    self._exp_ids.append(str(new_id))
+                self._experiments[name] = str(new_id)
+                return str(new_id)
             exp = self._call(
                 f"get experiment {name!r}", lambda: self._client.get_experiment_by_name(name)
             )
@@ -302,6 +310,10 @@ class MlflowSink:
         params: Sequence[tuple[str, str]],
         tags: Sequence[tuple[str, str]],
     ) -> None:
+        post = self._post_batch
+        if post is not None:
+            self._call(f"log a batch to run {run_id}", lambda: post(run_id, metrics, params, tags))
+            return
         metric, param, tag = self._Metric, self._Param, self._RunTag
         ms = [metric(k, v, t, s) for k, v, t, s in metrics]
         ps = [param(k, v) for k, v in params]

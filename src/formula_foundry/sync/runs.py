@@ -217,10 +217,17 @@ class RunResolver:
     # -- internals ------------------------------------------------------------------------
 
     def _find_or_create(self, spec: RunSpec) -> tuple[RemoteRun, bool]:
+        """Create the run the caller has just looked for; a retry looks again first (a create
+        that timed out may have committed), so a flaky destination gets no duplicate."""
+        tries = 0
+
         def attempt() -> tuple[RemoteRun, bool]:
-            found = self.cx.sink.find_run(spec.run_uuid, spec.experiment)
-            if found is not None:
-                return found, False
+            nonlocal tries
+            tries += 1
+            if tries > 1:
+                found = self.cx.sink.find_run(spec.run_uuid, spec.experiment)
+                if found is not None:
+                    return found, False
             return self.cx.sink.create_run(spec), True
 
         return self.cx.call(attempt)
