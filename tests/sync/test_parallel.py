@@ -66,16 +66,40 @@ def _comparable(snap: dict[str, Any]) -> dict[str, Any]:
 
 
 class CountingFactory:
-    """The real MLflow sink factory, noting which threads opened a sink."""
+    """The real MLflow sink factory, noting which threads opened a sink, and the order in
+    which runs were created and batches sent (``calls``: (what, thread) pairs)."""
 
     def __init__(self) -> None:
         self.threads: list[int] = []
+        self.calls: list[tuple[str, int]] = []
         self._lock = threading.Lock()
 
     def __call__(self, settings: Settings) -> Sink:
         with self._lock:
             self.threads.append(threading.get_ident())
-        return mlflow_sink(settings)
+        return _Recording(mlflow_sink(settings), self)
+
+    def note(self, what: str) -> None:
+        with self._lock:
+            self.calls.append((what, threading.get_ident()))
+
+
+class _Recording:
+    """A real sink that tells its factory about run creations and batches."""
+
+    def __init__(self, inner: Sink, factory: CountingFactory) -> None:
+        self.inner, self.factory = inner, factory
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def create_run(self, spec: Any) -> Any:
+        self.factory.note("create_run")
+        return self.inner.create_run(spec)
+
+    def log_batch(self, run_id: str, metrics: Any, params: Any, tags: Any) -> None:
+        self.inner.log_batch(run_id, metrics, params, tags)
+        self.factory.note("log_batch")
 
 
 def _settings(project: Project, uri: str | None, workers: int) -> Settings:
@@ -92,6 +116,14 @@ def _parallel_pass(project: Project, uri: str, workers: int = 4) -> SyncReport:
     # The pass's own sink (resolving runs) plus one per worker, each opened in its thread.
     assert len(factory.threads) == workers + 1
     assert len(set(factory.threads)) == workers + 1
+    # Only the calling thread creates runs; workers replay runs already resolved, while the
+    # calling thread goes on resolving the others (lookups overlap the replay).
+    caller = factory.threads[0]
+    creates = [i for i, (what, _) in enumerate(factory.calls) if what == "create_run"]
+    assert len(creates) == RUN_COUNT
+    assert {factory.calls[i][1] for i in creates} == {caller}
+    first_batch = next(i for i, (w, t) in enumerate(factory.calls) if w == "log_batch")
+    assert factory.calls[first_batch][1] != caller and first_batch < creates[-1]
     # One coherent display: whole-pass figures that never go backwards.
     assert seen and seen[-1].runs_total == RUN_COUNT
     for before, after in itertools.pairwise(seen):

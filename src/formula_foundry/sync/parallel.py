@@ -9,10 +9,12 @@ keeps one worker (:func:`workers_for`).
 A parallel pass (:func:`replay_parallel`) has two phases:
 
 1. **Resolve** — in the calling thread, with the pass's own sink, every pending run is found
-   or created in the destination, in the usual order (oldest pending segment first). A parent
-   is created before its children by the resolver itself, with ``mlflow.parentRunId``, so no
-   worker ever creates a run, and two workers cannot race to create the same parent;
-2. **Replay** — ``n`` worker threads take the resolved runs, largest pending data first, and
+   or created in the destination, largest pending data first (the pass lasts as long as its
+   slowest worker, so the long runs start early). A parent is created before its children by
+   the resolver itself, with ``mlflow.parentRunId``, so no worker ever creates a run, and two
+   workers cannot race to create the same parent;
+2. **Replay** — ``n`` worker threads take the runs as soon as they are resolved (a lookup and
+   a create per run are round trips too: they overlap the replay of the runs before), and
    replay them, one run at a time each, each run wholly in one worker (its events stay in
    spool order). Every worker has its *own* sink from the sink factory (MLflow clients and
    store sessions are not shared across threads by us) and its own
@@ -30,6 +32,7 @@ same way, then propagates.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import threading
 import time
@@ -178,28 +181,62 @@ class _Pool:
         resolver: RunResolver,
         sink_factory: Callable[[], Sink],
         pending: dict[str, list[SegmentFile]],
-        queue: list[str],
         progress_fn: ProgressFn | None,
         runs_total: int,
-        runs_done: int,
     ) -> None:
         self.cx, self.resolver, self.sink_factory = cx, resolver, sink_factory
         self.pending, self.progress_fn = pending, progress_fn
-        self.runs_total, self.runs_done_before = runs_total, runs_done
+        self.runs_total, self.runs_done_before = runs_total, 0
         self.stop = threading.Event()
-        self._queue = list(reversed(queue))  # pop() from the end: first in queue goes first
+        self._queue: collections.deque[str] = collections.deque()
+        self._closed = False  # the resolver has handed over every run it will
         self._lock = threading.Lock()
+        self._more = threading.Condition(self._lock)
         self._errors: list[BaseException] = []
         self.workers: list[_Worker] = []
 
-    def next_run(self) -> str | None:
+    def add_worker(self) -> _Worker:
+        worker = _Worker(self, len(self.workers))
+        with self._lock:  # emit() sums over the workers meanwhile
+            self.workers = [*self.workers, worker]
+        return worker
+
+    def push(self, run_uuid: str) -> None:
+        """Hand a resolved run to the workers (first pushed, first taken)."""
         with self._lock:
-            return self._queue.pop() if self._queue else None
+            self._queue.append(run_uuid)
+            self._more.notify()
+
+    def close(self) -> None:
+        """No more runs: workers end once the queue is empty."""
+        with self._lock:
+            self._closed = True
+            self._more.notify_all()
+
+    def skipped(self) -> None:
+        """A run that waits or was refused counts as done for the progress display."""
+        with self._lock:
+            self.runs_done_before += 1
+
+    def next_run(self) -> str | None:
+        """The next resolved run; ``None`` once the pass is over or stopping."""
+        with self._lock:
+            while not self._queue and not self._closed and not self.stop.is_set():
+                self._more.wait()
+            if self.stop.is_set() or not self._queue:
+                return None
+            return self._queue.popleft()
+
+    def halt(self) -> None:
+        """Stop every worker before its next call to the destination."""
+        self.stop.set()
+        with self._lock:
+            self._more.notify_all()
 
     def fail(self, exc: BaseException) -> None:
         with self._lock:
             self._errors.append(exc)
-        self.stop.set()
+        self.halt()
 
     def first_error(self) -> BaseException | None:
         with self._lock:
@@ -227,19 +264,7 @@ def replay_parallel(
     progress_fn: ProgressFn | None,
     workers: int,
 ) -> None:
-    """Resolve every run of ``order`` here, then replay them on ``workers`` threads."""
-    ready: list[str] = []
-    skipped = 0
-    for run_uuid in order:
-        try:
-            ctx = resolver.ensure_run(run_uuid)
-        except DestinationRejected as exc:
-            cx.report.blocked.append(f"run {run_uuid}: {exc}")
-            ctx = None
-        if ctx is None:
-            skipped += 1  # waits or refused: reported by the resolver, as a serial pass does
-        else:
-            ready.append(run_uuid)
+    """Resolve every run of ``order`` here, while up to ``workers`` threads replay them."""
 
     def pending_bytes(run_uuid: str) -> int:
         total = 0
@@ -248,28 +273,36 @@ def replay_parallel(
             total += seg.size - (prog.offset if prog else 0)
         return total
 
-    if not ready:
-        cx.report.workers = 1
-        return
-    # Largest first: the pass lasts as long as its slowest worker, so the long runs start early.
-    ready.sort(key=lambda run: (-pending_bytes(run), order.index(run)))
-    pool = _Pool(cx, resolver, sink_factory, pending, ready, progress_fn, len(order), skipped)
-    pool.workers = [_Worker(pool, i) for i in range(max(1, min(workers, len(ready))))]
-    cx.report.workers = len(pool.workers)
+    position = {run: i for i, run in enumerate(order)}
+    by_size = sorted(order, key=lambda run: (-pending_bytes(run), position[run]))
+    pool = _Pool(cx, resolver, sink_factory, pending, progress_fn, len(order))
     try:
-        for w in pool.workers:
-            w.thread.start()
+        for run_uuid in by_size:
+            if pool.stop.is_set():
+                break
+            try:
+                ctx = resolver.ensure_run(run_uuid)
+            except DestinationRejected as exc:
+                cx.report.blocked.append(f"run {run_uuid}: {exc}")
+                ctx = None
+            if ctx is None:
+                pool.skipped()  # waits or refused: reported by the resolver, as a serial pass
+                continue
+            pool.push(run_uuid)
+            if len(pool.workers) < workers:  # one more thread per resolved run, up to n
+                pool.add_worker().thread.start()
+        pool.close()
         for w in pool.workers:
             # A timed join keeps the calling thread responsive to KeyboardInterrupt.
             while w.thread.is_alive():
                 w.thread.join(_JOIN_SLICE_S)
     except BaseException:
-        pool.stop.set()
+        pool.halt()
         for w in pool.workers:
-            if w.thread.ident is not None:
-                w.thread.join()
+            w.thread.join()
         raise
     finally:
+        cx.report.workers = max(1, len(pool.workers))
         for w in pool.workers:
             cx.report.merge(w.report)
     error = pool.first_error()
