@@ -98,10 +98,26 @@ def _history(client, run_id: str) -> dict[str, object]:  # type: ignore[no-untyp
     return {"metrics": metrics, "params": run.data.params, "tags": tags}
 
 
+def _both_ways(client, exp_id: str, sink: MlflowSink, metrics, params, tags) -> None:  # type: ignore[no-untyped-def]
+    """One batch through MLflow's client into one run, through ``sink`` into another: the
+    two runs hold the same."""
+    from mlflow.entities import Metric, Param, RunTag
+
+    theirs = client.create_run(exp_id).info.run_id
+    client.log_batch(
+        theirs,
+        metrics=[Metric(k, v, t, s) for k, v, t, s in metrics],
+        params=[Param(k, v) for k, v in params],
+        tags=[RunTag(k, v) for k, v in tags],
+    )
+    ours = client.create_run(exp_id).info.run_id
+    sink.log_batch(ours, metrics, params, tags)
+    assert _history(client, ours) == _history(client, theirs)
+
+
 @pytest.mark.server
 def test_a_server_stores_the_same_either_way(http_service: HttpService, tmp_path: Path) -> None:
     from mlflow import MlflowClient
-    from mlflow.entities import Metric, Param, RunTag
 
     client = MlflowClient(tracking_uri=http_service.uri)
     exp = client.create_experiment(f"rest-batch-{tmp_path.name}")
@@ -125,16 +141,7 @@ def test_a_server_stores_the_same_either_way(http_service: HttpService, tmp_path
         ([], [("p", "x" * 6000)], [("t", "y" * 8000)]),
     ]
     for metrics, params, tags in examples:
-        theirs = client.create_run(exp).info.run_id
-        client.log_batch(
-            theirs,
-            metrics=[Metric(k, v, t, s) for k, v, t, s in metrics],
-            params=[Param(k, v) for k, v in params],
-            tags=[RunTag(k, v) for k, v in tags],
-        )
-        ours = client.create_run(exp).info.run_id
-        sink.log_batch(ours, metrics, params, tags)
-        assert _history(client, ours) == _history(client, theirs)
+        _both_ways(client, exp, sink, metrics, params, tags)
 
     # MLflow's refusals come back as before: a changed param, a run that does not exist.
     run_id = client.create_run(exp).info.run_id
@@ -166,7 +173,6 @@ def test_random_batches_on_a_server(
 ) -> None:
     """Arbitrary batches, both ways, into the real server: the same run content."""
     from mlflow import MlflowClient
-    from mlflow.entities import Metric, Param, RunTag
 
     params = list(dict(params).items())  # one value per key within a batch, as ff-sync sends
     tags = list(dict(tags).items())
@@ -175,13 +181,4 @@ def test_random_batches_on_a_server(
     exp = client.get_experiment_by_name(name)
     exp_id = exp.experiment_id if exp else client.create_experiment(name)
     sink = MlflowSink(http_service.uri, tmp_path / "art")
-    theirs = client.create_run(exp_id).info.run_id
-    client.log_batch(
-        theirs,
-        metrics=[Metric(k, v, t, s) for k, v, t, s in metrics],
-        params=[Param(k, v) for k, v in params],
-        tags=[RunTag(k, v) for k, v in tags],
-    )
-    ours = client.create_run(exp_id).info.run_id
-    sink.log_batch(ours, metrics, params, tags)
-    assert _history(client, ours) == _history(client, theirs)
+    _both_ways(client, exp_id, sink, metrics, params, tags)

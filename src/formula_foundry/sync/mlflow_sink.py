@@ -38,7 +38,7 @@ from formula_foundry.errors import (
 from formula_foundry.redact import redact_uri
 from formula_foundry.sync.lean_imports import OPT_OUT_ENV, hidden_module
 from formula_foundry.sync.report import one_line
-from formula_foundry.sync.rest_batch import rest_log_batch
+from formula_foundry.sync.rest_batch import log_batch_body
 from formula_foundry.sync.sink import (
     MLFLOW_LIMITS,
     ArtifactRef,
@@ -115,7 +115,7 @@ class MlflowSink:
             )
         )
         # Toward a server: the same request without the protobuf round trip (rest_batch.py).
-        self._post_batch = rest_log_batch(store)
+        self._post_batch = _rest_poster(store)
 
     # -- errors ---------------------------------------------------------------------------
 
@@ -312,7 +312,8 @@ class MlflowSink:
     ) -> None:
         post = self._post_batch
         if post is not None:
-            self._call(f"log a batch to run {run_id}", lambda: post(run_id, metrics, params, tags))
+            body = log_batch_body(run_id, metrics, params, tags)
+            self._call(f"log a batch to run {run_id}", lambda: post(body))
             return
         metric, param, tag = self._Metric, self._Param, self._RunTag
         ms = [metric(k, v, t, s) for k, v, t, s in metrics]
@@ -348,6 +349,34 @@ def open_sink(settings: Settings) -> Sink:
 
     sink = MlflowSink(settings.backend_store_uri, settings.artifact_root)
     return open_bulk(sink) if settings.sync_bulk else sink
+
+
+def _rest_poster(store: Any) -> Callable[[bytes], None] | None:
+    """Posts a ``LogBatch`` body to ``store``'s server as its ``RestStore.log_batch`` would;
+    ``None`` for other stores and for requests that go through the Databricks SDK."""
+    try:
+        from mlflow.protos.service_pb2 import LogBatch
+        from mlflow.store.tracking.rest_store import RestStore
+        from mlflow.utils.rest_utils import http_request, verify_rest_response
+    except ImportError:  # pragma: no cover - another MLflow layout: its own log_batch then
+        return None
+    info = getattr(store, "_METHOD_TO_INFO", {}).get(LogBatch)
+    if not isinstance(store, RestStore) or info is None:
+        return None
+    if getattr(store.get_host_creds(), "use_databricks_sdk", False):
+        return None
+    endpoint, method = info
+    check_workspace = getattr(store, "_validate_workspace_support_if_specified", lambda: None)
+    headers = {"Content-Type": "application/json"}
+
+    def post(body: bytes) -> None:
+        check_workspace()
+        response = http_request(  # type: ignore[no-untyped-call]
+            store.get_host_creds(), endpoint, method, data=body, extra_headers=headers
+        )
+        verify_rest_response(response, endpoint)
+
+    return post
 
 
 def _pid_alive(pid: int) -> bool:
