@@ -17,11 +17,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from formula_foundry.errors import ValidationError
 from formula_foundry.sync.mlflow_sink import MlflowSink
 from formula_foundry.sync.rest_batch import log_batch_body
 from formula_foundry.sync.sink import DestinationRejected, MetricRow, ParamConflict
-from formula_foundry.tracking.events import check_key
+from tests._keys import accepted_key
 
 from .conftest import HttpService
 
@@ -29,16 +28,8 @@ INT64 = st.integers(min_value=-(2**63), max_value=2**63 - 1)
 TEXT = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"))
 
 
-def _accepted(key: str) -> bool:
-    try:
-        check_key(key, "metric", "test")
-    except ValidationError:
-        return False
-    return True
-
-
 # Keys the tracker lets into a spool (MLflow's rules: e.g. no "a/" or "a//b").
-KEY = st.from_regex(r"[a-zA-Z][a-zA-Z0-9_\-. /:]{0,19}", fullmatch=True).filter(_accepted)
+KEY = st.from_regex(r"[a-zA-Z][a-zA-Z0-9_\-. /:]{0,19}", fullmatch=True).filter(accepted_key)
 METRICS = st.lists(
     st.tuples(
         KEY,
