@@ -157,7 +157,7 @@ def _pass(
     if replay:
         state.reset()
     files = scan_spool(settings.spool_root)
-    odd = sorted({f.run_uuid for f in files if not RUN_UUID_RE.match(f.run_uuid)})
+    odd = sorted({f.run_uuid for f in files if not RUN_UUID_RE.fullmatch(f.run_uuid)})
     if odd:
         files = [f for f in files if f.run_uuid not in odd]
         report.warnings += [

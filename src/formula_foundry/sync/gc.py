@@ -188,7 +188,7 @@ def collect_garbage(
             )
         for run_uuid in sorted(by_run):
             run_dir = settings.spool_root / run_uuid
-            files = _snapshot(run_dir) if RUN_UUID_RE.match(run_uuid) else None
+            files = _snapshot(run_dir) if RUN_UUID_RE.fullmatch(run_uuid) else None
             if (
                 run_uuid not in ended
                 or not files

@@ -19,7 +19,7 @@ from formula_foundry.sync.sink import ArtifactRef, MetricRow
 from formula_foundry.tracking.events import INT64_MAX, INT64_MIN, check_key, decode_metric_value
 from formula_foundry.tracking.spool_reader import Event
 
-_DIGEST: Final = re.compile(r"^sha256:[0-9a-f]{64}$")
+_DIGEST: Final = re.compile(r"sha256:[0-9a-f]{64}")
 
 
 class InvalidRecord(Exception):
@@ -93,7 +93,7 @@ class PayloadChecker:
             validate_logical_path(path)
         except InvalidLogicalPath as exc:
             raise InvalidRecord(f"artifact_ref: {exc}") from None
-        if not isinstance(digest, str) or not _DIGEST.match(digest):
+        if not isinstance(digest, str) or not _DIGEST.fullmatch(digest):
             raise InvalidRecord(f"artifact_ref {path!r}: digest {digest!r} is not sha256:<64 hex>")
         if type(size) is not int or size < 0:
             raise InvalidRecord(f"artifact_ref {path!r}: size {size!r} is not an integer >= 0")

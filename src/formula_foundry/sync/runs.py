@@ -40,7 +40,7 @@ from formula_foundry.tracking.events import K_RUN_START
 from formula_foundry.tracking.spool_reader import Event, SegmentReader
 
 T = TypeVar("T")
-RUN_UUID_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,249}$")
+RUN_UUID_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,249}")
 _RAW_LIMIT: Final = 200
 
 
@@ -303,7 +303,7 @@ def _spec(uuid: str, ev: Event) -> RunSpec | None:
         return None
     if not isinstance(name, str) or not name.strip():
         return None
-    if parent is not None and (not isinstance(parent, str) or not RUN_UUID_RE.match(parent)):
+    if parent is not None and (not isinstance(parent, str) or not RUN_UUID_RE.fullmatch(parent)):
         return None
 
     def text(key: str) -> str:

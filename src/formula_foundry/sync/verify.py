@@ -138,7 +138,7 @@ def _runs(files: list[SegmentFile]) -> Iterator[tuple[str, list[SegmentFile]]]:
     """The segments of each run (scan order groups them), folders that are no run skipped."""
     current: list[SegmentFile] = []
     for seg in files:
-        if not RUN_UUID_RE.match(seg.run_uuid):
+        if not RUN_UUID_RE.fullmatch(seg.run_uuid):
             continue
         if current and current[0].run_uuid != seg.run_uuid:
             yield current[0].run_uuid, current

@@ -54,7 +54,7 @@ INT64_MIN: Final = -(2**63)
 INT64_MAX: Final = 2**63 - 1
 
 _CHECKSUM_TAIL_LEN: Final = 16  # len(',"c":"') + 8 hex + len('"}')
-_KEY_CHARS = re.compile(r"^[/\w.\- :]*$")
+_KEY_CHARS = re.compile(r"[/\w.\- :]*")
 
 _NONFINITE_OUT: Final = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
 
@@ -86,6 +86,31 @@ def frame_metric(seq: int, t: int, step: int, key_json: bytes, value_json: bytes
     return CHECKSUM_TAIL % (head, zlib.crc32(head))
 
 
+# Tags the sync writes itself when it creates a run: ``ff.*`` carry the run's identity
+# (``ff.run_uuid`` is how a replay finds the run again), the ``mlflow.*`` ones link and
+# attribute it. A user value for one of them would forge identity or lineage, so the tracker
+# refuses them and the sync quarantines them in old spools.
+RESERVED_TAG_PREFIX: Final = "ff."
+RESERVED_TAGS: Final = frozenset(
+    {"mlflow.parentRunId", "mlflow.user", "mlflow.source.name", "mlflow.source.type"}
+)
+
+
+def reserved_tag_reason(key: str) -> str | None:
+    """Why a user may not set tag ``key`` (it belongs to the sync), or None if it may."""
+    if key.startswith(RESERVED_TAG_PREFIX):
+        return (
+            f"tag {key!r} is reserved: tags starting with {RESERVED_TAG_PREFIX!r} carry the "
+            "run's identity and are written by ff-sync"
+        )
+    if key in RESERVED_TAGS:
+        return (
+            f"tag {key!r} is reserved: ff-sync sets it from the run's start "
+            "(parent, user, source); pass these to start_run instead"
+        )
+    return None
+
+
 def checksum_ok(line: bytes) -> bool:
     """Whether ``line`` (without its newline) ends with a checksum that matches its bytes."""
     if len(line) < _CHECKSUM_TAIL_LEN + 2 or line[-_CHECKSUM_TAIL_LEN:-10] != b',"c":"':
@@ -111,7 +136,7 @@ def check_key(key: object, what: str, run: str) -> str:
             f"run {run}: {what} key {key[:40]!r}... is {len(key)} characters "
             f"(MLflow allows at most {MAX_KEY_LENGTH})"
         )
-    if not _KEY_CHARS.match(key):
+    if not _KEY_CHARS.fullmatch(key):
         raise ValidationError(
             f"run {run}: {what} key {key!r} has a character MLflow rejects "
             "(allowed: letters, digits, _ - . space : /)"

@@ -15,7 +15,7 @@ from formula_foundry.tracking.events import K_RUN_START
 from formula_foundry.tracking.spool_reader import Event, SegmentReader
 from formula_foundry.tracking.spool_writer import is_segment_name, segment_started_ms
 
-_RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
+_RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}")
 # run_start is the first event after the header; a few lines are enough to find it.
 _HEAD_EVENTS = 8
 
@@ -32,7 +32,7 @@ class RunOrigin:
 
 def check_run_id(run_id: object) -> str:
     """A run id names a folder under the spool root: letters, digits, ``_ . -``, ≤ 128."""
-    if not isinstance(run_id, str) or not _RUN_ID.match(run_id):
+    if not isinstance(run_id, str) or not _RUN_ID.fullmatch(run_id):
         raise ValidationError(
             f"run id {run_id!r} is not valid: use 1-128 letters, digits, '_', '.' or '-', "
             "starting with a letter or digit"
