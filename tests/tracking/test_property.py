@@ -20,6 +20,7 @@ from formula_foundry.tracking.events import (
     decode_metric_value,
     frame,
     frame_metric,
+    reserved_tag_reason,
     string_value,
 )
 from formula_foundry.tracking.spool_reader import Event, SegmentReader
@@ -96,7 +97,10 @@ ops = st.one_of(
         st.just("metrics"), st.dictionaries(keys, metric_values, max_size=5), steps, timestamps
     ),
     st.tuples(st.just("param"), keys, texts | st.integers() | floats),
-    st.tuples(st.just("tags"), st.dictionaries(keys, texts, max_size=4)),
+    st.tuples(
+        st.just("tags"),
+        st.dictionaries(keys.filter(lambda k: reserved_tag_reason(k) is None), texts, max_size=4),
+    ),
 )
 
 

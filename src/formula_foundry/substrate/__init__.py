@@ -26,6 +26,7 @@ from formula_foundry.substrate.errors import (
     StoreFormatError,
     StoreIOError,
     SubstrateError,
+    UnsafeStorePath,
     ValidationError,
 )
 from formula_foundry.substrate.logical_path import validate_logical_path
@@ -60,6 +61,7 @@ __all__ = [
     "StoreFormatError",
     "StoreIOError",
     "SubstrateError",
+    "UnsafeStorePath",
     "ValidationError",
     "VerifyReport",
     "create_run",

@@ -25,7 +25,14 @@ Reading: ``open`` hashes what it serves and, at end of stream, raises :class:`Ob
 and quarantines the object if the content does not match its digest; a quarantined object is
 no longer under ``objects/`` so it is never served again. ``verify``/``verify_all`` re-hash on
 demand. The store keeps no logical-path index: an :class:`ArtifactEntry` (returned by ``add_*``)
-is the mapping, and whoever records it (a run manifest, a tracking reference) owns it.
+is the mapping, and whoever records it (a run manifest, a tracking reference) owns it; the entry
+names the store that holds it (``store_root``).
+
+Symbolic links: the root itself may be one (``data/artifacts -> /scratch/...``), but the store
+never follows a link inside its tree — a linked fan-out folder would put objects outside the
+store, a linked object would be served without being stored. Writes and reads that meet one raise
+:class:`UnsafeStorePath` naming it, ``has`` says False, ``verify_all`` lists it in ``unsafe``; the
+store never moves or deletes a link (remove it, then add the original file again).
 """
 
 from __future__ import annotations
@@ -40,7 +47,7 @@ import re
 import stat
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, Final
 
@@ -58,6 +65,7 @@ from formula_foundry.substrate.errors import (
     SourceFileNotFound,
     StoreFormatError,
     StoreIOError,
+    UnsafeStorePath,
 )
 from formula_foundry.substrate.logical_path import validate_logical_path
 from formula_foundry.substrate.streaming import copy_and_hash
@@ -84,16 +92,27 @@ _FANOUT_RE: Final = re.compile(r"[0-9a-f]{2}")
 _REST_RE: Final = re.compile(r"[0-9a-f]{62}")
 # Errors meaning "this filesystem has no hard links" rather than "this link failed".
 _NO_HARDLINKS: Final = frozenset({errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS})
+# O_NOFOLLOW: an object that is a link fails to open instead of serving the link's target.
+# O_NONBLOCK: a FIFO planted at an object name must fail the regular-file check, not hang open.
+_NONBLOCK: Final[int] = getattr(os, "O_NONBLOCK", 0)
+_READ_FLAGS: Final = (
+    os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | _NONBLOCK | getattr(os, "O_BINARY", 0)
+)
 
 
 @dataclass(frozen=True)
 class ArtifactEntry:
     """What :meth:`ArtifactStore.add_file`/``add_bytes`` stored: ``path`` is the logical path,
-    ``digest`` is ``sha256:<hex>`` and ``size_bytes`` the content length."""
+    ``digest`` is ``sha256:<hex>``, ``size_bytes`` the content length and ``store_root`` the
+    absolute root of the store holding it (``None`` only for entries built by hand).
+
+    Equality ignores ``store_root``: two entries are equal when they map the same logical path
+    to the same content, wherever it is stored."""
 
     path: str
     digest: str
     size_bytes: int
+    store_root: Path | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
@@ -107,22 +126,34 @@ class CorruptObject:
 
 @dataclass(frozen=True)
 class VerifyReport:
-    """Outcome of :meth:`ArtifactStore.verify_all`."""
+    """Outcome of :meth:`ArtifactStore.verify_all`: ``checked`` objects, the ``corrupt`` ones,
+    and the ``unsafe`` paths under ``objects/`` — symbolic links and other non-regular entries
+    where a fan-out folder or an object belongs, never followed and left in place."""
 
     checked: int
     corrupt: tuple[CorruptObject, ...]
+    unsafe: tuple[Path, ...] = ()
 
     @property
     def ok(self) -> bool:
-        """True when every object matched its digest."""
-        return not self.corrupt
+        """True when every object matched its digest and nothing under ``objects/`` is unsafe."""
+        return not self.corrupt and not self.unsafe
 
 
 class ArtifactStore:
     """Content-addressed storage of artifacts under ``root`` (see the module docs for layout,
-    crash and concurrency guarantees). The root and its folders are created if missing."""
+    crash and concurrency guarantees). The root and its folders are created if missing.
 
-    def __init__(self, root: str | os.PathLike[str]) -> None:
+    Without ``root``, the configured ``artifacts.store_root`` (``config/mlflow.yaml``, found
+    upwards from the working directory like the tracker does); a relative ``root`` is relative
+    to the working directory."""
+
+    def __init__(self, root: str | os.PathLike[str] | None = None) -> None:
+        if root is None:
+            # Deferred: only this call pays for reading the configuration (and YAML).
+            from formula_foundry.config import load_settings
+
+            root = load_settings().artifact_store_root
         self._root = Path(os.path.abspath(root))
         self._objects = self._root / "objects"
         self._tmp = self._root / "tmp"
@@ -177,7 +208,7 @@ class ArtifactStore:
             finally:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(tmp)
-        return ArtifactEntry(path=logical, digest=str(digest), size_bytes=size)
+        return self._entry(logical, digest, size)
 
     def add_bytes(self, data: BytesLike, logical_path: str) -> ArtifactEntry:
         """Store ``data`` under its digest; return its entry. Writes nothing if already stored."""
@@ -186,7 +217,7 @@ class ArtifactStore:
         digest = Digest.of_bytes(view)
         size = view.nbytes
         if self._stored_size(digest) == size:
-            return ArtifactEntry(path=logical, digest=str(digest), size_bytes=size)
+            return self._entry(logical, digest, size)
         fd, tmp = self._new_temp()
         try:
             try:
@@ -204,25 +235,29 @@ class ArtifactStore:
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
-        return ArtifactEntry(path=logical, digest=str(digest), size_bytes=size)
+        return self._entry(logical, digest, size)
 
     # -- reading -----------------------------------------------------------------------------
 
     def has(self, digest: Digest | str) -> bool:
-        """True if an object with ``digest`` is stored (complete by construction)."""
-        return self._object_path(Digest.coerce(digest)).is_file()
+        """True if an object with ``digest`` is stored (complete by construction); a symbolic
+        link in its place is not a stored object."""
+        try:
+            return self._object_stat(Digest.coerce(digest)) is not None
+        except UnsafeStorePath:
+            return False
 
     def path_for(self, digest: Digest | str) -> Path:
-        """Path of the stored object; :class:`ArtifactNotFound` if absent.
+        """Path of the stored object; :class:`ArtifactNotFound` if absent,
+        :class:`UnsafeStorePath` if it or its fan-out folder is a symbolic link.
 
         The file is read-only and is not re-hashed here; use :meth:`open` or :meth:`verify`
         when the content must be checked.
         """
         parsed = Digest.coerce(digest)
-        path = self._object_path(parsed)
-        if not path.is_file():
+        if self._object_stat(parsed) is None:
             raise self._not_found(parsed)
-        return path
+        return self._object_path(parsed)
 
     def open(self, digest: Digest | str, *, verify: bool = True) -> BinaryIO:
         """Open a stored object for reading.
@@ -233,23 +268,16 @@ class ArtifactStore:
         file for random access.
         """
         parsed = Digest.coerce(digest)
-        path = self._object_path(parsed)
-        try:
-            raw = path.open("rb", buffering=0)
-        except FileNotFoundError:
-            raise self._not_found(parsed) from None
+        raw = self._open_object(parsed)
         if not verify:
             return io.BufferedReader(raw, buffer_size=CHUNK_SIZE)
         return io.BufferedReader(_VerifyingReader(raw, parsed, self), buffer_size=CHUNK_SIZE)
 
     def iter_digests(self) -> Iterator[Digest]:
-        """Digests of all stored objects, in sorted order; stray files are skipped."""
-        for fanout in sorted(self._objects.iterdir()):
-            if not _FANOUT_RE.fullmatch(fanout.name) or not fanout.is_dir():
-                continue
-            for obj in sorted(fanout.iterdir()):
-                if _REST_RE.fullmatch(obj.name):
-                    yield Digest(fanout.name + obj.name)
+        """Digests of all stored objects, in sorted order; stray files and links are skipped."""
+        for item in self._walk():
+            if isinstance(item, Digest):
+                yield item
 
     # -- checking ----------------------------------------------------------------------------
 
@@ -257,30 +285,33 @@ class ArtifactStore:
         """Re-hash one object. On mismatch move it to ``quarantine/`` and raise
         :class:`ObjectCorrupt`; :class:`ArtifactNotFound` if it is not stored."""
         parsed = Digest.coerce(digest)
-        path = self._object_path(parsed)
-        try:
-            f = path.open("rb", buffering=0)
-        except FileNotFoundError:
-            raise self._not_found(parsed) from None
-        with f:
+        with self._open_object(parsed) as f:
             actual, _ = sha256_stream(f)
             if actual != parsed:
                 moved = self._quarantine_object(parsed, os.fstat(f.fileno()))
                 raise ObjectCorrupt(parsed, actual, moved)
 
     def verify_all(self) -> VerifyReport:
-        """Verify every object; corrupt ones are quarantined and listed in the report."""
+        """Verify every object; corrupt ones are quarantined and listed in the report, links
+        and other unsafe entries under ``objects/`` are listed (and left alone)."""
         checked = 0
         corrupt: list[CorruptObject] = []
-        for digest in self.iter_digests():
+        unsafe: list[Path] = []
+        for item in self._walk():
+            if isinstance(item, Path):
+                unsafe.append(item)
+                continue
             try:
-                self.verify(digest)
+                self.verify(item)
             except ObjectCorrupt as exc:
                 corrupt.append(CorruptObject(exc.expected, exc.actual, exc.quarantined_to))
             except ArtifactNotFound:
                 continue  # quarantined by a concurrent verifier
+            except UnsafeStorePath as exc:
+                unsafe.append(exc.path)  # replaced by a link since the listing
+                continue
             checked += 1
-        return VerifyReport(checked=checked, corrupt=tuple(corrupt))
+        return VerifyReport(checked=checked, corrupt=tuple(corrupt), unsafe=tuple(unsafe))
 
     def cleanup_temp(self, older_than_s: float = 24 * 3600.0) -> int:
         """Remove temporary files untouched for ``older_than_s`` seconds (leftovers of crashed
@@ -301,9 +332,15 @@ class ArtifactStore:
         marker = self._root / "store.json"
         expected = {"format": STORE_FORMAT, "version": STORE_VERSION}
         try:
-            for folder in (self._root, self._objects, self._tmp, self._quarantine):
-                folder.mkdir(parents=True, exist_ok=True)
-            if not marker.exists():
+            # The root may be a link; nothing below it may be (checked before any use).
+            self._root.mkdir(parents=True, exist_ok=True)
+            for sub in (self._objects, self._tmp, self._quarantine):
+                with contextlib.suppress(FileExistsError):
+                    sub.mkdir()
+                _check_kind(sub, os.lstat(sub), folder=True)
+            try:
+                _check_kind(marker, os.lstat(marker), folder=False)
+            except FileNotFoundError:
                 atomic_write_bytes(marker, canonical_json.dumps(expected))
             raw = marker.read_bytes()
         except OSError as exc:
@@ -325,6 +362,84 @@ class ArtifactStore:
     def _object_path(self, digest: Digest) -> Path:
         return self._objects / digest.hexdigest[:2] / digest.hexdigest[2:]
 
+    def _entry(self, logical: str, digest: Digest, size: int) -> ArtifactEntry:
+        return ArtifactEntry(logical, str(digest), size, store_root=self._root)
+
+    def _fanout(self, digest: Digest, *, create: bool) -> Path | None:
+        """The digest's fan-out folder, checked to be a real folder (created if asked);
+        ``None`` if absent; :class:`UnsafeStorePath` if it is a link or not a folder."""
+        fanout = self._objects / digest.hexdigest[:2]
+        try:
+            st = os.lstat(fanout)
+        except FileNotFoundError:
+            if not create:
+                return None
+            try:
+                fanout.mkdir()
+                fsync_dir(self._objects)
+            except FileExistsError:
+                pass  # another writer created it, or something else is there: checked below
+            st = os.lstat(fanout)
+        _check_kind(fanout, st, folder=True)
+        return fanout
+
+    def _object_stat(self, digest: Digest) -> os.stat_result | None:
+        """``lstat`` of the object; ``None`` if absent; :class:`UnsafeStorePath` if it or its
+        fan-out folder is a link or not the expected kind of file."""
+        fanout = self._fanout(digest, create=False)
+        if fanout is None:
+            return None
+        path = fanout / digest.hexdigest[2:]
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            return None
+        _check_kind(path, st, folder=False)
+        return st
+
+    def _open_object(self, digest: Digest) -> io.FileIO:
+        """Open the object for reading without following a link at any level below the root."""
+        if self._fanout(digest, create=False) is None:
+            raise self._not_found(digest)
+        path = self._object_path(digest)
+        try:
+            fd = os.open(path, _READ_FLAGS)
+        except FileNotFoundError:
+            raise self._not_found(digest) from None
+        except OSError as exc:
+            # ELOOP (Linux), EMLINK (FreeBSD), EFTYPE (NetBSD): O_NOFOLLOW met a link.
+            with contextlib.suppress(OSError):
+                _check_kind(path, os.lstat(path), folder=False)
+            raise StoreIOError(f"cannot read {path}: {exc.strerror or exc}") from exc
+        try:
+            _check_kind(path, os.fstat(fd), folder=False)
+            if _NONBLOCK:
+                os.set_blocking(fd, True)
+        except BaseException:
+            os.close(fd)
+            raise
+        return io.FileIO(fd, "rb", closefd=True)
+
+    def _walk(self) -> Iterator[Digest | Path]:
+        """Stored objects (as digests) and unsafe entries under ``objects/`` (as paths), in
+        sorted order; a linked fan-out folder is reported, never entered."""
+        with os.scandir(self._objects) as it:
+            fanouts = sorted((e for e in it if _FANOUT_RE.fullmatch(e.name)), key=_name)
+        for fanout in fanouts:
+            if not fanout.is_dir(follow_symlinks=False):
+                yield Path(fanout.path)  # a link, or a file that blocks writes into this folder
+                continue
+            try:
+                with os.scandir(fanout.path) as it:
+                    objects = sorted((e for e in it if _REST_RE.fullmatch(e.name)), key=_name)
+            except FileNotFoundError:
+                continue
+            for obj in objects:
+                if obj.is_file(follow_symlinks=False):
+                    yield Digest(fanout.name + obj.name)
+                else:
+                    yield Path(obj.path)
+
     def _not_found(self, digest: Digest) -> ArtifactNotFound:
         return ArtifactNotFound(f"no object {digest} in artifact store {self._root}")
 
@@ -339,21 +454,14 @@ class ArtifactStore:
             ) from exc
 
     def _stored_size(self, digest: Digest) -> int | None:
-        try:
-            st = os.stat(self._object_path(digest))
-        except FileNotFoundError:
-            return None
-        return st.st_size if stat.S_ISREG(st.st_mode) else None
+        st = self._object_stat(digest)
+        return None if st is None else st.st_size
 
     def _install(self, tmp: Path, digest: Digest, size: int) -> None:
         """Publish the complete, fsynced ``tmp`` as the object for ``digest``."""
-        final = self._object_path(digest)
-        fanout = final.parent
-        try:
-            fanout.mkdir()
-            fsync_dir(self._objects)
-        except FileExistsError:
-            pass
+        fanout = self._fanout(digest, create=True)
+        assert fanout is not None  # create=True
+        final = fanout / digest.hexdigest[2:]
         os.chmod(tmp, _READ_ONLY)
         for _ in range(_INSTALL_ATTEMPTS):
             try:
@@ -403,6 +511,20 @@ class ArtifactStore:
         fsync_dir(self._quarantine)
         _log.warning("object %s in %s is corrupt; moved to %s", digest, self._root, dest)
         return dest
+
+
+def _check_kind(path: Path, st: os.stat_result, *, folder: bool) -> None:
+    """Raise :class:`UnsafeStorePath` unless ``st`` (an ``lstat``) is a folder / regular file."""
+    if stat.S_ISLNK(st.st_mode):
+        raise UnsafeStorePath(path, "is a symbolic link inside the artifact store")
+    if folder and not stat.S_ISDIR(st.st_mode):
+        raise UnsafeStorePath(path, "is not a folder (artifact store layout)")
+    if not folder and not stat.S_ISREG(st.st_mode):
+        raise UnsafeStorePath(path, "is not a regular file (artifact store layout)")
+
+
+def _name(entry: os.DirEntry[str]) -> str:
+    return entry.name
 
 
 class _VerifyingReader(io.RawIOBase):

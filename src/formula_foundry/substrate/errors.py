@@ -34,6 +34,7 @@ __all__ = [
     "StoreFormatError",
     "StoreIOError",
     "SubstrateError",
+    "UnsafeStorePath",
     "ValidationError",
 ]
 
@@ -90,3 +91,19 @@ class ObjectCorrupt(DigestMismatch):
     def __reduce__(self) -> tuple[type[ObjectCorrupt], tuple[Digest, Digest, Path | None]]:
         # Needed so the error survives multiprocessing (custom __init__ signature).
         return (type(self), (self.expected, self.actual, self.quarantined_to))
+
+
+class UnsafeStorePath(SubstrateError):
+    """A path inside the artifact store is a symbolic link (or not the kind of file the layout
+    expects); the store never follows, serves or writes through it. ``.path`` names it."""
+
+    def __init__(self, path: Path, problem: str) -> None:
+        super().__init__(
+            f"{path} {problem}; the artifact store never follows or serves it: remove it, "
+            "then add the original file again"
+        )
+        self.path = path
+        self.problem = problem
+
+    def __reduce__(self) -> tuple[type[UnsafeStorePath], tuple[Path, str]]:
+        return (type(self), (self.path, self.problem))

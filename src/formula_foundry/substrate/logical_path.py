@@ -12,9 +12,11 @@ from typing import Final
 
 from formula_foundry.substrate.errors import InvalidLogicalPath
 
-__all__ = ["MAX_LOGICAL_PATH_LENGTH", "validate_logical_path"]
+__all__ = ["MAX_COMPONENT_BYTES", "MAX_LOGICAL_PATH_LENGTH", "validate_logical_path"]
 
 MAX_LOGICAL_PATH_LENGTH: Final = 4096
+# NAME_MAX of every common filesystem: a longer component can never be created as a file.
+MAX_COMPONENT_BYTES: Final = 255
 _CONTROL_CHARS: Final = re.compile(r"[\x00-\x1f\x7f]")
 _DRIVE: Final = re.compile(r"[A-Za-z]:")
 
@@ -24,7 +26,8 @@ def validate_logical_path(logical_path: object) -> str:
     :class:`InvalidLogicalPath` naming it.
 
     Refused: non-str, empty, absolute, drive-prefixed (``C:``), backslashes, control characters
-    (NUL included), and empty, ``.`` or ``..`` components (so ``a//b`` and ``a/`` too).
+    (NUL included), text that is not valid Unicode (lone surrogates), empty, ``.`` or ``..``
+    components (so ``a//b`` and ``a/`` too), and components longer than 255 bytes in UTF-8.
     """
     if not isinstance(logical_path, str):
         raise InvalidLogicalPath(f"invalid logical path {logical_path!r}: expected a str")
@@ -50,9 +53,19 @@ def _logical_path_problem(path: str) -> str | None:
         return "it is absolute"
     if _DRIVE.match(path):
         return "it starts with a drive letter"
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return f"it is not valid Unicode text (lone surrogate at index {exc.start})"
     for part in path.split("/"):
         if not part:
             return "it has an empty component"
         if part in (".", ".."):
             return f"it has a {part!r} component"
+        size = len(part.encode("utf-8"))
+        if size > MAX_COMPONENT_BYTES:
+            return (
+                f"component {part[:20]!r}... is {size} bytes in UTF-8 (file systems allow "
+                f"at most {MAX_COMPONENT_BYTES})"
+            )
     return None

@@ -28,7 +28,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, overload
 
 from formula_foundry.substrate import canonical_json
 from formula_foundry.substrate.atomic import fsync_dir, write_all
@@ -196,7 +196,13 @@ def _prepare(run_root: Path, run_id: str) -> RunArtifacts:
     return run
 
 
-def _make_root(run_root: str | os.PathLike[str]) -> Path:
+def _make_root(run_root: str | os.PathLike[str] | None) -> Path:
+    if run_root is None:
+        # Deferred: only this call pays for reading the configuration (and YAML). The run root
+        # is the spool root, found like the tracker finds it, so both use the same folder.
+        from formula_foundry.config import load_settings
+
+        run_root = load_settings().spool_root
     root = Path(run_root)
     try:
         root.mkdir(parents=True, exist_ok=True)
@@ -205,15 +211,33 @@ def _make_root(run_root: str | os.PathLike[str]) -> Path:
     return root.resolve()
 
 
+@overload
 def init_run_dir(
-    run_root: str | os.PathLike[str], run_id: str, *, resume: bool = False
+    run_root: str | os.PathLike[str] | None, run_id: str, *, resume: bool = False
+) -> RunArtifacts: ...
+
+
+@overload
+def init_run_dir(*, run_id: str, resume: bool = False) -> RunArtifacts: ...
+
+
+def init_run_dir(
+    run_root: str | os.PathLike[str] | None = None,
+    run_id: str | None = None,
+    *,
+    resume: bool = False,
 ) -> RunArtifacts:
     """Create (or, with ``resume=True``, reopen) ``run_root/run_id`` with the standard layout.
 
-    ``run_root`` is created if needed. An existing empty directory is adopted; an existing
-    non-empty one raises :class:`RunDirExists` unless ``resume=True``. ``resume=True`` on a
-    directory that does not exist yet creates it, so a requeued job can always pass it.
+    ``run_root`` is created if needed; ``None`` (or ``init_run_dir(run_id=...)``) means the
+    configured spool root (``spool.root``), found like the tracker finds it, and a relative
+    path is relative to the working directory. An existing empty directory is adopted; an
+    existing non-empty one raises :class:`RunDirExists` unless ``resume=True``.
+    ``resume=True`` on a directory that does not exist yet creates it, so a requeued job can
+    always pass it.
     """
+    if run_id is None:
+        raise InvalidRunId("init_run_dir needs a run_id, e.g. init_run_dir(run_id='exp-001')")
     validate_run_id(run_id)
     root = _make_root(run_root)
     run_dir = root / run_id
@@ -235,14 +259,15 @@ def init_run_dir(
 
 
 def create_run(
-    run_root: str | os.PathLike[str],
+    run_root: str | os.PathLike[str] | None = None,
     manifest: Manifest | None = None,
     *,
     determinism: DeterminismConfig | None = None,
 ) -> RunArtifacts:
     """Create a run directory with a fresh id (see :func:`new_run_id`) and write its manifest.
 
-    Without ``manifest``, one is built with ``Manifest.from_environment(determinism=...)``.
+    ``run_root`` is as for :func:`init_run_dir` (``None``: the configured spool root). Without
+    ``manifest``, one is built with ``Manifest.from_environment(determinism=...)``.
     The directory is created exclusively: an id collision draws a new id.
     """
     if manifest is not None and determinism is not None:

@@ -54,7 +54,9 @@ INT64_MIN: Final = -(2**63)
 INT64_MAX: Final = 2**63 - 1
 
 _CHECKSUM_TAIL_LEN: Final = 16  # len(',"c":"') + 8 hex + len('"}')
-_KEY_CHARS = re.compile(r"[/\w.\- :]*")
+# MLflow's own pattern, "$" included: it accepts a key ending in one newline, and so do we
+# (MLflow code logging through the spool must see the same rules as MLflow).
+_KEY_CHARS = re.compile(r"^[/\w.\- :]*$")
 
 _NONFINITE_OUT: Final = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
 
@@ -136,7 +138,7 @@ def check_key(key: object, what: str, run: str) -> str:
             f"run {run}: {what} key {key[:40]!r}... is {len(key)} characters "
             f"(MLflow allows at most {MAX_KEY_LENGTH})"
         )
-    if not _KEY_CHARS.fullmatch(key):
+    if not _KEY_CHARS.match(key):
         raise ValidationError(
             f"run {run}: {what} key {key!r} has a character MLflow rejects "
             "(allowed: letters, digits, _ - . space : /)"
@@ -152,7 +154,16 @@ def check_key(key: object, what: str, run: str) -> str:
 
 def string_value(value: object, key: str, what: str, limit: int, run: str) -> str:
     """MLflow stores params and tags as ``str(value)``; reject what it would truncate."""
-    text = value if type(value) is str else str(value)
+    if type(value) is str:
+        text = value
+    else:
+        try:
+            text = str(value)
+        except Exception as exc:  # a broken __str__ of a user object
+            raise ValidationError(
+                f"run {run}: {what} {key!r} value: str() of the {type(value).__name__} "
+                f"raised {type(exc).__name__}: {exc}"
+            ) from None
     if len(text) > limit:
         raise ValidationError(
             f"run {run}: {what} {key!r} value is {len(text)} characters "

@@ -1,23 +1,37 @@
 """Find what an existing run's spool says about it, to continue the run from a new process.
 
 Used when a requeued job resumes a run (``start_run(run_id=...)`` or ``FF_RUN_ID``) and when a
-worker attaches to a run started elsewhere. Off the hot path: it reads segment heads once.
+worker attaches to a run started elsewhere. Off the hot path: it reads segment heads once, and
+the params and artifact references the run already logged (so a resumed run refuses a changed
+param at log time, as one process does) with one linear scan of its segments.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Final
+
+import orjson
 
 from formula_foundry.errors import FormulaFoundryError, ValidationError
-from formula_foundry.tracking.events import K_RUN_START
+from formula_foundry.tracking.events import K_ARTIFACT_REF, K_PARAMS, K_RUN_START, checksum_ok
 from formula_foundry.tracking.spool_reader import Event, SegmentReader
 from formula_foundry.tracking.spool_writer import is_segment_name, segment_started_ms
 
 _RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}")
 # run_start is the first event after the header; a few lines are enough to find it.
 _HEAD_EVENTS = 8
+_CHUNK: Final = 1 << 20
+# Longer lines are skipped by the scan (a params event this big is far beyond any real use;
+# the sync still sees it). Bounds the scan's memory whatever a damaged segment holds.
+_MAX_SCANNED_LINE: Final = 16 << 20
+# The envelope ``{"v":1,"s":<seq>,"t":<ms>,"k":"<kind>"`` fits well within this many bytes.
+_KIND_WINDOW: Final = 96
+_PARAMS_MARK: Final = b'"k":"%s"' % K_PARAMS.encode()
+_REF_MARK: Final = b'"k":"%s"' % K_ARTIFACT_REF.encode()
 
 
 @dataclass(frozen=True)
@@ -40,16 +54,87 @@ def check_run_id(run_id: object) -> str:
     return run_id
 
 
+@dataclass
+class Logged:
+    """What a run's spool already holds that a new process of the run must respect."""
+
+    params: dict[str, str] = field(default_factory=dict)
+    artifact_paths: list[str] = field(default_factory=list)
+
+
+def _segments(folder: Path) -> list[Path]:
+    """The run's segments in the sync's merge order (name time, then name)."""
+    return sorted(
+        (p for p in folder.iterdir() if is_segment_name(p.name)),
+        key=lambda p: (segment_started_ms(p.name), p.name),
+    )
+
+
+def read_logged(spool_root: Path, run_id: str) -> Logged:
+    """The params (first value in merge order, as the sync keeps it) and artifact reference
+    paths already spooled for ``run_id``.
+
+    Only whole lines with a valid checksum count; unreadable segments are skipped (the sync
+    reports them). Lines of other kinds are recognised by their envelope and never parsed,
+    so the scan costs little more than reading the bytes.
+    """
+    logged = Logged()
+    try:
+        segments = _segments(spool_root / run_id)
+    except OSError:
+        return logged
+    for path in segments:
+        try:
+            with open(path, "rb") as fh:
+                _scan(fh.read, logged)
+        except OSError:
+            continue
+    return logged
+
+
+def _scan(read: Callable[[int], bytes], logged: Logged) -> None:
+    # Only lines holding a kind's marker are looked at, found by bytes.find: a resumed run
+    # with millions of metric lines starts in about the time it takes to read them.
+    pending = b""
+    while chunk := read(_CHUNK):
+        data = pending + chunk if pending else chunk
+        cut = data.rfind(b"\n") + 1  # data[:cut] is whole lines
+        for mark in (_PARAMS_MARK, _REF_MARK):
+            pos = data.find(mark, 0, cut)
+            while pos >= 0:
+                start = data.rfind(b"\n", 0, pos) + 1
+                end = data.find(b"\n", pos)
+                if pos - start < _KIND_WINDOW:  # the envelope's kind, not text in a payload
+                    _take(data[start:end], logged)
+                pos = data.find(mark, end, cut)
+        pending = data[cut:]
+        if len(pending) > _MAX_SCANNED_LINE:
+            pending = b""  # a damaged stretch without newlines: the checksum rejects its tail
+
+
+def _take(line: bytes, logged: Logged) -> None:
+    if not checksum_ok(line):
+        return
+    try:
+        rec = orjson.loads(line)
+    except orjson.JSONDecodeError:
+        return
+    if not isinstance(rec, dict):
+        return
+    if rec.get("k") == K_PARAMS and isinstance(rec.get("d"), dict):
+        for key, value in rec["d"].items():
+            if isinstance(value, str):
+                logged.params.setdefault(key, value)
+    elif rec.get("k") == K_ARTIFACT_REF and isinstance(rec.get("path"), str):
+        logged.artifact_paths.append(rec["path"])
+
+
 def find_origin(spool_root: Path, run_id: str) -> RunOrigin | None:
     """Return the original run_start of ``run_id`` under ``spool_root``, or None if unknown."""
     folder = spool_root / run_id
     if not folder.is_dir():
         return None
-    segments = sorted(
-        (p for p in folder.iterdir() if is_segment_name(p.name)),
-        key=lambda p: (segment_started_ms(p.name), p.name),
-    )
-    for path in segments:
+    for path in _segments(folder):
         try:
             reader = SegmentReader(path)
             for count, item in enumerate(reader):

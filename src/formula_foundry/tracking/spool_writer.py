@@ -17,13 +17,19 @@ Durability modes:
 
 A failed write (disk full, quota, file-size limit) raises
 :class:`~formula_foundry.errors.SpoolWriteError` and leaves no part of the line behind: a short
-write is cut off with ``ftruncate``, so the segment stays a sequence of whole lines.
+write is cut off with ``ftruncate``, so the segment stays a sequence of whole lines. In
+``buffered`` mode the error also counts the events of earlier, already returned calls that were
+lost with the block.
+
+A run folder that is a symbolic link is refused (ff-sync would never read it); the spool root
+itself may be one.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import threading
 import time
 import weakref
@@ -44,6 +50,8 @@ SEGMENT_PREFIX: Final = "seg-"
 SEGMENT_SUFFIX: Final = ".jsonl"
 _BUFFER_LIMIT: Final = 64 * 1024
 _OPEN_FLAGS: Final = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC
+_DIR_FLAGS: Final = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_LOST_THIS_CALL: Final = "nothing of this call was kept"
 _crc32 = zlib.crc32
 _write = os.write
 _time_ns = time.time_ns
@@ -59,7 +67,24 @@ def hostname() -> str:
     return socket.gethostname()  # pragma: no cover
 
 
-_HOST: Final = hostname()
+def utf8_text(value: str) -> str:
+    """``value`` as valid UTF-8 text: undecodable bytes that Python kept as lone surrogates
+    (a non-UTF-8 ``sys.argv`` element, ``$USER`` or host name) are spelled ``\\xNN``."""
+    if value.isascii():
+        return value
+    try:
+        value.encode("utf-8")
+        return value
+    except UnicodeEncodeError:
+        pass
+    try:
+        raw = value.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a surrogate that does not stand for a byte
+        raw = value.encode("utf-8", "backslashreplace")
+    return raw.decode("utf-8", "backslashreplace")
+
+
+_HOST: Final = utf8_text(hostname())
 _live_writers: weakref.WeakSet[SegmentWriter] = weakref.WeakSet()
 
 
@@ -77,8 +102,9 @@ def segment_started_ms(name: str) -> int:
     return int(head) if head.isdigit() else 0
 
 
-def _name_time_after_existing(run_dir: Path) -> int:
-    """Now, or just after the newest segment already in ``run_dir``, whichever is later.
+def _name_time_after_existing(run_dir: int) -> int:
+    """Now, or just after the newest segment already in ``run_dir`` (a descriptor of the run
+    folder), whichever is later.
 
     The sync merges a run's segments in name-time order. A resumed run's new segment must come
     after the old ones even when both start in the same millisecond or the new node's clock is
@@ -130,11 +156,15 @@ class SegmentWriter:
         On failure nothing of the record stays in the file and the sequence is not consumed.
         """
         with self._lock:
-            if self._fd < 0:
-                self._open()
-            seq = self._last_seq + 1
+            opening = self._fd < 0
+            seq = 1 if opening else self._last_seq + 1
             record["s"] = seq
-            self._emit_locked(frame(record), seq)
+            # Framed before a new segment is opened: a record that cannot be serialised must
+            # not leave a header-only segment behind.
+            line = frame(record)
+            if opening:
+                self._open()
+            self._emit_locked(line, seq)
 
     def append_metric(self, t: int, step: int, key_json: bytes, value_json: bytes) -> None:
         """The hot path of ``log_metric``: append a one-key metrics event.
@@ -173,9 +203,11 @@ class SegmentWriter:
         """Flush and close; later appends open a new segment."""
         with self._lock:
             if self._fd >= 0:
-                self._flush_locked()
-                os.close(self._fd)
-                self._fd = -1
+                try:
+                    self._flush_locked()
+                finally:
+                    os.close(self._fd)
+                    self._fd = -1
 
     @property
     def last_seq(self) -> int:
@@ -187,20 +219,52 @@ class SegmentWriter:
         try:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
+            self._refuse_link()
             raise SpoolWriteError(
                 f"run {self.run_uuid}: cannot create spool folder {self.run_dir}: "
                 f"{exc.strerror or exc}"
             ) from None
-        started = _name_time_after_existing(self.run_dir)
+        dir_fd = self._open_run_dir()
+        try:
+            self._open_segment(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+    def _refuse_link(self) -> None:
+        if os.path.islink(self.run_dir):
+            raise SpoolWriteError(
+                f"run {self.run_uuid}: spool folder {self.run_dir} is a symbolic link; the "
+                "spool must be a real folder (ff-sync does not follow links in the spool)"
+            )
+
+    def _open_run_dir(self) -> int:
+        """Open the run folder itself, refusing a symbolic link in its place.
+
+        ff-sync reads only real run folders, so events written through a link would land
+        outside the spool and never be synced. The spool root may be a link: only the last
+        component is checked. The segment is then created relative to this descriptor, so
+        the folder cannot be swapped for a link in between.
+        """
+        try:
+            return os.open(self.run_dir, _DIR_FLAGS)
+        except OSError as exc:
+            self._refuse_link()
+            raise SpoolWriteError(
+                f"run {self.run_uuid}: cannot open spool folder {self.run_dir}: "
+                f"{exc.strerror or exc}"
+            ) from None
+
+    def _open_segment(self, dir_fd: int) -> None:
+        """Create this process's new segment in the run folder ``dir_fd``; write its header."""
+        started = _name_time_after_existing(dir_fd)
         pid = os.getpid()
         for _ in range(8):
             name = (
                 f"{SEGMENT_PREFIX}{started}-{_safe_host(_HOST)}-{pid}-"
                 f"{os.urandom(3).hex()}{SEGMENT_SUFFIX}"
             )
-            path = self.run_dir / name
             try:
-                fd = os.open(path, _OPEN_FLAGS, 0o644)
+                fd = os.open(name, _OPEN_FLAGS, 0o644, dir_fd=dir_fd)
             except FileExistsError:
                 continue
             except OSError as exc:
@@ -211,7 +275,7 @@ class SegmentWriter:
             break
         else:  # pragma: no cover - 8 random collisions in a row
             raise SpoolWriteError(f"run {self.run_uuid}: cannot pick a new segment name")
-        self._fd, self._size, self.path = fd, 0, path
+        self._fd, self._size, self.path = fd, 0, self.run_dir / name
         self._last_seq = 0
         header: dict[str, Any] = {
             "v": FORMAT_VERSION,
@@ -230,12 +294,14 @@ class SegmentWriter:
             self._write_locked(frame(header))
             if self._fsync:
                 self._sync_locked()
-                _fsync_dir(self.run_dir)
+                with contextlib.suppress(OSError):
+                    os.fsync(dir_fd)
         except SpoolWriteError:
             os.close(fd)
             self._fd = -1
             # A segment without its header is unreadable; never leave one behind.
-            path.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                os.unlink(name, dir_fd=dir_fd)
             raise
 
     def _emit_locked(self, line: bytes, seq: int) -> None:
@@ -245,14 +311,14 @@ class SegmentWriter:
             self._buffered += len(line)
             self._last_seq = seq
             if self._buffered >= _BUFFER_LIMIT:
-                self._flush_locked()
+                self._flush_locked(with_current=True)
             return
         self._write_locked(line)
         self._last_seq = seq
         if self._fsync:
             self._sync_locked()
 
-    def _write_locked(self, data: bytes) -> None:
+    def _write_locked(self, data: bytes, lost: str = _LOST_THIS_CALL) -> None:
         try:
             written = _write(self._fd, data)
         except OSError:
@@ -260,14 +326,15 @@ class SegmentWriter:
         if written == len(data):
             self._size += written
         else:
-            self._finish_short_write(data, written)
+            self._finish_short_write(data, written, lost)
 
-    def _finish_short_write(self, data: bytes, written: int) -> None:
+    def _finish_short_write(self, data: bytes, written: int, lost: str = _LOST_THIS_CALL) -> None:
         """Complete a short write, or undo it and raise :class:`SpoolWriteError`.
 
-        ``written`` is what the first ``os.write`` returned (-1: it raised, writing nothing).
-        A write comes up short when the disk or the file-size limit is reached in the middle
-        of the line; writing the rest then fails with the reason.
+        ``written`` is what the first ``os.write`` returned (-1: it raised, writing nothing);
+        ``lost`` ends the error message, saying which events are gone. A write comes up short
+        when the disk or the file-size limit is reached in the middle of the line; writing the
+        rest then fails with the reason.
         """
         start = self._size
         done = max(written, 0)
@@ -282,16 +349,24 @@ class SegmentWriter:
                     os.ftruncate(self._fd, start)
             raise SpoolWriteError(
                 f"run {self.run_uuid}: could not write to spool segment {self.path}: "
-                f"{exc.strerror or exc} (nothing of this call was kept)"
+                f"{exc.strerror or exc} ({lost})"
             ) from None
         self._size = start + done
 
-    def _flush_locked(self) -> None:
+    def _flush_locked(self, with_current: bool = False) -> None:
+        """Write the buffer; ``with_current``: its last event is the calling append's."""
         if self._buffer and self._fd >= 0:
             data = b"".join(self._buffer)
+            earlier = len(self._buffer) - with_current
             self._buffer.clear()
             self._buffered = 0
-            self._write_locked(data)
+            # Earlier appends already returned: say exactly what is gone with this block.
+            lost = (
+                f"lost: {earlier} buffered events of earlier calls"
+                + (" and this call's event" if with_current else "")
+                + f", {len(data)} bytes"
+            )
+            self._write_locked(data, lost)
         if self._fsync and self._fd >= 0:
             self._sync_locked()
 
@@ -320,29 +395,22 @@ class SegmentWriter:
             self.durability = "write"
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _reset_after_fork() -> None:
     for writer in list(_live_writers):
         writer._after_fork_in_child()
 
 
 def flush_all() -> None:
-    """Flush every live writer (buffered mode); registered to run at interpreter exit."""
+    """Flush every live writer (buffered mode); registered to run at interpreter exit.
+
+    At exit nobody can catch the error any more: what was lost is said on stderr, one line.
+    """
     for writer in list(_live_writers):
-        with contextlib.suppress(SpoolWriteError):
+        try:
             writer.flush()
+        except SpoolWriteError as exc:
+            with contextlib.suppress(OSError, ValueError):
+                print(f"formula-foundry tracker: {exc}", file=sys.stderr)
 
 
 os.register_at_fork(after_in_child=_reset_after_fork)

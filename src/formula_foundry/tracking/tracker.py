@@ -22,7 +22,12 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import orjson
 
-from formula_foundry.errors import ParamConflictError, RunStateError, ValidationError
+from formula_foundry.errors import (
+    FormulaFoundryError,
+    ParamConflictError,
+    RunStateError,
+    ValidationError,
+)
 from formula_foundry.tracking.events import (
     FORMAT_VERSION,
     INT64_MAX,
@@ -39,11 +44,18 @@ from formula_foundry.tracking.events import (
     check_key,
     int64,
     metric_value,
+    reserved_tag_reason,
     string_value,
 )
 from formula_foundry.tracking.liveness import install_sigterm, start_heartbeat
-from formula_foundry.tracking.resume import check_run_id, find_origin
-from formula_foundry.tracking.spool_writer import SegmentWriter, flush_all, hostname, now_ms
+from formula_foundry.tracking.resume import Logged, check_run_id, find_origin, read_logged
+from formula_foundry.tracking.spool_writer import (
+    SegmentWriter,
+    flush_all,
+    hostname,
+    now_ms,
+    utf8_text,
+)
 
 if TYPE_CHECKING:
     from formula_foundry.config import Settings
@@ -59,12 +71,87 @@ _STR_TYPE = frozenset({str})
 _FLOAT_TYPE = frozenset({float})
 
 
+# Keys that passed the tag rules too (not reserved for the sync): the tag path's own cache,
+# since a metric or param may well be named ``ff.x``.
+_tag_keys: set[str] = set()
+# MLflow's limits on names (experiments: mlflow/utils/validation.py; runs: the 250-character
+# ``runs.name`` column, which PostgreSQL and MySQL enforce).
+MAX_EXPERIMENT_NAME_LENGTH = 500
+MAX_RUN_NAME_LENGTH = 250
+# The logical path of an artifact reference becomes the document ``<path>.json`` (ff-sync).
+_REF_DOC_SUFFIX = ".json"
+_NAME_MAX = 255
+
+
 def _valid_key(key: object, what: str, run: str) -> str:
     """Check ``key`` with MLflow's rules and remember it; return it as an exact ``str``."""
     checked = check_key(key, what, run)
     if len(_key_json) < _KEY_CACHE_LIMIT:
         _key_json[checked] = _dumps(checked)
     return checked
+
+
+def _valid_tag_key(key: object, run: str) -> str:
+    """Check a tag key: MLflow's rules, and not one of the tags ff-sync owns."""
+    checked = _valid_key(key, "tag", run)
+    reason = reserved_tag_reason(checked)
+    if reason is not None:
+        raise ValidationError(f"run {run}: {reason}")
+    if len(_tag_keys) < _KEY_CACHE_LIMIT:
+        _tag_keys.add(checked)
+    return checked
+
+
+def _check_name(field: str, value: object, limit: int) -> str:
+    """An experiment or run name: a non-empty str MLflow can store as it is."""
+    if not isinstance(value, str) or not value.strip():
+        raise ValidationError(f"{field} must be a non-empty str, got {value!r}")
+    if len(value) > limit:
+        raise ValidationError(
+            f"{field} {value[:40]!r}... is {len(value)} characters (MLflow allows at most {limit})"
+        )
+    if "\x00" in value:
+        raise ValidationError(f"{field} {value!r} contains a NUL character")
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise ValidationError(
+                f"{field} {value!r} is not valid Unicode text (lone surrogate "
+                f"{value[exc.start]!r} at index {exc.start}; decode bytes before passing them)"
+            ) from None
+    return value
+
+
+# FF_RUN_ID names one run: the first top-level start_run of the process takes it. Inherited by
+# a forked child, which must not take it again (that would silently merge its run into its
+# parent's run; a worker logs into it with attach_run).
+_ff_run_id_taken: str | None = None
+_ff_run_id_lock = threading.Lock()
+
+
+def _take_ff_run_id(value: str) -> str:
+    global _ff_run_id_taken
+    try:
+        run_id = check_run_id(value)
+    except ValidationError as exc:
+        raise ValidationError(f"FF_RUN_ID: {exc}") from None
+    with _ff_run_id_lock:
+        if _ff_run_id_taken is not None:
+            raise RunStateError(
+                f"FF_RUN_ID={run_id} names one run, and this process (or the one it was forked "
+                f"from) already started it; a second top-level start_run would merge into "
+                "it. For a sweep, pass run_id= to each start_run (or unset FF_RUN_ID); a worker "
+                "logs into the run with attach_run(os.environ['FF_RUN_ID'])"
+            )
+        _ff_run_id_taken = run_id
+    return run_id
+
+
+def _give_back_ff_run_id() -> None:
+    global _ff_run_id_taken
+    with _ff_run_id_lock:
+        _ff_run_id_taken = None
 
 
 @runtime_checkable
@@ -164,6 +251,10 @@ class Run:
         self.parent_run_id = parent_run_id
         self._writer: SegmentWriter | _NullWriter | _EndedWriter = writer
         self._params: dict[str, str] = {}
+        # Artifact reference documents of this run (``<path>.json``) and the folders their
+        # paths need, each with a reference that uses it: a name cannot be both.
+        self._ref_files: dict[str, str] = {}
+        self._ref_dirs: dict[str, str] = {}
         self._attached = False
         self.status = "RUNNING"
 
@@ -280,9 +371,13 @@ class Run:
     # -- tags ------------------------------------------------------------------------------
 
     def set_tag(self, key: str, value: Any) -> None:
-        """Set a tag (stored as ``str(value)``); the last value set wins."""
-        if key.__class__ is not str or key not in _key_json:
-            key = _valid_key(key, "tag", self.run_id)
+        """Set a tag (stored as ``str(value)``); the last value set wins.
+
+        Tags ff-sync writes itself (``ff.*``, ``mlflow.parentRunId``, ``mlflow.user``,
+        ``mlflow.source.name``, ``mlflow.source.type``) are refused.
+        """
+        if key.__class__ is not str or key not in _tag_keys:
+            key = _valid_tag_key(key, self.run_id)
         self.set_tags({key: value})
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
@@ -290,8 +385,8 @@ class Run:
         run = self.run_id
         data: dict[str, str] = {}
         for key, value in _items(tags, "tags", run):
-            if key.__class__ is not str or key not in _key_json:
-                key = _valid_key(key, "tag", run)
+            if key.__class__ is not str or key not in _tag_keys:
+                key = _valid_tag_key(key, run)
             data[key] = string_value(value, key, "tag", MAX_TAG_VALUE_LENGTH, run)
         if data:
             self._writer.append({"v": _V, "s": 0, "t": now_ms(), "k": K_TAGS, "d": data})
@@ -318,6 +413,9 @@ class Run:
         if digest is None and size_bytes is None and hasattr(logical_path, "digest"):
             entry = logical_path
             logical_path, digest, size_bytes = entry.path, entry.digest, entry.size_bytes
+            if store_root is None:
+                # The store the entry came from holds the object, whatever the config says.
+                store_root = getattr(entry, "store_root", None)
         if not isinstance(logical_path, str):
             raise ValidationError(
                 f"run {run}: artifact reference logical_path must be a str, got {logical_path!r}"
@@ -329,6 +427,7 @@ class Run:
             raise ValidationError(
                 f"run {run}: artifact reference {logical_path!r}: {exc}"
             ) from None
+        doc_dirs = self._check_ref_layout(path)
         if isinstance(size_bytes, bool) or not isinstance(size_bytes, int) or size_bytes < 0:
             raise ValidationError(
                 f"run {run}: artifact reference {logical_path!r}: size_bytes must be an "
@@ -351,6 +450,51 @@ class Run:
                 "store": str(store.absolute()),
             }
         )
+        self._remember_ref(path, doc_dirs)
+
+    def _check_ref_layout(self, path: str) -> list[str]:
+        """Refuse a reference whose document ff-sync could never write; return its folders.
+
+        The document is ``ff_artifact_refs/<path>.json``: its name must fit NAME_MAX, and
+        within the run no name may be both a document and a folder of another document
+        (``a`` → ``a.json``, then ``a.json/x`` needs a folder ``a.json``).
+        """
+        run = self.run_id
+        parts = path.split("/")
+        doc_name = parts[-1] + _REF_DOC_SUFFIX
+        if len(doc_name.encode("utf-8")) > _NAME_MAX:
+            raise ValidationError(
+                f"run {run}: artifact reference {path!r}: its document name "
+                f"{doc_name[:20]!r}... would be {len(doc_name.encode('utf-8'))} bytes (file "
+                f"systems allow {_NAME_MAX}; ff-sync stores the reference as <path>.json)"
+            )
+        dirs = _folders_of(path)
+        other = self._ref_dirs.get(path + _REF_DOC_SUFFIX)
+        clash = path + _REF_DOC_SUFFIX
+        if other is None:
+            for d in dirs:
+                other = self._ref_files.get(d)
+                if other is not None:
+                    clash = d
+                    break
+        if other is not None:
+            raise ValidationError(
+                f"run {run}: artifact reference {path!r} conflicts with reference {other!r} "
+                f"of this run: ff-sync stores each as <path>.json, and {clash!r} would have to "
+                "be both a file and a folder"
+            )
+        return dirs
+
+    def _remember_ref(self, path: str, dirs: list[str]) -> None:
+        self._ref_files.setdefault(path + _REF_DOC_SUFFIX, path)
+        for d in dirs:
+            self._ref_dirs.setdefault(d, path)
+
+    def _load_logged(self, logged: Logged) -> None:
+        """Take what earlier processes of this run spooled: their params and references."""
+        self._params.update(logged.params)
+        for path in logged.artifact_paths:
+            self._remember_ref(path, _folders_of(path))
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -395,6 +539,12 @@ class Run:
         else:
             status = "FAILED"
         self.end(status)
+
+
+def _folders_of(path: str) -> list[str]:
+    """The folders ``a``, ``a/b`` that the logical path ``a/b/c`` lies in."""
+    parts = path.split("/")
+    return ["/".join(parts[:i]) for i in range(1, len(parts))]
 
 
 def _items(mapping: Mapping[str, Any], what: str, run: str) -> Any:
@@ -456,7 +606,12 @@ class Tracker:
 
         ``run_id`` (or ``$FF_RUN_ID`` for a top-level run) continues that run if its spool
         exists — a requeued job resuming its run: a new segment, same run — and otherwise
-        starts a new run with that id.
+        starts a new run with that id. A resumed run knows the params spooled before and
+        refuses a changed value (:class:`ParamConflictError`). ``$FF_RUN_ID`` names one run:
+        only the process's first top-level run takes it; a second is a :class:`RunStateError`.
+
+        Without ``experiment_name`` a nested run goes to its parent's experiment, a top-level
+        one to ``tracking.default_experiment``.
         """
         stack = self._stack()
         parent = stack[-1] if stack else None
@@ -465,17 +620,57 @@ class Tracker:
                 f"run {parent.run_id} ({parent.run_name!r}) is still active in this thread; "
                 "end it first, or pass nested=True to start a child run"
             )
-        experiment = experiment_name or self.settings.default_experiment
-        if not isinstance(experiment, str) or not experiment.strip():
-            raise ValidationError(f"experiment_name must be a non-empty str, got {experiment!r}")
-        if run_id is None and parent is None:
-            run_id = os.environ.get("FF_RUN_ID") or None
+        # A child lands in its parent's experiment, so the MLflow UI shows it under its parent.
+        if experiment_name is not None:
+            experiment = experiment_name
+        else:
+            experiment = parent.experiment_name if parent else self.settings.default_experiment
+        _check_name("experiment_name", experiment, MAX_EXPERIMENT_NAME_LENGTH)
+        if run_name is not None:
+            _check_name("run_name", run_name, MAX_RUN_NAME_LENGTH)
+        env_run_id = run_id is None and parent is None and os.environ.get("FF_RUN_ID")
+        if env_run_id:
+            run_id = _take_ff_run_id(env_run_id)
+        try:
+            return self._start(
+                run_id,
+                run_name,
+                experiment_name,
+                experiment,
+                parent,
+                tags=tags,
+                manifest=manifest,
+                run_artifacts=run_artifacts,
+                description=description,
+            )
+        except BaseException:
+            if env_run_id:
+                _give_back_ff_run_id()  # this start failed: the name is still free
+            raise
+
+    def _start(
+        self,
+        run_id: str | None,
+        run_name: str | None,
+        experiment_name: str | None,
+        experiment: str,
+        parent: Run | None,
+        *,
+        tags: Mapping[str, Any] | None,
+        manifest: ManifestLike | None,
+        run_artifacts: RunArtifactsLike | None,
+        description: str | None,
+    ) -> Run:
+        """The part of :meth:`start_run` after the names and ``FF_RUN_ID`` are settled."""
         origin = None
+        logged = Logged()
         if run_id is None:
             run_id = uuid.uuid4().hex
         else:
             run_id = check_run_id(run_id)
             origin = find_origin(self.settings.spool_root, run_id)
+            if not self.settings.disabled:
+                logged = read_logged(self.settings.spool_root, run_id)
         if origin is not None:
             if experiment_name is not None and experiment_name != origin.experiment:
                 raise ValidationError(
@@ -485,10 +680,13 @@ class Tracker:
             experiment, run_name = origin.experiment, run_name or origin.run_name
         if run_name is None:
             run_name = f"run-{run_id[:8]}"
-        elif not isinstance(run_name, str) or not run_name.strip():
-            raise ValidationError(f"run_name must be a non-empty str, got {run_name!r}")
 
         initial = _initial_tags(tags, manifest, run_artifacts, description, run_id)
+        # Validate the initial tags through the same rules as set_tags before anything is written.
+        checked = {
+            _valid_tag_key(k, run_id): string_value(v, k, "tag", MAX_TAG_VALUE_LENGTH, run_id)
+            for k, v in initial.items()
+        }
         writer: SegmentWriter | _NullWriter = (
             _NullWriter()
             if self.settings.disabled
@@ -496,18 +694,15 @@ class Tracker:
         )
         parent_id = origin.parent if origin is not None else (parent.run_id if parent else None)
         run = Run(self, run_id, run_name, experiment, parent_id, writer)
-        # Validate the initial tags through the same rules as set_tags before anything is written.
-        checked = {
-            _valid_key(k, "tag", run_id): string_value(v, k, "tag", MAX_TAG_VALUE_LENGTH, run_id)
-            for k, v in initial.items()
-        }
+        run._load_logged(logged)
         # Link first: if the run directory cannot record the run, nothing is spooled, rather
         # than a run that was started and can never be ended.
         if run_artifacts is not None and not self.settings.disabled:
             link = getattr(run_artifacts, "link_tracking_run", None)
             if callable(link):
                 link(run_id, experiment, run_name)
-        argv = list(sys.argv)
+        # Text the job did not choose (a non-UTF-8 file name in argv, $USER) never fails it.
+        argv = [utf8_text(arg) for arg in sys.argv]
         writer.append(
             {
                 "v": _V,
@@ -518,8 +713,8 @@ class Tracker:
                 "experiment": experiment,
                 "name": run_name,
                 "parent": run.parent_run_id,
-                "user": _user(),
-                "host": hostname(),
+                "user": utf8_text(_user()),
+                "host": utf8_text(hostname()),
                 "pid": os.getpid(),
                 "source": argv[0] if argv and argv[0] else "<python>",
                 "command": argv,
@@ -528,7 +723,7 @@ class Tracker:
         )
         if checked:
             writer.append({"v": _V, "s": 0, "t": now_ms(), "k": K_TAGS, "d": checked})
-        stack.append(run)
+        self._stack().append(run)
         self._register(run)
         return run
 
@@ -551,6 +746,8 @@ class Tracker:
             else SegmentWriter(self.settings.spool_root, run_id, self.settings.durability)
         )
         run = Run(self, run_id, origin.run_name, origin.experiment, origin.parent, writer)
+        if not self.settings.disabled:
+            run._load_logged(read_logged(self.settings.spool_root, run_id))
         run._attached = True
         self._register(run)
         return run
@@ -655,13 +852,18 @@ def get_tracker(config: Path | str | None = None) -> Tracker:
 
 def _end_at_exit() -> None:
     for tracker in list(_trackers.values()):
-        tracker.end_all("FINISHED")
+        try:
+            tracker.end_all("FINISHED")
+        except FormulaFoundryError as exc:  # nobody can catch it at exit: one line, not a trace
+            with contextlib.suppress(OSError, ValueError):
+                print(f"formula-foundry tracker: {exc}", file=sys.stderr)
     flush_all()
 
 
 def _reset_after_fork() -> None:
-    global _trackers_lock
+    global _trackers_lock, _ff_run_id_lock
     _trackers_lock = threading.Lock()
+    _ff_run_id_lock = threading.Lock()
     for tracker in list(_all_trackers):
         tracker._after_fork_in_child()
 
