@@ -294,13 +294,13 @@ def test_an_unavailable_destination_exits_75_without_its_password(project: Proje
     assert "hunter2secret" not in err
 
 
-def test_a_missing_sqlite_store_exits_75_and_is_not_created(
+def test_a_missing_sqlite_store_exits_2_and_is_not_created(
     project: Project, tmp_path: Path
 ) -> None:
     _synced(project)
     missing = tmp_path / "nowhere" / "gone.db"
     code, _, err = _verify(project, uri=f"sqlite:///{missing}")
-    assert code == 75 and "no such database file" in err
+    assert code == 2 and f"no store at {missing}" in err  # a typo, not an outage (issue 11.7)
     assert not missing.exists() and not missing.parent.exists()
 
 

@@ -419,6 +419,19 @@ def test_a_record_that_cannot_be_serialised_opens_no_segment(tmp_path: Path) -> 
     writer.close()
 
 
+def test_an_event_longer_than_a_spool_line_may_be_is_refused(tracker: Tracker) -> None:
+    # Each value escapes to 6000 x 6 bytes in JSON: 2000 of them exceed the reader's limit, so
+    # the tracker must refuse the call rather than write a line every reader would skip.
+    params = {f"p{i}": "\x01" * 6000 for i in range(2000)}
+    with tracker.start_run() as run:
+        with pytest.raises(ValidationError, match="longer than a spool line may be"):
+            run.log_params(params)
+        run.log_params({"p0": "small"})  # the refused call consumed nothing
+        path = run.spool_path
+    assert path is not None
+    assert [e.kind for e in read_clean(path)][-2:] == ["params", "run_end"]
+
+
 def test_ids_with_a_trailing_newline_are_refused(
     tracker: Tracker, spool_root: Path, clean_env: pytest.MonkeyPatch
 ) -> None:

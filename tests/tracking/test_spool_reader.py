@@ -218,20 +218,42 @@ def test_a_bad_checksum_is_a_problem_and_the_record_is_not_returned(tmp_path: Pa
     ]
 
 
-def test_framed_json_that_is_not_an_event_is_a_problem(tmp_path: Path) -> None:
+def test_framed_json_that_is_not_an_event_is_an_invalid_problem(tmp_path: Path) -> None:
+    # Intact (checksummed) lines whose envelope is ill-typed or out of range: never an Event.
     path = make_segment(tmp_path, 2)
-    bad = [
-        frame({"v": 1, "s": 3, "t": 1, "k": "no_such_kind"}),
-        frame({"v": 1, "s": "3", "t": 1, "k": "metrics"}),
-        frame({"v": 1, "s": 3, "t": 1.5, "k": "metrics"}),
-        frame({"v": 1, "t": 1, "k": "metrics"}),
-    ]
-    events, problems, _ = read(copy_with(tmp_path, path.read_bytes() + b"".join(bad)))
-    assert len(events) == 3
-    assert [(p.kind, p.line) for p in problems] == [("corrupt", n) for n in (4, 5, 6, 7)]
-    assert {p.reason for p in problems} == {
-        "record lacks a valid envelope (integer s and t, known kind k)"
+    big = 2**63
+    bad = {
+        "no_such_kind": "record kind k 'no_such_kind' is not one of",
+        "s_str": "record sequence number s is '3', not an integer",
+        "t_float": "record time t is 1.5, not an integer",
+        "s_missing": "record sequence number s is missing, not an integer",
+        "t_int64": f"record time t {big} is outside [0, {big - 1}]",
+        "t_negative": f"record time t -1 is outside [0, {big - 1}]",
+        "s_int64": f"record sequence number s {big} is outside [0, {big - 1}]",
+        "s_bool": "record sequence number s is True, not an integer",
+        "v_bool": "record format version v is True, not an integer",
+        "v_list": "record format version v is [1], not an integer",
     }
+    records = {
+        "no_such_kind": {"v": 1, "s": 3, "t": 1, "k": "no_such_kind"},
+        "s_str": {"v": 1, "s": "3", "t": 1, "k": "metrics"},
+        "t_float": {"v": 1, "s": 3, "t": 1.5, "k": "metrics"},
+        "s_missing": {"v": 1, "t": 1, "k": "metrics"},
+        "t_int64": {"v": 1, "s": 3, "t": big, "k": "metrics", "step": 0, "d": {"m": 1.0}},
+        "t_negative": {"v": 1, "s": 3, "t": -1, "k": "heartbeat"},
+        "s_int64": {"v": 1, "s": big, "t": 1, "k": "heartbeat"},
+        "s_bool": {"v": 1, "s": True, "t": 1, "k": "heartbeat"},
+        "v_bool": {"v": True, "s": 3, "t": 1, "k": "heartbeat"},
+        "v_list": {"v": [1], "s": 3, "t": 1, "k": "heartbeat"},
+    }
+    lines = [frame(records[name]) for name in bad]
+    events, problems, reader = read(copy_with(tmp_path, path.read_bytes() + b"".join(lines)))
+    assert len(events) == 3
+    assert [(p.kind, p.line) for p in problems] == [("invalid", 4 + n) for n in range(len(bad))]
+    for problem, (name, reason) in zip(problems, bad.items(), strict=True):
+        assert problem.reason.startswith(reason), name
+        assert problem.raw == lines[problem.line - 4][:-1][:200]
+    assert reader.last_seq == 2 and reader.tail == "clean"
 
 
 def test_a_record_of_an_unknown_version_is_a_problem(tmp_path: Path) -> None:

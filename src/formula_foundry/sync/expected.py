@@ -6,11 +6,15 @@ without a destination:
 
 * the run is created from the first valid ``run_start`` in merge order (name, experiment,
   start time, the tags ``create_run`` writes);
-* records the reader rejects, and payloads :class:`PayloadChecker` rejects, are skipped —
-  the replay quarantines exactly those, so they are expected to be absent;
+* records the reader rejects, and payloads :mod:`formula_foundry.sync.payloads` rejects (any
+  field ill-typed or out of range, in any event kind), are skipped — the replay quarantines
+  exactly those, so they are expected to be absent; so are tags the sync owns
+  (``reserved``), which a ``tags`` event never sets;
 * params are write-once: the first value in merge order is expected, later different
   values are conflicts (any value the spool logged is accepted when the quarantine log holds
   a ``param_conflict`` of the run, since which value was synced first depends on timing);
+* artifact references the destination refused (``refused`` in the quarantine log, passed as
+  ``refused``) are expected to be absent;
 * tags are last-write-wins in event order; ``run_end`` sets status and end time, a later
   ``run_start`` makes the run RUNNING again;
 * metric points are a set of ``(step, timestamp, value)`` per key (MLflow keeps one row per
@@ -23,12 +27,18 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
-from typing import Final
 
 from formula_foundry.errors import SpoolError
-from formula_foundry.sync.payloads import InvalidRecord, PayloadChecker
+from formula_foundry.sync.payloads import (
+    END_STATUSES,
+    InvalidRecord,
+    PayloadChecker,
+    check_time,
+    end_status,
+    run_start_problem,
+)
 from formula_foundry.sync.scan import SegmentFile
 from formula_foundry.sync.sink import ArtifactRef
 from formula_foundry.tracking.events import (
@@ -43,7 +53,8 @@ from formula_foundry.tracking.events import (
 )
 from formula_foundry.tracking.spool_reader import Event, SegmentReader
 
-END_STATUSES: Final = frozenset({"FINISHED", "FAILED", "KILLED"})
+__all__ = ["END_STATUSES", "ExpectedRun", "Point", "expected_run", "metric_value"]
+
 MetricValue = float | str  # a float, or "NaN" (so that NaN compares equal to NaN)
 Point = tuple[int, int, MetricValue]  # step, timestamp ms, value
 
@@ -78,23 +89,31 @@ class ExpectedRun:
     events: int = 0
 
 
-def expected_run(uuid: str, segments: Iterable[SegmentFile]) -> ExpectedRun:
-    """Read ``segments`` (one run's, any order) and return what the destination should hold."""
+def expected_run(
+    uuid: str, segments: Iterable[SegmentFile], refused: Collection[tuple[str, int]] = ()
+) -> ExpectedRun:
+    """Read ``segments`` (one run's, any order) and return what the destination should hold.
+
+    ``refused``: ``(file, offset)`` of the records the quarantine log reports as ``refused``.
+    """
     run = ExpectedRun(uuid)
-    builder = _Builder(run)
+    builder = _Builder(run, refused)
     for seg in sorted(segments, key=lambda s: s.order):
         builder.segment(seg)
     return run
 
 
 class _Builder:
-    def __init__(self, run: ExpectedRun) -> None:
+    def __init__(self, run: ExpectedRun, refused: Collection[tuple[str, int]] = ()) -> None:
         self.run = run
+        self.refused = refused
+        self.path = ""
         self.check = PayloadChecker()
         self.tag_events: list[tuple[str, str]] = []
 
     def segment(self, seg: SegmentFile) -> None:
         reader = SegmentReader(seg.path)
+        self.path = str(seg.path)
         try:
             for item in reader:
                 if reader.header is not None and reader.header.get("run") != self.run.uuid:
@@ -106,6 +125,10 @@ class _Builder:
 
     def event(self, ev: Event) -> None:
         run = self.run
+        try:
+            check_time(ev)
+        except InvalidRecord:
+            return  # quarantined as ``invalid`` by the replay, before it moves the last sign
         run.last_t = max(run.last_t, ev.t)
         try:
             if ev.kind == K_RUN_START:
@@ -120,10 +143,12 @@ class _Builder:
                     run.params.setdefault(key, value)
                     run.param_values.setdefault(key, set()).add(value)
             elif ev.kind == K_TAGS:
-                for key, value in self.check.strings(ev, MAX_TAG_VALUE_LENGTH):
-                    run.tags[key] = value
+                tags, _reserved = self.check.tags(ev, MAX_TAG_VALUE_LENGTH)
+                run.tags.update(tags)
             elif ev.kind == K_ARTIFACT_REF:
                 ref: ArtifactRef = self.check.artifact_ref(ev)
+                if (self.path, ev.offset) in self.refused:
+                    return  # the destination could never store its document
                 run.refs[ref.path] = ref.to_json()
             else:
                 return  # segment headers, heartbeats: nothing reaches the destination
@@ -133,22 +158,15 @@ class _Builder:
 
     def run_start(self, ev: Event) -> None:
         run = self.run
+        problem = run_start_problem(ev)
+        if problem is not None:
+            raise InvalidRecord(problem)
         if run.started:
             if run.status != "RUNNING":
                 run.status, run.end_time = "RUNNING", None  # a resumed run runs again
             return
         d = ev.data
         experiment, name, parent = d.get("experiment"), d.get("name"), d.get("parent")
-        valid = (
-            isinstance(experiment, str)
-            and bool(experiment.strip())
-            and ev.t > 0
-            and isinstance(name, str)
-            and bool(name.strip())
-            and (parent is None or isinstance(parent, str))
-        )
-        if not valid:
-            raise InvalidRecord("run_start lacks a valid experiment, name or time")
         assert isinstance(experiment, str) and isinstance(name, str)
         run.started = True
         run.experiment, run.name, run.start_time = experiment, name, ev.t
@@ -168,10 +186,7 @@ class _Builder:
         run.tags = {**created, **run.tags}
 
     def run_end(self, ev: Event) -> None:
-        status = ev.data.get("status")
-        if status not in END_STATUSES:
-            raise InvalidRecord(f"run_end status {status!r} is not one of {sorted(END_STATUSES)}")
-        self.run.status, self.run.end_time = str(status), ev.t
+        self.run.status, self.run.end_time = end_status(ev), ev.t
 
 
 def _text(value: object) -> str:

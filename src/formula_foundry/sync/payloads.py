@@ -5,6 +5,17 @@ segment is input from another machine, written by another version, possibly edit
 A payload MLflow would refuse would make it refuse the whole batch (and block its run), so
 each record is checked here with the tracker's own rules; one that fails is quarantined as
 ``invalid`` and the rest of the run goes on. Keys are checked once per pass.
+
+Every field is checked for type and range before anything uses it — times, steps and sizes
+are int64 (what the destination's columns hold) — so no value from a spool can raise out of
+the replay. The same checks decide what ``ff-sync verify`` expects
+(:mod:`formula_foundry.sync.expected`).
+
+Tags the sync owns (``ff.*`` and the MLflow system tags it writes itself, see
+:func:`~formula_foundry.tracking.events.reserved_tag_reason`) are never taken from a ``tags``
+event: run identity comes from the spool folder and the ``run_start`` only. Such a tag (from a
+spool written before the tracker refused them) is left out and quarantined as ``reserved``;
+the event's other tags are synced.
 """
 
 from __future__ import annotations
@@ -15,11 +26,20 @@ from typing import Final
 from formula_foundry.errors import ValidationError
 from formula_foundry.substrate.errors import InvalidLogicalPath
 from formula_foundry.substrate.logical_path import validate_logical_path
+from formula_foundry.sync.runs import RUN_UUID_RE
 from formula_foundry.sync.sink import ArtifactRef, MetricRow
-from formula_foundry.tracking.events import INT64_MAX, INT64_MIN, check_key, decode_metric_value
+from formula_foundry.tracking.events import (
+    INT64_MAX,
+    INT64_MIN,
+    check_key,
+    decode_metric_value,
+    reserved_tag_reason,
+)
 from formula_foundry.tracking.spool_reader import Event
 
 _DIGEST: Final = re.compile(r"sha256:[0-9a-f]{64}")
+END_STATUSES: Final = frozenset({"FINISHED", "FAILED", "KILLED"})
+_SHOWN: Final = 60  # characters of a bad value shown in a reason
 
 
 class InvalidRecord(Exception):
@@ -32,6 +52,47 @@ def conflict_reason(key: str, old: str, new: str) -> str:
         f"param {key!r} is already {old!r}; this record sets {new!r} "
         "(params are write-once: the first value synced stays)"
     )
+
+
+def shown(value: object) -> str:
+    """``repr(value)``, cut short: a reason names a bad value without copying a huge one."""
+    text = repr(value)
+    return text if len(text) <= _SHOWN else f"{text[:_SHOWN]}...({len(text)} characters)"
+
+
+def check_time(ev: Event) -> None:
+    """Every event's time is a timestamp in ms: within ``[0, 2**63-1]``."""
+    t = ev.t
+    if type(t) is not int or not 0 <= t <= INT64_MAX:
+        raise InvalidRecord(f"{ev.kind} time {shown(t)} is outside [0, {INT64_MAX}]")
+
+
+def end_status(ev: Event) -> str:
+    """The status a ``run_end`` event sets."""
+    status = ev.data.get("status")
+    if type(status) is not str or status not in END_STATUSES:
+        raise InvalidRecord(f"run_end status {shown(status)} is not one of {sorted(END_STATUSES)}")
+    return status
+
+
+def run_start_problem(ev: Event) -> str | None:
+    """Why a ``run_start`` event cannot create (or reopen) its run; None if it can.
+
+    The same rule as the resolver's (:mod:`formula_foundry.sync.runs`), which creates the
+    run from the first valid one.
+    """
+    d = ev.data
+    experiment, name, parent = d.get("experiment"), d.get("name"), d.get("parent")
+    if (
+        not isinstance(experiment, str)
+        or not experiment.strip()
+        or ev.t <= 0
+        or not isinstance(name, str)
+        or not name.strip()
+        or (parent is not None and (type(parent) is not str or not RUN_UUID_RE.fullmatch(parent)))
+    ):
+        return "run_start lacks a valid experiment, name or time"
+    return None
 
 
 class PayloadChecker:
@@ -54,8 +115,11 @@ class PayloadChecker:
         d, step, t = data.get("d"), data.get("step", 0), ev.t
         if type(d) is not dict or not d:
             raise InvalidRecord("metrics payload 'd' must be a non-empty object")
-        if type(step) is not int or not INT64_MIN <= step <= INT64_MAX or t < 0:
-            raise InvalidRecord(f"metric step {step!r} or timestamp {t!r} is out of range")
+        if type(step) is not int or not INT64_MIN <= step <= INT64_MAX or not 0 <= t <= INT64_MAX:
+            raise InvalidRecord(
+                f"metric step {shown(step)} or timestamp {shown(t)} is not an int64 "
+                "(timestamps: >= 0)"
+            )
         rows: list[MetricRow] = []
         keys_ok = self.keys_ok
         for key, value in d.items():
@@ -65,7 +129,9 @@ class PayloadChecker:
                 try:
                     value = decode_metric_value(value)
                 except ValueError:
-                    raise InvalidRecord(f"metric {key!r} value {value!r} is not a number") from None
+                    raise InvalidRecord(
+                        f"metric {key!r} value {shown(value)} is not a number"
+                    ) from None
             rows.append((key, value, t, step))
         return rows
 
@@ -84,6 +150,18 @@ class PayloadChecker:
             out.append((key, value))
         return out
 
+    def tags(self, ev: Event, limit: int) -> tuple[list[tuple[str, str]], str | None]:
+        """The tags of a ``tags`` event the sync may write, and why it left others out."""
+        kept: list[tuple[str, str]] = []
+        reasons: list[str] = []
+        for key, value in self.strings(ev, limit):
+            reason = reserved_tag_reason(key)
+            if reason is None:
+                kept.append((key, value))
+            else:
+                reasons.append(reason)
+        return kept, "; ".join(reasons) or None
+
     @staticmethod
     def artifact_ref(ev: Event) -> ArtifactRef:
         """The reference an ``artifact_ref`` event records."""
@@ -94,9 +172,13 @@ class PayloadChecker:
         except InvalidLogicalPath as exc:
             raise InvalidRecord(f"artifact_ref: {exc}") from None
         if not isinstance(digest, str) or not _DIGEST.fullmatch(digest):
-            raise InvalidRecord(f"artifact_ref {path!r}: digest {digest!r} is not sha256:<64 hex>")
-        if type(size) is not int or size < 0:
-            raise InvalidRecord(f"artifact_ref {path!r}: size {size!r} is not an integer >= 0")
-        if not isinstance(store, str):
-            raise InvalidRecord(f"artifact_ref {path!r}: store {store!r} is not a path")
+            raise InvalidRecord(
+                f"artifact_ref {path!r}: digest {shown(digest)} is not sha256:<64 hex>"
+            )
+        if type(size) is not int or not 0 <= size <= INT64_MAX:
+            raise InvalidRecord(
+                f"artifact_ref {path!r}: size {shown(size)} is not an integer in [0, {INT64_MAX}]"
+            )
+        if type(store) is not str or not store or "\x00" in store:
+            raise InvalidRecord(f"artifact_ref {path!r}: store {shown(store)} is not a path")
         return ArtifactRef(str(path), digest, size, store, ev.t)

@@ -8,11 +8,17 @@ last pass stopped, and events become batches:
   limits; an event larger than a batch is split, and progress stays before it until its
   last part is committed;
 * ``artifact_ref`` becomes a small JSON document, sent right after the batch it follows;
+  one the destination can never take (:class:`~formula_foundry.sync.sink.RecordRejected`: its
+  document cannot be written) is quarantined as ``refused`` and the run goes on;
 * ``run_end`` — and a ``run_start`` that reopens an ended run — is a barrier: the batch goes
   first, then the status, so the destination sees the writes in spool order.
 
-After each commit the segment's progress moves to the end of the last event it covered.
-Invalid records and param conflicts go to the quarantine report; the run goes on.
+After each commit the segment's progress moves to the end of the last event it covered. The
+run's record in the state (status, end time, last sign of life) is saved as soon as the
+destination acknowledged a status, and before any segment progress that covers it: a pass
+that dies later never forgets a run's end (which later passes would not read again).
+Invalid records, reserved tags and param conflicts go to the quarantine report; the run goes
+on.
 """
 
 from __future__ import annotations
@@ -24,13 +30,26 @@ from typing import Any, Final
 import orjson
 
 from formula_foundry.errors import SpoolCorrupt, UnsupportedSpoolVersion
-from formula_foundry.sync.payloads import InvalidRecord, PayloadChecker, conflict_reason
+from formula_foundry.sync.payloads import (
+    InvalidRecord,
+    PayloadChecker,
+    check_time,
+    conflict_reason,
+    end_status,
+    run_start_problem,
+)
 from formula_foundry.sync.report import Progress, ProgressFn
 from formula_foundry.sync.runs import RunContext, RunResolver, SyncContext
-from formula_foundry.sync.scan import SegmentFile
-from formula_foundry.sync.sink import ArtifactRef, DestinationRejected, ParamConflict, RunMissing
+from formula_foundry.sync.scan import SegmentFile, unreadable_reason
+from formula_foundry.sync.sink import (
+    ArtifactRef,
+    DestinationRejected,
+    ParamConflict,
+    RecordRejected,
+    RunMissing,
+)
 from formula_foundry.sync.stale import revive
-from formula_foundry.sync.sync_state import SegmentProgress
+from formula_foundry.sync.sync_state import RunRecord, SegmentProgress
 from formula_foundry.tracking.events import (
     INT64_MAX,
     INT64_MIN,
@@ -45,7 +64,6 @@ from formula_foundry.tracking.events import (
 )
 from formula_foundry.tracking.spool_reader import Event, SegmentReader
 
-_END_STATUSES: Final = frozenset({"FINISHED", "FAILED", "KILLED"})
 _REFS_PER_BATCH: Final = 100
 Pos = tuple[int, int, int]  # byte offset, line, last sequence number
 Row = tuple[str, float, int, int]
@@ -63,7 +81,7 @@ class _Batch:
         self.params: dict[str, str] = {}
         self.param_src: dict[str, Event] = {}
         self.tags: dict[str, str] = {}
-        self.refs: list[ArtifactRef] = []
+        self.refs: list[tuple[ArtifactRef, Event]] = []  # with its event, to quarantine it
         self.events = 0
         self.n = 0  # metrics + params + tags: what counts against the batch's total limit
 
@@ -98,6 +116,7 @@ class Replayer:
         self.sink, self.report = cx.sink, cx.report
         self.progress_fn, self.runs_total, self.runs_done = progress_fn, runs_total, 0
         self.check = PayloadChecker()
+        self._saved_runs: dict[str, RunRecord] = {}  # each run's record as last saved
 
     def replay_run(self, run_uuid: str, pending: list[SegmentFile]) -> None:
         """Replay ``pending`` segments of one run; refusals are reported, not raised."""
@@ -121,11 +140,23 @@ class Replayer:
         if ctx is None:
             return
         self.report.runs += 1
-        if revive(self.sink, self.cx.state, ctx.record(), self.cx.policy):
-            ctx.status = "RUNNING"  # the sync had ended it as dead: it is alive after all
-        for seg in sorted(pending, key=lambda s: s.order):
-            self._segment(ctx, seg)
-        self.resolver.save_run(ctx)
+        self._saved_runs[run_uuid] = ctx.record()  # as the state has it (or just saved it)
+        try:
+            if revive(self.sink, self.cx.state, ctx.record(), self.cx.policy):
+                ctx.status = "RUNNING"  # the sync had ended it as dead: it is alive after all
+                self._save_run(ctx)
+            for seg in sorted(pending, key=lambda s: s.order):
+                self._segment(ctx, seg)
+            self._save_run(ctx)
+        finally:
+            self._saved_runs.pop(run_uuid, None)
+
+    def _save_run(self, ctx: RunContext) -> None:
+        """Save the run's record if it changed: what the destination acknowledged, at once."""
+        rec = ctx.record()
+        if self._saved_runs.get(ctx.uuid) != rec:
+            self.resolver.save_run(ctx)
+            self._saved_runs[ctx.uuid] = rec
 
     # -- one segment ----------------------------------------------------------------------
 
@@ -168,7 +199,7 @@ class Replayer:
                                 and key in keys_ok
                                 and type(step) is int
                                 and INT64_MIN <= step <= INT64_MAX
-                                and t >= 0
+                                and 0 <= t <= INT64_MAX
                                 and len(b.metrics) < max_metrics
                             ):
                                 b.metrics.append((key, value, t, step))
@@ -199,7 +230,10 @@ class Replayer:
             self._flush(cur, size_seen=seg.size)
             return
         except OSError as exc:
-            self.report.warnings.append(f"cannot read {seg.path}: {exc.strerror or exc}")
+            self.report.warnings.append(
+                f"run {ctx.uuid}: {seg.path}: {unreadable_reason(exc)}; "
+                "not synced, retried next pass"
+            )
             self._flush(cur)
             return
         except DestinationRejected as exc:
@@ -217,6 +251,7 @@ class Replayer:
 
     def _event(self, cur: _Cursor, ev: Event) -> None:
         kind, ctx = ev.kind, cur.ctx
+        check_time(ev)
         if ev.t > ctx.last_t:
             ctx.last_t = ev.t
         if kind == K_METRICS:
@@ -224,29 +259,36 @@ class Replayer:
         elif kind == K_PARAMS:
             self._add(cur, ev, K_PARAMS, self._new_params(cur, ev))
         elif kind == K_TAGS:
-            self._add(cur, ev, K_TAGS, self.check.strings(ev, MAX_TAG_VALUE_LENGTH))
+            tags, reserved = self.check.tags(ev, MAX_TAG_VALUE_LENGTH)
+            if reserved is not None:
+                raw = orjson.dumps(ev.data)
+                path = cur.seg.path
+                self.cx.quarantine(ctx.uuid, path, ev.line, ev.offset, "reserved", reserved, raw)
+            self._add(cur, ev, K_TAGS, tags)
         elif kind == K_ARTIFACT_REF:
-            cur.batch.refs.append(self.check.artifact_ref(ev))
+            cur.batch.refs.append((self.check.artifact_ref(ev), ev))
             self._advance(cur, ev)
             if len(cur.batch.refs) >= _REFS_PER_BATCH:
                 self._flush(cur)
         elif kind == K_RUN_END:
-            status = ev.data.get("status")
-            if status not in _END_STATUSES:
-                raise InvalidRecord(
-                    f"run_end status {status!r} is not one of {sorted(_END_STATUSES)}"
-                )
+            status = end_status(ev)
             self._flush(cur)
             self.cx.call(lambda: self.sink.set_status(ctx.run_id, status, ev.t))
             ctx.status, ctx.end_time, cur.done = status, ev.t, True
+            # Saved before the progress past the run_end: no later pass reads it again.
+            self._save_run(ctx)
             self._advance(cur, ev)
             self._flush(cur)
         elif kind == K_RUN_START:
+            problem = run_start_problem(ev)
+            if problem is not None:
+                raise InvalidRecord(problem)
             if ctx.status != "RUNNING":
                 # Another process resumed the run after it had ended: it runs again.
                 self._flush(cur)
                 self.cx.call(lambda: self.sink.set_status(ctx.run_id, "RUNNING", None))
                 ctx.status = "RUNNING"
+                self._save_run(ctx)
             self._advance(cur, ev)
         else:  # the segment header, heartbeats: nothing to send
             cur.pos = (ev.end, ev.line, ev.seq)
@@ -292,14 +334,20 @@ class Replayer:
         b, ctx = cur.batch, cur.ctx
         if b.metrics or b.params or b.tags:
             self._send(cur)
-        for ref in b.refs:
-            self.cx.call(partial(self.sink.log_artifact_ref, ctx.run_id, ref))
+        for ref, ev in b.refs:
+            try:
+                self.cx.call(partial(self.sink.log_artifact_ref, ctx.run_id, ref))
+            except RecordRejected as exc:
+                raw = orjson.dumps(ev.data)
+                path = cur.seg.path
+                self.cx.quarantine(ctx.uuid, path, ev.line, ev.offset, "refused", str(exc), raw)
         self.report.events += b.events
         self.report.metrics += len(b.metrics)
         cur.batch = _Batch()
         if cur.pos == cur.saved and size_seen == -1:
             return
         self.cx.quarantine_log.sync()
+        self._save_run(ctx)  # status and last sign of life first: progress never outruns them
         prog = SegmentProgress(cur.seg.rel, ctx.uuid, *cur.pos, size_seen, cur.done)
         self.cx.state.save_segment(prog)
         self.cx.progress[cur.seg.rel] = prog

@@ -25,10 +25,10 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
-from formula_foundry.errors import SpoolError
+from formula_foundry.errors import SpoolCorrupt, SpoolError, UnsupportedSpoolVersion
 from formula_foundry.sync.report import SyncReport
 from formula_foundry.sync.retry import RetryPolicy
-from formula_foundry.sync.scan import SegmentFile
+from formula_foundry.sync.scan import SegmentFile, unreadable_reason
 from formula_foundry.sync.sink import DestinationRejected, RemoteRun, RunMissing, RunSpec, Sink
 from formula_foundry.sync.sync_state import (
     QuarantineLog,
@@ -37,7 +37,7 @@ from formula_foundry.sync.sync_state import (
     SyncState,
 )
 from formula_foundry.tracking.events import K_RUN_START
-from formula_foundry.tracking.spool_reader import Event, SegmentReader
+from formula_foundry.tracking.spool_reader import Event, Problem, SegmentReader
 
 T = TypeVar("T")
 RUN_UUID_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,249}")
@@ -123,6 +123,20 @@ class _Start:
     event: Event
 
 
+@dataclass
+class _Search:
+    """What looking for a run's ``run_start`` found: the event, or why there is none."""
+
+    start: _Start | None = None
+    why: list[str] = dataclasses.field(default_factory=list)
+    # Segments that can give nothing (broken header, unknown format, another run's header):
+    # (segment, quarantine kind, reason).
+    set_aside: list[tuple[SegmentFile, str, str]] = dataclasses.field(default_factory=list)
+    # Damaged records met on the way (one may have been the run_start): reported if the run
+    # must wait, since the replay that would report them never reads a run it cannot create.
+    damaged: list[tuple[SegmentFile, Problem]] = dataclasses.field(default_factory=list)
+
+
 _WAIT: Final = "\0wait"
 
 
@@ -156,7 +170,8 @@ class RunResolver:
             ctx = _context(rec)
             self.runs[uuid] = ctx
             return ctx
-        start = self._find_start(uuid)
+        search = self._find_start(uuid)
+        start = search.start
         experiment = start.spec.experiment if start else None
         remote = self.cx.call(lambda: self.cx.sink.find_run(uuid, experiment))
         created = False
@@ -164,9 +179,9 @@ class RunResolver:
         parent_id: str | None = None
         if remote is None:
             if start is None:
-                self.cx.report.waiting.append(
-                    f"run {uuid}: no run_start event in its segments yet; will retry"
-                )
+                self._set_aside(uuid, search)
+                because = "; ".join(search.why) or "no run_start event in its segments yet"
+                self.cx.report.waiting.append(f"run {uuid}: {because}; will retry")
                 return None
             if parent_uuid:
                 found = self._parent_id(parent_uuid, start, (*chain, uuid))
@@ -261,15 +276,42 @@ class RunResolver:
             if child.run_uuid in self.runs:
                 self.runs[child.run_uuid].parent_linked = True
 
-    def _find_start(self, uuid: str) -> _Start | None:
-        """The run's ``run_start`` event, from whichever of its segments holds it."""
+    def _find_start(self, uuid: str) -> _Search:
+        """The run's ``run_start`` event, from whichever of its segments holds it.
+
+        Without one, also why: the segments it could not use. A segment whose header is
+        broken, of an unknown format or names another run (a copied file) gives no run_start
+        — a copied segment must not create a ghost run. If a run_start is found, the replay
+        meets those segments, and unreadable ones, and reports them itself; if the run must
+        wait, :meth:`_set_aside` does.
+        """
+        search = _Search()
         for seg in self.cx.files_by_run.get(uuid, []):
+            prog = self.cx.progress.get(seg.rel)
+            if prog is not None and prog.size_seen == seg.size:
+                # Read to its end while the run had no destination run: set aside whole.
+                search.why.append(f"{seg.path} was quarantined before (see the quarantine report)")
+                continue
+            reader = SegmentReader(seg.path)
+            after_problem = False
             try:
-                for item in SegmentReader(seg.path):
-                    if isinstance(item, Event) and item.kind == K_RUN_START:
+                for item in reader:
+                    run = (reader.header or {}).get("run")
+                    if run != uuid:
+                        raise SpoolCorrupt(
+                            f"{seg.path}:1: the header names run {run!r}, not {uuid}"
+                        )
+                    if isinstance(item, Problem):
+                        # As the replay: a gap right after a damaged line is that line's.
+                        if not (item.kind == "sequence" and after_problem):
+                            search.damaged.append((seg, item))
+                        after_problem = True
+                        continue
+                    after_problem = False
+                    if item.kind == K_RUN_START:
                         spec = _spec(uuid, item)
                         if spec is not None:
-                            return _Start(spec, seg, item)
+                            return _Search(_Start(spec, seg, item))
                         self.cx.quarantine(
                             uuid,
                             seg.path,
@@ -278,9 +320,43 @@ class RunResolver:
                             "invalid",
                             "run_start lacks a valid experiment, name or time",
                         )
-            except (SpoolError, OSError):
-                continue  # reported when the segment itself is replayed
-        return None
+            except UnsupportedSpoolVersion as exc:
+                search.set_aside.append((seg, "version", str(exc)))
+            except SpoolError as exc:
+                search.set_aside.append((seg, "header", str(exc)))
+            except OSError as exc:
+                search.why.append(f"{seg.path}: {unreadable_reason(exc)}")
+        return search
+
+    def _set_aside(self, uuid: str, search: _Search) -> None:
+        """Quarantine the segments of a waiting run that can give nothing, once: the replay
+        never reads them (the run is not created), so their progress is set to their end."""
+        for seg, problem in search.damaged:
+            self.cx.quarantine(
+                uuid,
+                seg.path,
+                problem.line,
+                problem.offset,
+                problem.kind,
+                problem.reason,
+                problem.raw,
+            )
+        if search.damaged:
+            seg, problem = search.damaged[0]
+            search.why.append(
+                f"{len(search.damaged)} damaged records in its segments (first: "
+                f"{seg.path}:{problem.line}: {problem.reason})"
+            )
+        for seg, kind, reason in search.set_aside:
+            self.cx.quarantine(uuid, seg.path, 1, 0, kind, reason)
+            search.why.append(f"{seg.path} is quarantined ({kind})")
+        if not search.set_aside:
+            return
+        self.cx.quarantine_log.sync()  # reported before progress moves past them
+        for seg, _, _ in search.set_aside:
+            prog = SegmentProgress(seg.rel, uuid, size_seen=seg.size)
+            self.cx.state.save_segment(prog)
+            self.cx.progress[seg.rel] = prog
 
 
 def _context(rec: RunRecord) -> RunContext:

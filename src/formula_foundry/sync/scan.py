@@ -6,15 +6,30 @@ Layout (see :mod:`formula_foundry.tracking.spool_writer`)::
 
 Scanning opens no file, so an idle pass costs a directory listing and a ``stat`` per segment.
 Folders and files that do not follow the layout (hidden files, editor backups) are ignored.
+
+What cannot be scanned never stops the scan: a run folder that cannot be listed (permission
+denied), a run folder or segment that is a symbolic link (never followed: the spool holds
+its runs' own files, a link could point anywhere), a segment name that is no regular file.
+:func:`scan_spool_report` returns each of them as a :class:`Skipped` path, so the sync,
+``status`` and ``verify`` can name it; everything else is scanned as usual. A segment that
+cannot be *opened* is only found when it is read (the scan opens nothing): readers report it
+with :func:`unreadable_reason`.
 """
 
 from __future__ import annotations
 
+import errno
 import os
-from dataclasses import dataclass
+import stat
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Final, Literal
 
 from formula_foundry.tracking.spool_writer import is_segment_name, segment_started_ms
+
+SkipKind = Literal["unreadable", "symlink", "not_regular"]
+NOT_FOLLOWED: Final = "is a symbolic link; not synced"
+NOT_REGULAR: Final = "is not a regular file; not synced"
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,38 +48,109 @@ class SegmentFile:
         return (self.started_ms, self.rel)
 
 
+@dataclass(frozen=True, slots=True)
+class Skipped:
+    """A path under the spool root that is not synced, and why.
+
+    ``run_uuid`` is the run folder's name (``None``: the spool root itself).
+    """
+
+    run_uuid: str | None
+    path: Path
+    kind: SkipKind
+    reason: str
+
+    def describe(self) -> str:
+        where = f"run {self.run_uuid}: " if self.run_uuid is not None else "spool root "
+        return f"{where}{self.path}: {self.reason}"
+
+
+@dataclass
+class SpoolScan:
+    """What :func:`scan_spool_report` found: the segments, and the paths it had to skip."""
+
+    segments: list[SegmentFile] = field(default_factory=list)
+    skipped: list[Skipped] = field(default_factory=list)
+
+    @property
+    def skipped_runs(self) -> set[str]:
+        """Runs with a part that could not be scanned (not to be judged dead, nor collected)."""
+        return {s.run_uuid for s in self.skipped if s.run_uuid is not None}
+
+
+def unreadable_reason(exc: OSError) -> str:
+    """How a path that cannot be read is reported: ``permission denied``, or the OS's words."""
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return "permission denied"
+    return (exc.strerror or type(exc).__name__).lower()
+
+
 def scan_spool(root: Path) -> list[SegmentFile]:
-    """Every segment under ``root``, ordered by run, then merge order. No file is opened."""
-    found: list[SegmentFile] = []
+    """Every segment under ``root``, ordered by run, then merge order. No file is opened.
+
+    Paths that cannot be scanned are left out silently; :func:`scan_spool_report` names them.
+    """
+    return scan_spool_report(root).segments
+
+
+def scan_spool_report(root: Path) -> SpoolScan:
+    """Every segment under ``root`` (as :func:`scan_spool`) and every path it had to skip."""
+    out = SpoolScan()
     try:
         runs = list(os.scandir(root))
     except FileNotFoundError:
-        return found
+        return out
+    except OSError as exc:
+        reason = "is not a directory" if isinstance(exc, NotADirectoryError) else None
+        out.skipped.append(Skipped(None, root, "unreadable", reason or unreadable_reason(exc)))
+        return out
     for run in runs:
-        if run.name.startswith(".") or not run.is_dir(follow_symlinks=False):
+        if run.name.startswith("."):
+            continue
+        if run.is_symlink():
+            out.skipped.append(Skipped(run.name, Path(run.path), "symlink", NOT_FOLLOWED))
+            continue
+        if not run.is_dir(follow_symlinks=False):
             continue
         try:
             entries = list(os.scandir(run.path))
         except (FileNotFoundError, NotADirectoryError):
             continue  # removed while we looked
-        for entry in entries:
-            name = entry.name
-            if not is_segment_name(name):
-                continue
-            try:
-                st = entry.stat(follow_symlinks=False)
-            except FileNotFoundError:
-                continue
-            if (st.st_mode & 0o170000) != 0o100000:  # regular files only
-                continue
-            found.append(
-                SegmentFile(
-                    rel=f"{run.name}/{name}",
-                    path=Path(entry.path),
-                    run_uuid=run.name,
-                    started_ms=segment_started_ms(name),
-                    size=st.st_size,
-                )
+        except OSError as exc:
+            out.skipped.append(
+                Skipped(run.name, Path(run.path), "unreadable", unreadable_reason(exc))
             )
-    found.sort(key=lambda s: (s.run_uuid, s.started_ms, s.rel))
-    return found
+            continue
+        _scan_run(run.name, entries, out)
+    out.segments.sort(key=lambda s: (s.run_uuid, s.started_ms, s.rel))
+    return out
+
+
+def _scan_run(run_uuid: str, entries: list[os.DirEntry[str]], out: SpoolScan) -> None:
+    for entry in entries:
+        name = entry.name
+        if not is_segment_name(name):
+            continue
+        try:
+            st = entry.stat(follow_symlinks=False)
+        except FileNotFoundError:
+            continue
+        except OSError as exc:  # a folder that can be listed but not searched (mode r--)
+            out.skipped.append(
+                Skipped(run_uuid, Path(entry.path), "unreadable", unreadable_reason(exc))
+            )
+            continue
+        if not stat.S_ISREG(st.st_mode):
+            kind: SkipKind = "symlink" if stat.S_ISLNK(st.st_mode) else "not_regular"
+            reason = NOT_FOLLOWED if kind == "symlink" else NOT_REGULAR
+            out.skipped.append(Skipped(run_uuid, Path(entry.path), kind, reason))
+            continue
+        out.segments.append(
+            SegmentFile(
+                rel=f"{run_uuid}/{name}",
+                path=Path(entry.path),
+                run_uuid=run_uuid,
+                started_ms=segment_started_ms(name),
+                size=st.st_size,
+            )
+        )

@@ -111,6 +111,11 @@ class RunMissing(DestinationRejected):
     """The destination has no run with the id the sync state maps the spooled run to."""
 
 
+class RecordRejected(DestinationRejected):
+    """The destination can never take this one record (e.g. an artifact document whose path
+    it cannot create): the record is quarantined with this reason and the run goes on."""
+
+
 class Sink(Protocol):
     """A destination the engine replays into. ``description`` never contains a password."""
 

@@ -10,6 +10,11 @@ Counting is cheap: a segment whose size is the size the state last saw has nothi
 pending, and its synced count is the recorded line number minus its header and its
 quarantined lines; only the unread part of a grown segment is read, from the recorded
 offset. Key names of :meth:`StatusReport.to_json` are documented in docs/operations.md.
+
+What the sync cannot read is listed per run (``problems``), with its path and why: a run
+folder or segment that cannot be read ("permission denied"), a symbolic link (never
+followed). A segment whose header names another run counts nothing as pending: the pass
+quarantines it whole.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ import orjson
 from formula_foundry.config import Settings
 from formula_foundry.errors import SpoolError
 from formula_foundry.redact import redact_uri
-from formula_foundry.sync.scan import SegmentFile, scan_spool
+from formula_foundry.sync.scan import SegmentFile, Skipped, scan_spool_report, unreadable_reason
 from formula_foundry.sync.sync_state import (
     DESTINATION_FILE,
     QUARANTINE_FILE,
@@ -114,6 +119,7 @@ class RunStatus:
     ended: bool = False  # an end event is synced or pending after the last run_start
     ended_by_sync: bool = False  # KILLED by the sync because it went silent
     dead: bool = False
+    problems: list[str] = field(default_factory=list)  # "<path>: <why it is not synced>"
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -126,6 +132,7 @@ class RunStatus:
             "last_event_ms": self.last_event_ms,
             "dead": self.dead,
             "ended_by_sync": self.ended_by_sync,
+            "problems": self.problems,
         }
 
 
@@ -174,6 +181,7 @@ class StatusReport:
     stale_after_s: float
     generated_ms: int
     destinations: list[DestinationStatus]
+    problems: list[str] = field(default_factory=list)  # the spool root itself cannot be read
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -181,6 +189,7 @@ class StatusReport:
             "generated_ms": self.generated_ms,
             "spool_root": str(self.spool_root),
             "stale_after_s": self.stale_after_s,
+            "problems": self.problems,
             "destinations": [d.to_json() for d in self.destinations],
         }
 
@@ -188,18 +197,26 @@ class StatusReport:
 def sync_status(settings: Settings, *, all_destinations: bool = False) -> StatusReport:
     """The status of the configured destination (or of every one with a state folder)."""
     now_ms = time.time_ns() // 1_000_000
-    segments = scan_spool(settings.spool_root)
+    scan = scan_spool_report(settings.spool_root)
     configured = destination_key(settings.backend_store_uri)
     folders: dict[str, str] = {configured: redact_uri(settings.backend_store_uri)}
     if all_destinations:
         folders.update(_known_destinations(settings.sync_state_dir, configured))
     out = [
         _destination(
-            settings.sync_state_dir / key, key, uri, key == configured, segments, now_ms, settings
+            settings.sync_state_dir / key,
+            key,
+            uri,
+            key == configured,
+            scan.segments,
+            scan.skipped,
+            now_ms,
+            settings,
         )
         for key, uri in sorted(folders.items(), key=lambda kv: (kv[0] != configured, kv[0]))
     ]
-    return StatusReport(settings.spool_root, settings.stale_after_s, now_ms, out)
+    root_problems = [f"{s.path}: {s.reason}" for s in scan.skipped if s.run_uuid is None]
+    return StatusReport(settings.spool_root, settings.stale_after_s, now_ms, out, root_problems)
 
 
 def _known_destinations(state_dir: Path, configured: str) -> dict[str, str]:
@@ -222,6 +239,7 @@ def _destination(
     uri: str,
     configured: bool,
     segments: list[SegmentFile],
+    skipped: list[Skipped],
     now_ms: int,
     settings: Settings,
 ) -> DestinationStatus:
@@ -232,18 +250,26 @@ def _destination(
             (str(rec.get("run")), _int(rec.get("line")))
         )
     runs: dict[str, RunStatus] = {}
-    for seg in segments:
-        run = runs.get(seg.run_uuid)
+
+    def run_status(uuid: str) -> RunStatus:
+        run = runs.get(uuid)
         if run is None:
-            known = view.runs.get(seg.run_uuid)
-            run = RunStatus(seg.run_uuid, known.status if known else None)
+            known = view.runs.get(uuid)
+            run = RunStatus(uuid, known.status if known else None)
             if known is not None:
                 run.last_sync_ms = known.updated_ms
                 run.last_event_ms = known.last_t or None
                 run.ended = known.status != "RUNNING"
                 run.ended_by_sync = known.stale_ended
-            runs[seg.run_uuid] = run
+            runs[uuid] = run
+        return run
+
+    for seg in segments:
+        run = run_status(seg.run_uuid)
         _count_segment(run, seg, view, quarantined.get(str(seg.path), set()))
+    for skip in skipped:
+        if skip.run_uuid is not None:
+            run_status(skip.run_uuid).problems.append(f"{skip.path}: {skip.reason}")
     limit_ms = now_ms - int(settings.stale_after_s * 1000)
     for run in runs.values():
         silent = run.last_event_ms is None or run.last_event_ms < limit_ms
@@ -278,6 +304,8 @@ def _count_pending(run: RunStatus, seg: SegmentFile, prog: SegmentProgress | Non
     )
     try:
         for item in reader:
+            if (reader.header or {}).get("run") != seg.run_uuid:
+                return  # a copied segment: the pass quarantines it whole
             if not isinstance(item, Event) or item.kind == K_SEGMENT:
                 continue
             run.events_pending += 1
@@ -287,8 +315,10 @@ def _count_pending(run: RunStatus, seg: SegmentFile, prog: SegmentProgress | Non
                 run.ended = True
             elif item.kind == K_RUN_START:
                 run.ended = False
-    except (SpoolError, OSError):
-        return  # the pass will quarantine or report it; nothing here can be counted
+    except SpoolError:
+        return  # the pass quarantines it; nothing here can be counted
+    except OSError as exc:
+        run.problems.append(f"{seg.path}: {unreadable_reason(exc)}")
 
 
 def _int(value: object) -> int:
@@ -314,6 +344,7 @@ def render_table(report: StatusReport) -> str:
     """The human-readable form: one block per destination, one line per run, a total."""
     now = report.generated_ms
     lines: list[str] = [f"spool root: {report.spool_root}"]
+    lines += [f"not synced: {p}" for p in report.problems]
     for dest in report.destinations:
         t = dest.totals()
         lines += [
@@ -326,6 +357,8 @@ def render_table(report: StatusReport) -> str:
         rows = [("RUN", "STATUS", "SYNCED", "PENDING", "QUARANTINED", "LAST SYNC", "NOTE")]
         for r in dest.runs:
             note = "ended by sync (silent)" if r.ended_by_sync else "dead?" if r.dead else ""
+            if r.problems:
+                note = f"{note}, not all synced (below)" if note else "not all synced (below)"
             rows.append(
                 (
                     r.run,
@@ -356,4 +389,7 @@ def render_table(report: StatusReport) -> str:
                 for i, (c, w) in enumerate(zip(row, widths, strict=True))
             ]
             lines.append("  ".join(cells).rstrip())
+        problems = [f"  run {r.run}: {p}" for r in dest.runs for p in r.problems]
+        if problems:
+            lines += ["", "not synced:", *problems]
     return "\n".join(lines)

@@ -13,6 +13,14 @@ conflict is in the quarantine log, tags MLflow adds itself (``mlflow.*`` other t
 ``mlflow.runName`` and ``mlflow.parentRunId``), and KILLED for a run the sync ended because
 it went silent (``stale_ended`` in the sync state).
 
+What verify cannot read is a difference too, never an abort: a run folder or segment that
+cannot be read (``unreadable``, "permission denied"), a run folder or segment that is a
+symbolic link (``symlink``; the sync never follows one) or no regular file
+(``not_regular``). The rest of such a run is compared as usual: the sync skipped the same
+paths. A segment the replay quarantines whole — broken header, unknown format, a header
+naming another run (a copied file) — is expected to be absent; a run made only of such
+segments is expected not to exist at all.
+
 It streams: one run's expected and stored data at a time. Kinds and JSON keys are
 documented in docs/operations.md.
 """
@@ -25,7 +33,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 
 from formula_foundry.config import Settings
-from formula_foundry.errors import EXIT_OK, EXIT_PARTIAL, MlflowMissing
+from formula_foundry.errors import EXIT_OK, EXIT_PARTIAL, MlflowMissing, SpoolError
 from formula_foundry.redact import redact_uri
 from formula_foundry.sync.engine import check_destination
 from formula_foundry.sync.expected import (
@@ -36,11 +44,12 @@ from formula_foundry.sync.expected import (
     metric_value,
 )
 from formula_foundry.sync.runs import RUN_UUID_RE
-from formula_foundry.sync.scan import SegmentFile, scan_spool
+from formula_foundry.sync.scan import SegmentFile, Skipped, scan_spool_report, unreadable_reason
 from formula_foundry.sync.sink import RunMissing
 from formula_foundry.sync.status import StateView
 from formula_foundry.sync.store_access import INSTALL_HINT
 from formula_foundry.sync.sync_state import destination_key
+from formula_foundry.tracking.spool_reader import read_header
 
 if TYPE_CHECKING:
     from formula_foundry.sync.snapshot import StoredRun, StoreReader
@@ -125,34 +134,78 @@ def verify(settings: Settings, *, on_difference: DifferenceFn | None = None) -> 
     view = StateView(settings.sync_state_dir / destination_key(uri))
     reader = StoreReader(uri)
     checker = _RunChecker(reader, reader.index(), view)
-    for uuid, segments in _runs(scan_spool(settings.spool_root)):
+
+    def add(diff: Difference) -> None:
+        report.differences.append(diff)
+        if on_difference is not None:
+            on_difference(diff)
+
+    scan = scan_spool_report(settings.spool_root)
+    skipped: dict[str | None, list[Skipped]] = {}
+    for skip in scan.skipped:
+        skipped.setdefault(skip.run_uuid, []).append(skip)
+    for skip in skipped.pop(None, []):
+        add(Difference("", skip.kind, f"spool root {skip.path}: {skip.reason}; nothing checked"))
+    for uuid, segments in _runs(scan.segments, skipped):
         report.runs_checked += 1
-        for diff in checker.check(expected_run(uuid, segments)):
-            report.differences.append(diff)
-            if on_difference is not None:
-                on_difference(diff)
+        folder = settings.spool_root / uuid
+        for skip in skipped.get(uuid, []):
+            add(Difference(uuid, skip.kind, f"run {uuid}: {skip.path}: {skip.reason}"))
+        if any(skip.path == folder for skip in skipped.get(uuid, [])):
+            continue  # the whole run folder: nothing to compare with
+        usable = _usable_segments(uuid, segments, add)
+        if not usable and uuid not in checker.index:
+            continue  # nothing of the run can reach the destination; the reasons are reported
+        for diff in checker.check(expected_run(uuid, usable, checker.refused)):
+            add(diff)
     return report
 
 
-def _runs(files: list[SegmentFile]) -> Iterator[tuple[str, list[SegmentFile]]]:
-    """The segments of each run (scan order groups them), folders that are no run skipped."""
-    current: list[SegmentFile] = []
+def _runs(
+    files: list[SegmentFile], skipped: dict[str | None, list[Skipped]]
+) -> Iterator[tuple[str, list[SegmentFile]]]:
+    """The segments of each run (those of runs with skipped paths only included), by run id;
+    folders that are no run skipped."""
+    by_run: dict[str, list[SegmentFile]] = {uuid: [] for uuid in skipped if uuid is not None}
     for seg in files:
-        if not RUN_UUID_RE.fullmatch(seg.run_uuid):
+        by_run.setdefault(seg.run_uuid, []).append(seg)
+    for uuid in sorted(by_run):
+        if RUN_UUID_RE.fullmatch(uuid):
+            yield uuid, by_run[uuid]
+
+
+def _usable_segments(
+    uuid: str, segments: list[SegmentFile], add: DifferenceFn
+) -> list[SegmentFile]:
+    """The segments the replay reads: not unreadable (reported), not quarantined whole."""
+    usable: list[SegmentFile] = []
+    for seg in segments:
+        try:
+            header = read_header(seg.path)
+        except SpoolError:
+            continue  # broken header, unknown format: quarantined whole by the replay
+        except OSError as exc:
+            why = unreadable_reason(exc)
+            add(Difference(uuid, "unreadable", f"run {uuid}: {seg.path}: {why}"))
             continue
-        if current and current[0].run_uuid != seg.run_uuid:
-            yield current[0].run_uuid, current
-            current = []
-        current.append(seg)
-    if current:
-        yield current[0].run_uuid, current
+        if header is None or header.get("run") == uuid:
+            usable.append(seg)  # (no complete header yet: nothing of it is expected)
+        # else: a copied segment, quarantined whole by the replay
+    return usable
 
 
 class _RunChecker:
     def __init__(self, reader: StoreReader, index: dict[str, list[str]], view: StateView) -> None:
         self.reader, self.index, self.view = reader, index, view
+        quarantined = list(view.quarantine())
         self.conflicted = {
-            str(q.get("run")) for q in view.quarantine() if q.get("kind") == "param_conflict"
+            str(q.get("run")) for q in quarantined if q.get("kind") == "param_conflict"
+        }
+        # Records the destination can never take (see sink.RecordRejected): not expected there.
+        self.refused = {
+            (str(q.get("file")), _int(q.get("offset")))
+            for q in quarantined
+            if q.get("kind") == "refused"
         }
 
     def check(self, exp: ExpectedRun) -> Iterator[Difference]:
@@ -290,3 +343,7 @@ def _points(run: str, kind: str, key: str, points: set[Point]) -> Difference:
     if kind == "missing":
         return Difference(run, "missing_metric_points", message, key, shown, None, len(ordered))
     return Difference(run, "extra_metric_points", message, key, None, shown, len(ordered))
+
+
+def _int(value: object) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else -1

@@ -52,6 +52,8 @@ MAX_PARAM_VALUE_LENGTH: Final = 6000
 MAX_TAG_VALUE_LENGTH: Final = 8000
 INT64_MIN: Final = -(2**63)
 INT64_MAX: Final = 2**63 - 1
+# The longest line a reader accepts (see docs/spool-format.md); the writer refuses longer ones.
+MAX_LINE_BYTES: Final = 64 << 20
 
 _CHECKSUM_TAIL_LEN: Final = 16  # len(',"c":"') + 8 hex + len('"}')
 # MLflow's own pattern, "$" included: it accepts a key ending in one newline, and so do we

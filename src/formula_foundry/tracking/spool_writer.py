@@ -37,11 +37,12 @@ import zlib
 from pathlib import Path
 from typing import Any, Final
 
-from formula_foundry.errors import ConfigError, SpoolWriteError
+from formula_foundry.errors import ConfigError, SpoolWriteError, ValidationError
 from formula_foundry.tracking.events import (
     CHECKSUM_TAIL,
     FORMAT_VERSION,
     K_SEGMENT,
+    MAX_LINE_BYTES,
     METRIC_HEAD,
     frame,
 )
@@ -162,6 +163,12 @@ class SegmentWriter:
             # Framed before a new segment is opened: a record that cannot be serialised must
             # not leave a header-only segment behind.
             line = frame(record)
+            if len(line) - 1 > MAX_LINE_BYTES:
+                raise ValidationError(
+                    f"run {self.run_uuid}: one {record.get('k')} event of {len(line) - 1} bytes "
+                    f"is longer than a spool line may be ({MAX_LINE_BYTES} bytes); log fewer "
+                    "keys per call"
+                )
             if opening:
                 self._open()
             self._emit_locked(line, seq)
