@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from formula_foundry.errors import ConfigError
+from formula_foundry.redact import redact_uri
 
 CONFIG_RELPATH = Path("config") / "mlflow.yaml"
 DURABILITY_MODES = ("write", "fsync", "buffered")
@@ -247,8 +248,8 @@ def resolve_store_uri(uri: str, root: Path) -> str:
             return prefix + str((root / rest).absolute())
     elif "://" not in uri:
         raise ConfigError(
-            f"tracking URI {uri!r} has no scheme; use sqlite:///path, postgresql://..., "
-            "or http(s)://host:port"
+            f"tracking URI {redact_uri(uri)!r} has no scheme; use sqlite:///path, "
+            "postgresql://..., or http(s)://host:port"
         )
     return uri
 

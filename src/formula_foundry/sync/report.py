@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlsplit
 
 from formula_foundry.errors import EXIT_OK, EXIT_PARTIAL
-from formula_foundry.redact import redact_uri
+from formula_foundry.redact import MASK, redact_text, redact_uri, uri_secrets
 
 # How many quarantine lines a report keeps for display (all are in quarantine.jsonl).
 SHOWN_PROBLEMS = 20
@@ -28,17 +26,47 @@ class Progress:
 
 
 ProgressFn = Callable[[Progress], None]
-_URI = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://[^\s'\"]+")
+# Where a URI starts inside free text (a driver's or MLflow's message): ``scheme://``, or
+# for the database and server schemes also ``scheme:`` with one slash or none when a
+# ``user:`` follows (``postgresql:/u:pw@h``), which a driver may still read.
+_LOOSE_SCHEMES = r"postgres(?:ql)?|mysql|mariadb|mssql|oracle|sqlite|https?|databricks"
+_URI_HEAD = re.compile(
+    r"(?<![\w+.\-/\\])(?:[A-Za-z][A-Za-z0-9+.\-]*+://(?P<user>/?+[^\s:/'\"@]*+:)?"
+    rf"|(?P<loose>(?i:{_LOOSE_SCHEMES})(?:\+[\w.\-]++)?:/?+[^\s:/'\"@]*+:))"
+)
+_TOKEN = re.compile(r"[^\s'\"]*+")
+_HOST = re.compile(r"[^\s'\"@]*+")
+
+
+def _redact_uris(line: str) -> str:
+    """Each URI in ``line`` through :func:`redact_uri`. One with ``user:`` runs to the last
+    '@' of the line and the host after it (its password may hold spaces, quotes, '/', '@');
+    any other ends at the next space or quote. Linear: each character is looked at once."""
+    last_at = line.rfind("@")
+    parts: list[str] = []
+    pos = 0
+    while (m := _URI_HEAD.search(line, pos)) is not None:
+        parts.append(line[pos : m.start()])
+        if last_at >= m.end() and (m.group("loose") or m.group("user")):
+            end = _HOST.match(line, last_at + 1).end()  # type: ignore[union-attr]
+        elif m.group("loose"):
+            end = m.end()  # ``postgresql:x:`` without an '@' after it: not a URI
+        else:
+            end = _TOKEN.match(line, m.end()).end()  # type: ignore[union-attr]
+        parts.append(redact_uri(line[m.start() : end]))
+        pos = end
+    parts.append(line[pos:])
+    return "".join(parts)
 
 
 def one_line(text: str, uri: str | None = None, limit: int = 400) -> str:
-    """``text`` on one line, every URI in it redacted, ``uri``'s password removed, shortened."""
-    line = _URI.sub(lambda m: redact_uri(m.group(0)), " ".join(text.split()))
+    """``text`` on one line, shortened, with every password hidden: each spelling of
+    ``uri``'s secrets, then the userinfo and secret parameters of any URI in it."""
+    line = " ".join(text.split())
     if uri:
-        with contextlib.suppress(ValueError):
-            password = urlsplit(uri).password
-            if password:
-                line = line.replace(password, "***")
+        for secret in uri_secrets(uri):
+            line = line.replace(secret, MASK)
+    line = redact_text(_redact_uris(line))
     return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
