@@ -47,7 +47,10 @@ EXIT_MEANINGS: dict[str, tuple[str, str]] = {
     ),
     "EXIT_USAGE": (
         "usage or configuration error: bad option, bad config file, unsupported URI, MLflow or "
-        "a database driver not installed, login refused (wrong password, user or database)",
+        "a database driver not installed, login refused (wrong password, user or database), "
+        "a store MLflow refuses (`file://`), no SQLite store to verify, another sync state "
+        "folder owns this spool in the destination "
+        "([troubleshooting](troubleshooting.md#another-sync-state-folder-owns-the-spool-exit-2))",
         "fix the command, the config or the install; retrying does not help",
     ),
     "EXIT_INTERNAL": (

@@ -50,11 +50,18 @@ def test_help_documents_the_options_and_exit_codes() -> None:
 def test_a_pass_prints_one_summary_line_and_exits_0(project: Project) -> None:
     project.spool('with tracker.start_run(run_name="r") as r:\n    r.log_metric("m", 1.0)\n')
     code, out, err = _invoke("--config", str(project.config))
-    assert (code, err) == (0, "")
+    # The first pass creates the store, and says so (a typo in the path would too).
+    assert (code, err) == (
+        0,
+        f"ff-sync: warning: creating a new MLflow store at {project.db} (no file there yet; "
+        "if the path is a typo, delete that file and its state folder and fix the tracking "
+        "URI)\n",
+    )
     assert SUMMARY.match(out) and out.startswith("ff-sync: synced: 1 run, 3 events, 0 quarantined")
     assert out.rstrip().endswith(f"-> {project.uri}")
     code, out, err = _invoke("--config", str(project.config))
-    assert code == 0 and out.startswith("ff-sync: nothing new: 0 runs, 0 events, 0 quarantined")
+    assert (code, err) == (0, "")
+    assert out.startswith("ff-sync: nothing new: 0 runs, 0 events, 0 quarantined")
 
 
 def test_command_line_overrides_win_over_config_and_environment(
@@ -135,12 +142,11 @@ def test_an_unreachable_server_exits_75_and_never_prints_the_password(project: P
         "unavailable (open the store): "
     )
     assert line.endswith("(gave up after 1 attempt); nothing was lost, run ff-sync again later")
-    # State and progress of that destination live apart, named without the password.
+    # State and progress of that destination would live apart, named without the password;
+    # a first attempt that failed leaves no state folder (it would hold back ff-sync gc).
     key = project.state_folder(uri).name
     assert key.startswith("postgresql-") and "s3cret" not in key
-    assert (project.state_folder(uri) / "destination.txt").read_text() == (
-        f"postgresql://ff:***@127.0.0.1:{port}/mlflow\n"
-    )
+    assert not project.state_folder(uri).exists()
 
 
 def test_without_mlflow_it_says_how_to_install_it_and_exits_2(project: Project) -> None:
@@ -201,7 +207,9 @@ def test_on_a_terminal_it_shows_progress_while_it_works(project: Project) -> Non
     os.close(main_fd)
     assert proc.returncode == 0
     assert b"\rff-sync: run 1/1, " in seen and b" metrics" in seen
-    assert seen.endswith(b"\r\x1b[K")  # the progress line is cleared before the summary
+    # The progress line is cleared before the detail lines (here: the new store) and summary.
+    assert b"\r\x1b[Kff-sync: warning: creating a new MLflow store at " in seen
+    assert seen.rstrip(b"\r\n").endswith(b"fix the tracking URI)")
     assert out.startswith(b"ff-sync: synced: 1 run, 3002 events")
 
 

@@ -107,7 +107,9 @@ def _sync(opts: SyncOptions, replay: bool, quiet: bool) -> int:
             line.clear()
     if not quiet:
         for detail in report.details():
-            click.echo(f"ff-sync: {one_line(detail, settings.backend_store_uri)}", err=True)
+            # Long enough for a refusal's reason after the names it quotes (shortened there).
+            text = one_line(detail, settings.backend_store_uri, limit=1000)
+            click.echo(f"ff-sync: {text}", err=True)
     click.echo(one_line(report.summary(), settings.backend_store_uri, limit=1000))
     return report.exit_code
 
@@ -138,7 +140,8 @@ def _sync(opts: SyncOptions, replay: bool, quiet: bool) -> int:
     "--replay",
     is_flag=True,
     help="Forget what this destination acknowledged and send everything again (e.g. after "
-    "restoring its database from a backup); converges to the same state.",
+    "restoring its database from a backup); converges to the same state. Also takes over the "
+    "spool from another sync state folder that owns it in this destination.",
 )
 @click.option(
     "--stale-after",
@@ -167,7 +170,8 @@ def main(
     Exit codes:
       0   everything pending was synced
       1   synced, but some records were quarantined or refused (see the quarantine report)
-      2   usage or configuration error (also: MLflow not installed)
+      2   usage or configuration error (also: MLflow not installed, another sync state
+          folder owns this spool in the destination)
       75  destination unavailable, or another ff-sync holds its lock: try again later
       70  internal error (a bug; FF_DEBUG=1 shows the traceback)
     """
@@ -297,7 +301,7 @@ def verify_command(opts: SyncOptions, as_json: bool) -> None:
     Exit codes:
       0   the destination holds exactly what the spools say
       1   differences (listed on stdout)
-      2   usage or configuration error (also: MLflow not installed)
+      2   usage or configuration error (also: MLflow not installed, no SQLite file there)
       75  destination unavailable: try again later
     """
 

@@ -6,23 +6,31 @@
 2. take ``<state dir>/<destination key>/sync.lock`` (wait up to ``sync.lock_timeout_s``, then
    :class:`~formula_foundry.errors.SyncLocked`, exit 75): one pass per destination at a time;
 3. scan the spool root — a ``stat`` per segment, no file opened — and compare each size with
-   the size the state last saw. Nothing changed: return at once, without importing MLflow;
-4. open the destination (with retries), then replay the pending segments run by run, runs
-   ordered by their oldest pending segment (parents are created before children anyway);
-   toward a server (HTTP, PostgreSQL) ``sync.workers`` runs at a time
+   the size the state last saw. Nothing changed (and, for SQLite, the store file still is the
+   one the state describes: :func:`~formula_foundry.sync.destination_id.sqlite_problem`):
+   return at once, without importing MLflow;
+4. open the destination (with retries) and check that it is the one the state describes
+   and that no other state folder syncs this spool into it
+   (:mod:`formula_foundry.sync.destination_id`): a lost or restored destination gets
+   everything again, another owner is refused (exit 2); then replay the pending segments run
+   by run, runs ordered by their oldest pending segment (parents are created before children
+   anyway); toward a server (HTTP, PostgreSQL) ``sync.workers`` runs at a time
    (:mod:`formula_foundry.sync.parallel`), toward SQLite one;
 5. end dead runs: RUNNING runs silent for ``sync.stale_after_s`` become KILLED
    (:mod:`formula_foundry.sync.stale`). Step 3 opens the destination for them too.
 
-A destination that stays unavailable through ``sync.retries`` retries ends the pass with
-:class:`~formula_foundry.errors.StoreUnavailable` (exit 75); what was committed before is
-recorded, nothing after it.
+A first pass that fails before the destination was claimed (driver missing, store refused)
+leaves no state folder behind. A destination that stays unavailable through
+``sync.retries`` retries ends the pass with :class:`~formula_foundry.errors.StoreUnavailable`
+(exit 75); what was committed before is recorded, nothing after it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
+import shutil
 import sqlite3
 import sys
 import time
@@ -32,11 +40,22 @@ from pathlib import Path
 from formula_foundry.config import Settings, load_settings, resolve_store_uri
 from formula_foundry.errors import ConfigError, MlflowMissing, SyncError, SyncLocked
 from formula_foundry.redact import redact_uri
+from formula_foundry.sync.destination_id import (
+    SPOOL_TAG,
+    DestinationMarks,
+    IdentitySink,
+    decide,
+    owner_label,
+    spool_key,
+    sqlite_path,
+    sqlite_problem,
+    state_tag,
+)
 from formula_foundry.sync.parallel import replay_parallel, workers_for
 from formula_foundry.sync.report import ProgressFn, SyncReport
 from formula_foundry.sync.retry import RetryPolicy
 from formula_foundry.sync.runs import RUN_UUID_RE, RunResolver, SyncContext
-from formula_foundry.sync.scan import SegmentFile, scan_spool
+from formula_foundry.sync.scan import SegmentFile, scan_spool_report
 from formula_foundry.sync.sink import Sink
 from formula_foundry.sync.stale import end_stale, find_stale
 from formula_foundry.sync.store_access import INSTALL_HINT
@@ -116,6 +135,7 @@ def sync_once(
     if sink_factory is None and importlib.util.find_spec("mlflow") is None:
         raise MlflowMissing(f"MLflow is not installed on this host; run: {INSTALL_HINT}")
     dest = redact_uri(uri)
+    fresh = not (settings.sync_state_dir / destination_key(uri)).exists()
     folder = prepare_folder(settings.sync_state_dir, destination_key(uri), dest)
     report = SyncReport(destination=dest, state_folder=folder)
     policy = retry or RetryPolicy(settings.sync_retries, settings.sync_backoff_s)
@@ -130,16 +150,25 @@ def sync_once(
             f"another ff-sync is syncing to {dest} (lock {folder / LOCK_FILE} still held after "
             f"{settings.sync_lock_timeout_s:g} s); try again later"
         ) from None
+    unused = False
     try:
         state = SyncState(folder)
         try:
             _pass(settings, state, report, replay, progress, sink_factory or mlflow_sink, policy)
         except sqlite3.Error as exc:
             raise SyncError(f"sync state {state.path}: {exc}") from None
+        except BaseException:
+            # A failed first attempt (driver missing, store refused, a typo) leaves nothing
+            # behind: an empty state folder would only hold back ff-sync gc.
+            with contextlib.suppress(sqlite3.Error):
+                unused = fresh and state.identity()[0] is None and not state.has_progress()
+            raise
         finally:
             state.close()
     finally:
         lock.release()
+        if unused:
+            shutil.rmtree(folder, ignore_errors=True)
     report.seconds = time.monotonic() - started
     report.mlflow_imported = "mlflow" in sys.modules
     return report
@@ -156,7 +185,11 @@ def _pass(
 ) -> None:
     if replay:
         state.reset()
-    files = scan_spool(settings.spool_root)
+    scan = scan_spool_report(settings.spool_root)
+    files = scan.segments
+    # Named on every pass, never followed nor fatal; their runs are not judged dead meanwhile.
+    report.unreadable += [s.describe() for s in scan.skipped]
+    unscanned = scan.skipped_runs
     odd = sorted({f.run_uuid for f in files if not RUN_UUID_RE.fullmatch(f.run_uuid)})
     if odd:
         files = [f for f in files if f.run_uuid not in odd]
@@ -169,17 +202,38 @@ def _pass(
         seen = progress.get(seg.rel)
         if seen is None or seen.size_seen != seg.size:
             pending.setdefault(seg.run_uuid, []).append(seg)
-    stale = find_stale(state, settings.stale_after_s, pending)
-    if not pending and not stale:
-        report.idle = True
-        if not settings.spool_root.is_dir():
-            report.warnings.append(f"spool root {settings.spool_root} does not exist")
-        return
-    files_by_run: dict[str, list[SegmentFile]] = {}
-    for seg in files:
-        files_by_run.setdefault(seg.run_uuid, []).append(seg)
+    stale = find_stale(state, settings.stale_after_s, pending.keys() | unscanned)
+    uri = settings.backend_store_uri
+    state_id, generation = state.identity()
+    if not pending and not stale and not replay:
+        problem = sqlite_problem(
+            uri, state_id, generation, state.has_progress(), settings.spool_root
+        )
+        if problem is None:
+            report.idle = True
+            if not settings.spool_root.is_dir():
+                report.warnings.append(f"spool root {settings.spool_root} does not exist")
+            return
+    db = sqlite_path(uri)
+    created = db is not None and not db.exists()
+    if created and db is not None:
+        report.warnings.append(
+            f"creating a new MLflow store at {db.absolute()} (no file there yet; if the path "
+            "is a typo, delete that file and its state folder and fix the tracking URI)"
+        )
     sink = policy.call(lambda: sink_factory(settings))
     try:
+        identity = None
+        if isinstance(sink, IdentitySink):
+            identity = _check_identity(settings, state, report, sink, replay, created, policy)
+            if identity[2]:  # the state was reset: everything is pending
+                progress = {}
+                pending = {}
+                for seg in files:
+                    pending.setdefault(seg.run_uuid, []).append(seg)
+        files_by_run: dict[str, list[SegmentFile]] = {}
+        for seg in files:
+            files_by_run.setdefault(seg.run_uuid, []).append(seg)
         cx = SyncContext(
             sink=sink,
             state=state,
@@ -212,6 +266,74 @@ def _pass(
                 replayer.replay_run(run_uuid, pending[run_uuid])
         # Dead runs (formula_foundry.sync.stale): judged after the replay, runs that grew
         # during this pass excluded.
-        end_stale(sink, state, find_stale(state, settings.stale_after_s, pending), report, policy)
+        busy = pending.keys() | unscanned
+        end_stale(sink, state, find_stale(state, settings.stale_after_s, busy), report, policy)
+        if identity is not None and isinstance(sink, IdentitySink):
+            # Again at the end: a backup taken during this pass is then older than the state.
+            _bump(sink, state, identity[0], identity[1] + 1, report, policy)
     finally:
         sink.close()
+
+
+def _check_identity(
+    settings: Settings,
+    state: SyncState,
+    report: SyncReport,
+    sink: IdentitySink,
+    replay: bool,
+    created: bool,
+    policy: RetryPolicy,
+) -> tuple[str, int, bool]:
+    """Compare the destination's identity with the state, act on it, raise the generation
+    (destination first, then state). Returns the state id, the generation of this pass, and
+    whether the state's progress was forgotten."""
+    state_id, generation = state.identity()
+    marks = DestinationMarks.parse(policy.call(sink.identity_tags))
+    verdict = decide(
+        marks,
+        state_id=state_id,
+        generation=generation,
+        has_progress=state.has_progress(),
+        created=created,
+        spool=settings.spool_root,
+        owner=owner_label(report.state_folder),
+        replay=replay,
+        description=report.destination,
+    )
+    if verdict.refusal is not None:
+        raise ConfigError(verdict.refusal)
+    if verdict.warning is not None:
+        report.warnings.append(verdict.warning)
+    if verdict.reset:
+        state.reset()
+    sid = verdict.state_id
+    mark = marks.states.get(sid)
+    new = max(generation, mark.generation if mark is not None else 0) + 1
+    _bump(sink, state, sid, new, report, policy)
+    key = f"{SPOOL_TAG}{spool_key(settings.spool_root)}"
+    if marks.spools.get(spool_key(settings.spool_root)) != sid:
+        policy.call(lambda: sink.set_identity_tag(key, sid))
+        # Read it back: of two new state folders claiming at once, one learns it lost.
+        again = DestinationMarks.parse(policy.call(sink.identity_tags))
+        holder = again.spools.get(spool_key(settings.spool_root))
+        if holder != sid:
+            other = again.states.get(holder or "")
+            raise ConfigError(
+                f"{report.destination}: another sync state folder "
+                f"({other.owner if other else holder}) claimed the spool "
+                f"{settings.spool_root} at the same time; run ff-sync again"
+            )
+    return sid, new, verdict.reset
+
+
+def _bump(
+    sink: IdentitySink,
+    state: SyncState,
+    state_id: str,
+    generation: int,
+    report: SyncReport,
+    policy: RetryPolicy,
+) -> None:
+    key, value = state_tag(state_id, generation, owner_label(report.state_folder))
+    policy.call(lambda: sink.set_identity_tag(key, value))
+    state.set_identity(state_id, generation)

@@ -9,8 +9,11 @@ has a state folder under ``sync.state_dir`` (at least one):
   file's size and its tail is clean (no torn last line waiting for more bytes);
 
 and every segment's mtime is older than ``--older-than`` seconds, and the folder holds
-nothing but segments. The locks of all those destinations are held meanwhile, so no pass
-runs at the same time.
+nothing but segments. A SQLite destination that is not the one its state describes (file
+deleted, an older backup restored, taken over by another state folder:
+:func:`~formula_foundry.sync.destination_id.destination_problem`) holds everything back:
+its acknowledgements no longer mean the runs are there. The locks of all those destinations
+are held meanwhile, so no pass runs at the same time.
 
 The folder is first renamed to a hidden name in the spool root (scans skip it), checked
 again — a segment that appeared or grew in between sends everything back — then moved to
@@ -31,6 +34,8 @@ from pathlib import Path
 
 from formula_foundry.config import Settings
 from formula_foundry.errors import SyncLocked
+from formula_foundry.redact import redact_uri
+from formula_foundry.sync.destination_id import destination_problem
 from formula_foundry.sync.runs import RUN_UUID_RE
 from formula_foundry.sync.scan import SegmentFile, scan_spool
 from formula_foundry.sync.sync_state import DESTINATION_FILE, LOCK_FILE, STATE_FILE, SyncState
@@ -135,7 +140,9 @@ def _lagging(ended_in: dict[Path, set[str]], present: set[str]) -> list[tuple[Pa
 
 def _describe(folder: Path) -> str:
     try:
-        return (folder / DESTINATION_FILE).read_text(encoding="utf-8").strip() or folder.name
+        # Redacted again: a file written by an older release may hold a password.
+        text = (folder / DESTINATION_FILE).read_text(encoding="utf-8").strip()
+        return redact_uri(text) or folder.name
     except OSError:
         return folder.name
 
@@ -178,6 +185,20 @@ def collect_garbage(
         report.kept = len(by_run)
         return report
     with _locked(folders, settings.sync_lock_timeout_s):
+        problems = [
+            (folder, problem)
+            for folder in folders
+            if (problem := destination_problem(_describe(folder), folder, settings.spool_root))
+        ]
+        for folder, problem in problems:
+            log(
+                f"ff-sync gc: {_describe(folder)}: {problem}; nothing collected until a pass "
+                f"resends it (or, if it is no longer used, move {folder} out of "
+                f"{settings.sync_state_dir})"
+            )
+        if problems:
+            report.kept = len(by_run)
+            return report
         ended_in, acked = _fully_acked(folders)
         ended = set.intersection(*ended_in.values())
         for folder, count in _lagging(ended_in, set(by_run)):

@@ -10,7 +10,12 @@ It is imported only when a pass has something to send, so an idle pass never pay
 * metrics carry their original timestamp and step, params are checked against what the run
   has, tags and statuses are last-write-wins and replayed in event order;
 * artifact references are small JSON documents written with ``log_dict`` (same path, same
-  content on a retry).
+  content on a retry); one whose document cannot be written for a local reason (a path that
+  is both a file and a folder, a name too long, permissions) is refused alone
+  (:class:`~formula_foundry.sync.sink.RecordRejected`), never taken for an outage;
+* the destination's identity tags (:mod:`formula_foundry.sync.destination_id`) live on the
+  ``Default`` experiment, or on :data:`~formula_foundry.sync.destination_id.FALLBACK_EXPERIMENT`
+  where that one is deleted or cannot be tagged.
 
 MLflow errors become :class:`~formula_foundry.errors.StoreUnavailable` (retry later),
 :class:`~formula_foundry.errors.ConfigError` (login refused, driver missing: see
@@ -22,6 +27,7 @@ password.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 from collections.abc import Callable, Sequence
@@ -36,6 +42,11 @@ from formula_foundry.errors import (
     MlflowMissing,
 )
 from formula_foundry.redact import redact_uri
+from formula_foundry.sync.destination_id import (
+    FALLBACK_EXPERIMENT,
+    IDENTITY_EXPERIMENT_ID,
+    TAG_PREFIX,
+)
 from formula_foundry.sync.lean_imports import OPT_OUT_ENV, hidden_module
 from formula_foundry.sync.report import one_line
 from formula_foundry.sync.rest_batch import log_batch_body
@@ -45,6 +56,7 @@ from formula_foundry.sync.sink import (
     DestinationRejected,
     MetricRow,
     ParamConflict,
+    RecordRejected,
     RemoteRun,
     RunMissing,
     RunSpec,
@@ -61,6 +73,37 @@ from formula_foundry.sync.store_access import (
 )
 
 T = TypeVar("T")
+
+# A document that cannot be written for these reasons never will be: the record is refused,
+# the pass goes on (ENOSPC, EIO and the like stay outages: waiting may fix them).
+LOCAL_ERRNOS = frozenset(
+    {
+        errno.ENOTDIR,
+        errno.EISDIR,
+        errno.EEXIST,
+        errno.ENAMETOOLONG,
+        errno.EACCES,
+        errno.EPERM,
+        errno.EINVAL,
+        errno.ELOOP,
+    }
+)
+# A refusal of one request by a server (not a login, a timeout or a rate limit).
+CLIENT_ERROR = re.compile(r"(?:error code|status code|status)[: ]+4(?!0[138]|29)\d\d\b", re.I)
+_LONG_QUOTED = re.compile(r"'([^']{81,})'")
+
+
+def quoted(name: str, limit: int = 80) -> str:
+    """``repr(name)``, its middle left out when longer than ``limit``: a refusal quoting a
+    600-character name must still show the reason that follows it."""
+    if len(name) <= limit:
+        return repr(name)
+    return repr(f"{name[: limit * 2 // 3]}…{name[-(limit // 4) :]}") + f" ({len(name)} chars)"
+
+
+def shorten_quoted(text: str) -> str:
+    """``text`` with every long single-quoted name in it shortened (see :func:`quoted`)."""
+    return _LONG_QUOTED.sub(lambda m: quoted(m.group(1)), text)
 
 
 def _experiment_dir(name: str) -> str:
@@ -100,6 +143,7 @@ class MlflowSink:
         self._artifact_root = artifact_root.absolute()
         self._experiments: dict[str, str] = {}
         self._exp_ids: list[str] | None = None  # all experiment ids, read once per pass
+        self._identity_exp: str | None = None  # where identity_tags found the tags
         if self.scheme == "sqlite":
             self._call("open the store", self._prepare_sqlite)
         elif self.scheme in SQL_SCHEMES:
@@ -138,7 +182,12 @@ class MlflowSink:
         code = getattr(exc, "error_code", None)
         if code is None:
             return None
-        text = one_line((str(exc).strip().splitlines() or [""])[0], self.uri, limit=240)
+        first = shorten_quoted((str(exc).strip().splitlines() or [""])[0])
+        text = one_line(first, self.uri, limit=600)
+        if what == "open the store":
+            # Nothing was written yet: the store itself is refused (e.g. MLflow 3's refusal of
+            # file:// stores) — the user's to fix, with MLflow's whole message.
+            return ConfigError(f"{self.description}: MLflow refused the store: {text}")
         if code == "INVALID_PARAMETER_VALUE" and "Changing param values is not allowed" in text:
             return ParamConflict(f"{self.description} refused {what}: {text}")
         if code == "RESOURCE_DOES_NOT_EXIST":
@@ -176,6 +225,7 @@ class MlflowSink:
                 os.link(tmp, db)  # never replaces a store someone else created meanwhile
         finally:
             tmp.unlink(missing_ok=True)
+        _forget_cached_store(self.uri)
 
     # -- runs and experiments -------------------------------------------------------------
 
@@ -183,7 +233,7 @@ class MlflowSink:
         if name in self._experiments:
             return self._experiments[name]
         exp = self._call(
-            f"get experiment {name!r}", lambda: self._client.get_experiment_by_name(name)
+            f"get experiment {quoted(name)}", lambda: self._client.get_experiment_by_name(name)
         )
         if exp is None and create:
             location = (
@@ -193,7 +243,7 @@ class MlflowSink:
             )
             try:
                 new_id = self._call(
-                    f"create experiment {name!r}",
+                    f"create experiment {quoted(name)}",
                     lambda: self._client.create_experiment(name, artifact_location=location),
                 )
             except DestinationRejected as exc:
@@ -206,7 +256,8 @@ class MlflowSink:
                 self._experiments[name] = str(new_id)
                 return str(new_id)
             exp = self._call(
-                f"get experiment {name!r}", lambda: self._client.get_experiment_by_name(name)
+                f"get experiment {quoted(name)}",
+                lambda: self._client.get_experiment_by_name(name),
             )
         if exp is None:
             return None
@@ -214,7 +265,8 @@ class MlflowSink:
             if not create:
                 return str(exp.experiment_id)  # its runs can still be found
             raise DestinationRejected(
-                f"experiment {name!r} (id {exp.experiment_id}) is deleted in {self.description}; "
+                f"experiment {quoted(name)} (id {exp.experiment_id}) is deleted in "
+                f"{self.description}; "
                 f"restore it (mlflow experiments restore --experiment-id {exp.experiment_id}) "
                 "or remove it for good, then run ff-sync again"
             )
@@ -301,6 +353,50 @@ class MlflowSink:
         run = self._call(f"read run {run_id}", lambda: self._client.get_run(run_id))
         return dict(run.data.params)
 
+    # -- the destination's identity (formula_foundry.sync.destination_id) -------------------
+
+    def identity_tags(self) -> dict[str, str]:
+        """The ``ff.sync.*`` tags of the identity experiment (see :meth:`set_identity_tag`)."""
+        self._identity_exp = None
+        candidates: list[Any] = [
+            self._call(
+                "read the destination's identity",
+                lambda: self._client.get_experiment_by_name(FALLBACK_EXPERIMENT),
+            )
+        ]
+        try:
+            candidates.append(self._client.get_experiment(IDENTITY_EXPERIMENT_ID))
+        except Exception as exc:
+            if getattr(exc, "error_code", None) != "RESOURCE_DOES_NOT_EXIST":
+                err = self.classify(exc, "read the destination's identity")
+                raise err if err is not None else exc from exc
+        for exp in candidates:
+            if exp is not None and exp.lifecycle_stage == "active":
+                self._identity_exp = str(exp.experiment_id)
+                return {k: v for k, v in exp.tags.items() if k.startswith(TAG_PREFIX)}
+        return {}
+
+    def set_identity_tag(self, key: str, value: str) -> None:
+        """Tag the experiment :meth:`identity_tags` read; ``Default`` if it found none, or,
+        where that one is deleted or cannot be tagged, :data:`FALLBACK_EXPERIMENT`."""
+        eid = self._identity_exp or IDENTITY_EXPERIMENT_ID
+        what = "record the destination's identity"
+        try:
+            self._client.set_experiment_tag(eid, key, value)
+            self._identity_exp = eid
+            return
+        except Exception as exc:
+            code = getattr(exc, "error_code", None)
+            usable = {"INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST", "PERMISSION_DENIED"}
+            if eid != IDENTITY_EXPERIMENT_ID or code not in usable:
+                err = self.classify(exc, what)
+                raise err if err is not None else exc from exc
+        fallback = self._experiment_id(FALLBACK_EXPERIMENT, create=True)
+        if fallback is None:  # pragma: no cover - create=True returns an id or raises
+            raise DestinationRejected(f"{self.description}: could not {what}")
+        self._identity_exp = fallback
+        self._call(what, lambda: self._client.set_experiment_tag(fallback, key, value))
+
     # -- writes ---------------------------------------------------------------------------
 
     def log_batch(
@@ -323,10 +419,22 @@ class MlflowSink:
 
     def log_artifact_ref(self, run_id: str, ref: ArtifactRef) -> None:
         path = artifact_ref_file(ref.path)
-        self._call(
-            f"write {path} of run {run_id}",
-            lambda: self._client.log_dict(run_id, ref.to_json(), path),
-        )
+        what = f"write {quoted(path)} of run {run_id}"
+        try:
+            self._client.log_dict(run_id, ref.to_json(), path)
+        except FormulaFoundryError:
+            raise
+        except Exception as exc:
+            local = _local_refusal(exc)
+            if local is not None:
+                raise RecordRejected(
+                    f"{self.description} cannot store the artifact reference {quoted(ref.path)}"
+                    f" of run {run_id} ({quoted(path)}): {local}"
+                ) from exc
+            err = self.classify(exc, what)
+            if err is None:
+                raise
+            raise err from exc
 
     def set_status(self, run_id: str, status: str, end_time: int | None) -> None:
         if status == "RUNNING":
@@ -379,6 +487,23 @@ def _rest_poster(store: Any) -> Callable[[bytes], None] | None:
     return post
 
 
+def _local_refusal(exc: BaseException) -> str | None:
+    """The reason a document can never be written (see :data:`LOCAL_ERRNOS`), or ``None``."""
+    seen: BaseException | None = exc
+    for _ in range(8):
+        if seen is None:
+            break
+        if isinstance(seen, OSError) and seen.errno in LOCAL_ERRNOS:
+            return seen.strerror or errno.errorcode.get(seen.errno or 0, str(seen))
+        seen = seen.__cause__ or seen.__context__
+    text = str(exc)
+    if getattr(exc, "error_code", None) not in {"PERMISSION_DENIED", "UNAUTHENTICATED"} and (
+        CLIENT_ERROR.search(text)
+    ):
+        return one_line(shorten_quoted(text.strip().splitlines()[0]), limit=300)
+    return None
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -387,3 +512,16 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def _forget_cached_store(uri: str) -> None:
+    """Drop MLflow's store and engine cached for ``uri`` in this process (``ff-sync watch``):
+    after the file was deleted, they would still write into the deleted one."""
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+    from mlflow.tracking._tracking_service.utils import _tracking_store_registry
+
+    with contextlib.suppress(AttributeError):  # private API: another MLflow, another cache
+        _tracking_store_registry._get_store_with_resolved_uri.cache_clear()
+    engine = SqlAlchemyStore._engine_map.pop(uri, None)
+    if engine is not None:
+        engine.dispose()

@@ -230,7 +230,7 @@ class Replayer:
             self._flush(cur, size_seen=seg.size)
             return
         except OSError as exc:
-            self.report.warnings.append(
+            self.report.unreadable.append(
                 f"run {ctx.uuid}: {seg.path}: {unreadable_reason(exc)}; "
                 "not synced, retried next pass"
             )

@@ -97,6 +97,9 @@ class SyncReport:
     waiting: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     stale: list[str] = field(default_factory=list)  # runs this pass ended as KILLED (dead)
+    # Spool paths this pass could not read (permission denied, a symbolic link): not synced,
+    # named on every pass until fixed, and the pass exits 1 so cron notices.
+    unreadable: list[str] = field(default_factory=list)
     # Runs replayed concurrently (formula_foundry.sync.parallel): 1 for SQLite and any
     # destination that does not gain from it, ``sync.workers`` for servers.
     workers: int = 1
@@ -108,7 +111,7 @@ class SyncReport:
     @property
     def exit_code(self) -> int:
         """0: everything synced; 1: synced, but records were quarantined or runs refused."""
-        return EXIT_PARTIAL if (self.quarantined or self.blocked) else EXIT_OK
+        return EXIT_PARTIAL if (self.quarantined or self.blocked or self.unreadable) else EXIT_OK
 
     def add_problem(self, text: str) -> None:
         self.quarantined += 1
@@ -128,6 +131,7 @@ class SyncReport:
         self.waiting += other.waiting
         self.warnings += other.warnings
         self.stale += other.stale
+        self.unreadable += other.unreadable
 
     def summary(self) -> str:
         """One line: runs, events, quarantined, seconds, destination."""
@@ -140,6 +144,8 @@ class SyncReport:
             parts.append(f"{len(self.blocked)} refused")
         if self.waiting:
             parts.append(f"{len(self.waiting)} waiting")
+        if self.unreadable:
+            parts.append(f"{len(self.unreadable)} unreadable")
         if self.stale:
             parts.append(f"{len(self.stale)} dead run{'s' if len(self.stale) != 1 else ''} ended")
         head = "nothing new" if self.idle else "synced"
@@ -154,5 +160,6 @@ class SyncReport:
             lines.append(f"quarantine report: {self.quarantine_file}")
         lines += [f"refused: {b}" for b in self.blocked]
         lines += [f"waiting: {w}" for w in self.waiting]
+        lines += [f"unreadable: {u}" for u in self.unreadable]
         lines += [f"warning: {w}" for w in self.warnings]
         return lines

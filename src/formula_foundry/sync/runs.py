@@ -135,6 +135,7 @@ class _Search:
     # Damaged records met on the way (one may have been the run_start): reported if the run
     # must wait, since the replay that would report them never reads a run it cannot create.
     damaged: list[tuple[SegmentFile, Problem]] = dataclasses.field(default_factory=list)
+    unreadable: list[str] = dataclasses.field(default_factory=list)
 
 
 _WAIT: Final = "\0wait"
@@ -180,6 +181,7 @@ class RunResolver:
         if remote is None:
             if start is None:
                 self._set_aside(uuid, search)
+                self.cx.report.unreadable += search.unreadable
                 because = "; ".join(search.why) or "no run_start event in its segments yet"
                 self.cx.report.waiting.append(f"run {uuid}: {because}; will retry")
                 return None
@@ -326,6 +328,7 @@ class RunResolver:
                 search.set_aside.append((seg, "header", str(exc)))
             except OSError as exc:
                 search.why.append(f"{seg.path}: {unreadable_reason(exc)}")
+                search.unreadable.append(f"run {uuid}: {seg.path}: {unreadable_reason(exc)}")
         return search
 
     def _set_aside(self, uuid: str, search: _Search) -> None:

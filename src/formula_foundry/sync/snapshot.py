@@ -4,7 +4,8 @@
 nothing depends on the store's own ids, so two stores synced from the same spools compare
 equal exactly when they hold the same things:
 
-* ``experiments``: name → lifecycle stage and tags;
+* ``experiments``: name → lifecycle stage and tags (not the sync's own identity tags
+  ``ff.sync.*`` nor its fallback identity experiment: they say which sync wrote, not what);
 * ``runs``: ``ff.run_uuid`` → experiment name, run name, status, start/end time, lifecycle
   stage, params, tags (minus :data:`VOLATILE_TAGS`), parent's ``ff.run_uuid``, full metric
   histories (``get_metric_history``, sorted by step, timestamp, value), latest metrics, and
@@ -27,8 +28,9 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
-from formula_foundry.errors import FormulaFoundryError, MlflowMissing, StoreUnavailable
+from formula_foundry.errors import ConfigError, FormulaFoundryError, MlflowMissing
 from formula_foundry.redact import redact_uri
+from formula_foundry.sync.destination_id import FALLBACK_EXPERIMENT, TAG_PREFIX
 from formula_foundry.sync.sink import ARTIFACT_REF_DIR, RunMissing
 from formula_foundry.sync.store_access import (
     INSTALL_HINT,
@@ -61,9 +63,15 @@ def snapshot(tracking_uri: str, *, artifacts: bool = True) -> dict[str, Any]:
         exps = client.search_experiments(view_type=ViewType.ALL, max_results=1000, page_token=token)
         for exp in exps:
             names[exp.experiment_id] = exp.name
+            if exp.name == FALLBACK_EXPERIMENT:
+                continue
             experiments[exp.name] = {
                 "lifecycle_stage": exp.lifecycle_stage,
-                "tags": {k: v for k, v in exp.tags.items() if not k.startswith("mlflow.")},
+                "tags": {
+                    k: v
+                    for k, v in exp.tags.items()
+                    if not k.startswith("mlflow.") and not k.startswith(TAG_PREFIX)
+                },
             }
         token = exps.token
         if not token:
@@ -179,7 +187,8 @@ class StoreReader:
     :meth:`metric_points` and :meth:`artifact_refs` read one run when asked, so a verify
     holds at most one run's metrics. Every failure to reach the store is raised as
     :class:`~formula_foundry.errors.StoreUnavailable` naming the destination (password
-    redacted); an SQLite file that does not exist is one too — never created.
+    redacted); an SQLite file that does not exist is a :class:`ConfigError` ("no store at
+    <path>": a typo, not an outage) — never created.
     """
 
     def __init__(self, uri: str) -> None:
@@ -202,7 +211,10 @@ class StoreReader:
         if scheme == "sqlite":
             path = self.uri[len("sqlite:///") :].split("?", 1)[0]
             if path and not path.startswith(":memory:") and not Path(path).is_file():
-                raise StoreUnavailable(f"{self.description} is unavailable: no such database file")
+                raise ConfigError(
+                    f"{self.description}: no store at {Path(path).absolute()} (no such file; "
+                    "check the tracking URI)"
+                )
         elif scheme in SQL_SCHEMES:
             self._call("open the store", lambda: probe_database(self.uri))
 

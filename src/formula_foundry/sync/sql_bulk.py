@@ -155,6 +155,12 @@ class BulkSink:
     def set_status(self, run_id: str, status: str, end_time: int | None) -> None:
         self.inner.set_status(run_id, status, end_time)
 
+    def identity_tags(self) -> dict[str, str]:
+        return self.inner.identity_tags()
+
+    def set_identity_tag(self, key: str, value: str) -> None:
+        self.inner.set_identity_tag(key, value)
+
     def close(self) -> None:
         self.inner.close()
 

@@ -32,6 +32,7 @@ import orjson
 from formula_foundry.config import Settings
 from formula_foundry.errors import SpoolError
 from formula_foundry.redact import redact_uri
+from formula_foundry.sync.destination_id import destination_problem
 from formula_foundry.sync.scan import SegmentFile, Skipped, scan_spool_report, unreadable_reason
 from formula_foundry.sync.sync_state import (
     DESTINATION_FILE,
@@ -145,6 +146,9 @@ class DestinationStatus:
     state_folder: Path
     configured: bool
     runs: list[RunStatus] = field(default_factory=list)
+    # The destination is not the one the state describes (lost, replaced, older backup,
+    # another owner): what the state calls synced may not be there. SQLite only.
+    problem: str | None = None
 
     @property
     def last_sync_ms(self) -> int | None:
@@ -167,6 +171,7 @@ class DestinationStatus:
             "key": self.key,
             "state_folder": str(self.state_folder),
             "configured": self.configured,
+            "problem": self.problem,
             "last_sync_ms": self.last_sync_ms,
             "totals": self.totals(),
             "runs": [r.to_json() for r in self.runs],
@@ -274,7 +279,9 @@ def _destination(
     for run in runs.values():
         silent = run.last_event_ms is None or run.last_event_ms < limit_ms
         run.dead = run.ended_by_sync or (not run.ended and silent)
-    return DestinationStatus(uri, key, folder, configured, list(runs.values()))
+    real_uri = settings.backend_store_uri if configured else uri  # redacted only if a password
+    problem = destination_problem(real_uri, folder, settings.spool_root)
+    return DestinationStatus(uri, key, folder, configured, list(runs.values()), problem)
 
 
 def _count_segment(
@@ -352,8 +359,13 @@ def render_table(report: StatusReport) -> str:
             f"destination: {dest.destination}{'' if dest.configured else ' (not configured)'}",
             f"state:       {dest.state_folder}",
             f"last sync:   {_when(dest.last_sync_ms, now)}",
-            "",
         ]
+        if dest.problem:
+            lines.append(
+                f"problem:     {dest.problem}; the counts below are what the state recorded, "
+                "the next ff-sync pass sends everything again"
+            )
+        lines.append("")
         rows = [("RUN", "STATUS", "SYNCED", "PENDING", "QUARANTINED", "LAST SYNC", "NOTE")]
         for r in dest.runs:
             note = "ended by sync (silent)" if r.ended_by_sync else "dead?" if r.dead else ""

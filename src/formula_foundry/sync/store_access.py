@@ -120,9 +120,19 @@ def probe_database(uri: str) -> None:
     from sqlalchemy.pool import NullPool
 
     args = {"connect_timeout": 10} if scheme_of(uri) == "postgresql" else {}
-    engine = sqlalchemy.create_engine(uri, poolclass=NullPool, connect_args=args)
     try:
-        with engine.connect():
-            pass
-    finally:
-        engine.dispose()
+        engine = sqlalchemy.create_engine(uri, poolclass=NullPool, connect_args=args)
+        try:
+            with engine.connect():
+                pass
+        finally:
+            engine.dispose()
+    except (sqlalchemy.exc.ArgumentError, ValueError):
+        # A raw '@', ':' or '/' in the password: SQLAlchemy ends the password at the first '@'
+        # and reads the rest as host, port and database (a port that is no number, a host no
+        # resolver takes: UnicodeError is a ValueError).
+        raise ConfigError(
+            f"tracking URI {redact_uri(uri)!r} cannot be parsed or names no valid host; "
+            "percent-encode the at signs, colons, slashes and percent signs of the password "
+            "(%40, %3A, %2F, %25)"
+        ) from None

@@ -9,14 +9,18 @@ Everything lives in ``<sync.state_dir>/<destination key>/``:
                       status synced, its parent, the time of its latest event (its last
                       sign of life, heartbeats included) — and the runs the sync itself ended
                       as KILLED because they went silent (``stale_ended``, see
-                      :mod:`formula_foundry.sync.stale`).
+                      :mod:`formula_foundry.sync.stale`) — and, in ``meta``, the id of this
+                      state folder and the generation the destination last confirmed
+                      (:mod:`formula_foundry.sync.destination_id`).
 ``destination.txt``   the destination's URI (password redacted), for humans.
 ``sync.lock``         held by the one ``ff-sync`` working on this destination.
 ``quarantine.jsonl``  one JSON object per record that could not be synced (see docs/sync.md).
 
 Progress is written only after the destination committed what it covers, so the state is
 never ahead of the destination; being behind only means re-sending idempotent writes.
-Deleting the folder (or ``ff-sync --replay``) makes the next pass resend everything.
+``ff-sync --replay`` makes the next pass resend everything; so does deleting the folder (the
+destination records which folder, ``host:path``, owns the spool: a folder recreated at the same
+place takes its place again, any other folder is refused until ``--replay`` takes over).
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ STATE_FILE: Final = "state.sqlite3"
 LOCK_FILE: Final = "sync.lock"
 QUARANTINE_FILE: Final = "quarantine.jsonl"
 DESTINATION_FILE: Final = "destination.txt"
-SCHEMA_VERSION: Final = 1
+SCHEMA_VERSION: Final = 2  # 2: table meta (state id, destination generation)
 _RUN_COLUMNS: Final = (
     "run_uuid, run_id, experiment_id, status, parent_uuid, parent_linked, last_t, end_time"
 )
@@ -73,6 +77,10 @@ CREATE TABLE IF NOT EXISTS stale_ended (
     run_uuid    TEXT PRIMARY KEY,
     last_t      INTEGER NOT NULL,
     ended_ms    INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS meta (
+    key         TEXT PRIMARY KEY,
+    value       TEXT NOT NULL
 );
 """
 
@@ -152,6 +160,33 @@ class SyncState:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+    # -- identity (formula_foundry.sync.destination_id) ------------------------------------
+
+    def identity(self) -> tuple[str | None, int]:
+        """This folder's id (``None`` until a pass claimed the destination) and the
+        destination generation it last confirmed (0: none)."""
+        with self._lock:
+            meta = dict(self._db.execute("SELECT key, value FROM meta").fetchall())
+        generation = meta.get("generation", "0")
+        return meta.get("id"), int(generation) if generation.isdigit() else 0
+
+    def set_identity(self, state_id: str, generation: int) -> None:
+        with self._lock, self._transaction():
+            self._db.executemany(
+                "INSERT OR REPLACE INTO meta VALUES (?, ?)",
+                [("id", state_id), ("generation", str(generation))],
+            )
+
+    def has_progress(self) -> bool:
+        """Whether anything was ever acknowledged (a segment or a run is recorded)."""
+        with self._lock:
+            return (
+                self._db.execute(
+                    "SELECT 1 FROM segments UNION ALL SELECT 1 FROM runs LIMIT 1"
+                ).fetchone()
+                is not None
+            )
 
     # -- segments -------------------------------------------------------------------------
 

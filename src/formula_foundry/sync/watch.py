@@ -99,5 +99,5 @@ def _one_pass(settings: Settings, log: LogFn, quiet: bool) -> None:
         return
     if not quiet:
         for detail in report.details():
-            log(f"ff-sync: {one_line(detail, uri)}")
+            log(f"ff-sync: {one_line(detail, uri, limit=1000)}")
     log(one_line(report.summary(), uri, limit=1000))
