@@ -14,10 +14,12 @@ The real ``ff-sync`` then runs with the permission checks a normal user has (roo
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
 import tempfile
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +30,7 @@ import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from formula_foundry.tracking.events import frame
+from formula_foundry.tracking.events import CHECKSUM_TAIL
 from tests.sync.conftest import FF_SYNC, Project
 
 BASE_SPOOL = """
@@ -183,11 +185,17 @@ def _damage(root: Path, ids: list[str], plan: list[tuple[int, str, int, int]]) -
             if key not in rec:
                 key, value = ("t", 2**64) if a % 2 else ("s", -1)
             rec[key] = value
-            line = frame(rec)
+            line = _frame(rec)
             done.reported.append((seg, line))
         lines[i] = line
         seg.write_bytes(b"".join(lines))
     return done
+
+
+def _frame(record: dict[str, Any]) -> bytes:
+    """A line with a valid checksum, for values orjson will not write (ints beyond 64 bits)."""
+    head = json.dumps(record, separators=(",", ":"), ensure_ascii=False).encode()[:-1]
+    return CHECKSUM_TAIL % (head, zlib.crc32(head))
 
 
 def _run(proj: Project, *args: str) -> subprocess.CompletedProcess[str]:

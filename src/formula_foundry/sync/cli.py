@@ -279,7 +279,8 @@ def status_command(opts: SyncOptions, as_json: bool, all_destinations: bool) -> 
     """
 
     def body() -> int:
-        from formula_foundry.sync.status import render_table, sync_status
+        from formula_foundry.sync.status import sync_status
+        from formula_foundry.sync.status_table import render_table
 
         report = sync_status(opts.settings(), all_destinations=all_destinations)
         if as_json:

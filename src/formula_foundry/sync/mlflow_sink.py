@@ -26,9 +26,6 @@ password.
 
 from __future__ import annotations
 
-import contextlib
-import errno
-import os
 import re
 from collections.abc import Callable, Sequence
 from functools import partial
@@ -48,6 +45,8 @@ from formula_foundry.sync.destination_id import (
     TAG_PREFIX,
 )
 from formula_foundry.sync.lean_imports import OPT_OUT_ENV, hidden_module
+from formula_foundry.sync.mlflow_internals import create_sqlite_store, rest_poster
+from formula_foundry.sync.refusals import local_refusal, quoted, shorten_quoted
 from formula_foundry.sync.report import one_line
 from formula_foundry.sync.rest_batch import log_batch_body
 from formula_foundry.sync.sink import (
@@ -73,37 +72,6 @@ from formula_foundry.sync.store_access import (
 )
 
 T = TypeVar("T")
-
-# A document that cannot be written for these reasons never will be: the record is refused,
-# the pass goes on (ENOSPC, EIO and the like stay outages: waiting may fix them).
-LOCAL_ERRNOS = frozenset(
-    {
-        errno.ENOTDIR,
-        errno.EISDIR,
-        errno.EEXIST,
-        errno.ENAMETOOLONG,
-        errno.EACCES,
-        errno.EPERM,
-        errno.EINVAL,
-        errno.ELOOP,
-    }
-)
-# A refusal of one request by a server (not a login, a timeout or a rate limit).
-CLIENT_ERROR = re.compile(r"(?:error code|status code|status)[: ]+4(?!0[138]|29)\d\d\b", re.I)
-_LONG_QUOTED = re.compile(r"'([^']{81,})'")
-
-
-def quoted(name: str, limit: int = 80) -> str:
-    """``repr(name)``, its middle left out when longer than ``limit``: a refusal quoting a
-    600-character name must still show the reason that follows it."""
-    if len(name) <= limit:
-        return repr(name)
-    return repr(f"{name[: limit * 2 // 3]}…{name[-(limit // 4) :]}") + f" ({len(name)} chars)"
-
-
-def shorten_quoted(text: str) -> str:
-    """``text`` with every long single-quoted name in it shortened (see :func:`quoted`)."""
-    return _LONG_QUOTED.sub(lambda m: quoted(m.group(1)), text)
 
 
 def _experiment_dir(name: str) -> str:
@@ -159,7 +127,7 @@ class MlflowSink:
             )
         )
         # Toward a server: the same request without the protobuf round trip (rest_batch.py).
-        self._post_batch = _rest_poster(store)
+        self._post_batch = rest_poster(store)
 
     # -- errors ---------------------------------------------------------------------------
 
@@ -197,35 +165,7 @@ class MlflowSink:
     # -- store preparation ----------------------------------------------------------------
 
     def _prepare_sqlite(self) -> None:
-        """Create a fresh SQLite store atomically: a kill mid-migration must not break it."""
-        rest = self.uri[len("sqlite:///") :].split("?", 1)[0]
-        if not rest or rest.startswith(":memory:") or not self.uri.startswith("sqlite:///"):
-            return
-        db = Path(rest)
-        try:
-            db.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise ConfigError(
-                f"cannot create the folder of {self.description}: {exc.strerror or exc}"
-            ) from None
-        prefix = f".{db.name}.ff-init-"
-        for old in db.parent.glob(prefix + "*"):
-            pid = old.name[len(prefix) :].split("-", 1)[0]
-            if not pid.isdigit() or not _pid_alive(int(pid)):
-                old.unlink(missing_ok=True)
-        if db.exists():
-            return
-        from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
-
-        tmp = db.parent / f"{prefix}{os.getpid()}-{os.urandom(4).hex()}"
-        try:
-            store = SqlAlchemyStore(f"sqlite:///{tmp}", str(self._artifact_root))  # type: ignore[no-untyped-call]
-            store.engine.dispose()
-            with contextlib.suppress(FileExistsError):
-                os.link(tmp, db)  # never replaces a store someone else created meanwhile
-        finally:
-            tmp.unlink(missing_ok=True)
-        _forget_cached_store(self.uri)
+        create_sqlite_store(self.uri, self._artifact_root, self.description)
 
     # -- runs and experiments -------------------------------------------------------------
 
@@ -425,7 +365,7 @@ class MlflowSink:
         except FormulaFoundryError:
             raise
         except Exception as exc:
-            local = _local_refusal(exc)
+            local = local_refusal(exc)
             if local is not None:
                 raise RecordRejected(
                     f"{self.description} cannot store the artifact reference {quoted(ref.path)}"
@@ -457,71 +397,3 @@ def open_sink(settings: Settings) -> Sink:
 
     sink = MlflowSink(settings.backend_store_uri, settings.artifact_root)
     return open_bulk(sink) if settings.sync_bulk else sink
-
-
-def _rest_poster(store: Any) -> Callable[[bytes], None] | None:
-    """Posts a ``LogBatch`` body to ``store``'s server as its ``RestStore.log_batch`` would;
-    ``None`` for other stores and for requests that go through the Databricks SDK."""
-    try:
-        from mlflow.protos.service_pb2 import LogBatch
-        from mlflow.store.tracking.rest_store import RestStore
-        from mlflow.utils.rest_utils import http_request, verify_rest_response
-    except ImportError:  # pragma: no cover - another MLflow layout: its own log_batch then
-        return None
-    info = getattr(store, "_METHOD_TO_INFO", {}).get(LogBatch)
-    if not isinstance(store, RestStore) or info is None:
-        return None
-    if getattr(store.get_host_creds(), "use_databricks_sdk", False):
-        return None
-    endpoint, method = info
-    check_workspace = getattr(store, "_validate_workspace_support_if_specified", lambda: None)
-    headers = {"Content-Type": "application/json"}
-
-    def post(body: bytes) -> None:
-        check_workspace()
-        response = http_request(  # type: ignore[no-untyped-call]
-            store.get_host_creds(), endpoint, method, data=body, extra_headers=headers
-        )
-        verify_rest_response(response, endpoint)
-
-    return post
-
-
-def _local_refusal(exc: BaseException) -> str | None:
-    """The reason a document can never be written (see :data:`LOCAL_ERRNOS`), or ``None``."""
-    seen: BaseException | None = exc
-    for _ in range(8):
-        if seen is None:
-            break
-        if isinstance(seen, OSError) and seen.errno in LOCAL_ERRNOS:
-            return seen.strerror or errno.errorcode.get(seen.errno or 0, str(seen))
-        seen = seen.__cause__ or seen.__context__
-    text = str(exc)
-    if getattr(exc, "error_code", None) not in {"PERMISSION_DENIED", "UNAUTHENTICATED"} and (
-        CLIENT_ERROR.search(text)
-    ):
-        return one_line(shorten_quoted(text.strip().splitlines()[0]), limit=300)
-    return None
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _forget_cached_store(uri: str) -> None:
-    """Drop MLflow's store and engine cached for ``uri`` in this process (``ff-sync watch``):
-    after the file was deleted, they would still write into the deleted one."""
-    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
-    from mlflow.tracking._tracking_service.utils import _tracking_store_registry
-
-    with contextlib.suppress(AttributeError):  # private API: another MLflow, another cache
-        _tracking_store_registry._get_store_with_resolved_uri.cache_clear()
-    engine = SqlAlchemyStore._engine_map.pop(uri, None)
-    if engine is not None:
-        engine.dispose()

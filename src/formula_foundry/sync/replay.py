@@ -30,6 +30,7 @@ from typing import Any, Final
 import orjson
 
 from formula_foundry.errors import SpoolCorrupt, UnsupportedSpoolVersion
+from formula_foundry.sync.batch import Batch, Cursor
 from formula_foundry.sync.payloads import (
     InvalidRecord,
     PayloadChecker,
@@ -42,7 +43,6 @@ from formula_foundry.sync.report import Progress, ProgressFn
 from formula_foundry.sync.runs import RunContext, RunResolver, SyncContext
 from formula_foundry.sync.scan import SegmentFile, unreadable_reason
 from formula_foundry.sync.sink import (
-    ArtifactRef,
     DestinationRejected,
     ParamConflict,
     RecordRejected,
@@ -65,41 +65,10 @@ from formula_foundry.tracking.events import (
 from formula_foundry.tracking.spool_reader import Event, SegmentReader
 
 _REFS_PER_BATCH: Final = 100
-Pos = tuple[int, int, int]  # byte offset, line, last sequence number
-Row = tuple[str, float, int, int]
 
 
 class _Blocked(Exception):
     """The destination refused something of this run: the run stops for this pass."""
-
-
-class _Batch:
-    __slots__ = ("events", "metrics", "n", "param_src", "params", "refs", "tags")
-
-    def __init__(self) -> None:
-        self.metrics: list[Row] = []
-        self.params: dict[str, str] = {}
-        self.param_src: dict[str, Event] = {}
-        self.tags: dict[str, str] = {}
-        self.refs: list[tuple[ArtifactRef, Event]] = []  # with its event, to quarantine it
-        self.events = 0
-        self.n = 0  # metrics + params + tags: what counts against the batch's total limit
-
-    def size(self) -> int:
-        return len(self.metrics) + len(self.params) + len(self.tags)
-
-
-class _Cursor:
-    """One segment being replayed: its batch and the position the batch reaches."""
-
-    __slots__ = ("batch", "ctx", "done", "pos", "saved", "seg")
-
-    def __init__(self, ctx: RunContext, seg: SegmentFile, prog: SegmentProgress) -> None:
-        self.ctx, self.seg = ctx, seg
-        self.batch = _Batch()
-        self.pos: Pos = (prog.offset, prog.line, prog.last_seq)
-        self.saved: Pos = self.pos
-        self.done = prog.done
 
 
 class Replayer:
@@ -162,7 +131,7 @@ class Replayer:
 
     def _segment(self, ctx: RunContext, seg: SegmentFile) -> None:
         prog = self.cx.progress.get(seg.rel) or SegmentProgress(seg.rel, ctx.uuid)
-        cur = _Cursor(ctx, seg, prog)
+        cur = Cursor(ctx, seg, prog)
         if seg.size < prog.offset:
             # Spool files only grow: this one was replaced or cut. What was synced stays.
             self.report.warnings.append(
@@ -226,7 +195,7 @@ class Replayer:
         except (UnsupportedSpoolVersion, SpoolCorrupt) as exc:
             kind = "version" if isinstance(exc, UnsupportedSpoolVersion) else "header"
             self.cx.quarantine(ctx.uuid, seg.path, 1, 0, kind, str(exc))
-            cur.batch, cur.pos, cur.saved = _Batch(), (0, 0, -1), (-1, -1, -1)
+            cur.batch, cur.pos, cur.saved = Batch(), (0, 0, -1), (-1, -1, -1)
             self._flush(cur, size_seen=seg.size)
             return
         except OSError as exc:
@@ -249,7 +218,7 @@ class Replayer:
         cur.done = cur.done and clean
         self._flush(cur, size_seen=reader.end_offset if clean else max(seg.size, reader.end_offset))
 
-    def _event(self, cur: _Cursor, ev: Event) -> None:
+    def _event(self, cur: Cursor, ev: Event) -> None:
         kind, ctx = ev.kind, cur.ctx
         check_time(ev)
         if ev.t > ctx.last_t:
@@ -294,13 +263,13 @@ class Replayer:
             cur.pos = (ev.end, ev.line, ev.seq)
 
     @staticmethod
-    def _advance(cur: _Cursor, ev: Event) -> None:
+    def _advance(cur: Cursor, ev: Event) -> None:
         cur.pos = (ev.end, ev.line, ev.seq)
         cur.batch.events += 1
 
     # -- batching -------------------------------------------------------------------------
 
-    def _add(self, cur: _Cursor, ev: Event, kind: str, items: list[Any]) -> None:
+    def _add(self, cur: Cursor, ev: Event, kind: str, items: list[Any]) -> None:
         lim = self.sink.limits
         while items:
             b = cur.batch
@@ -329,7 +298,7 @@ class Replayer:
                 self._flush(cur)  # an event larger than a batch: its first parts
         self._advance(cur, ev)
 
-    def _flush(self, cur: _Cursor, size_seen: int = -1) -> None:
+    def _flush(self, cur: Cursor, size_seen: int = -1) -> None:
         """Send the batch, then record the position it reaches (``size_seen`` -1: mid-file)."""
         b, ctx = cur.batch, cur.ctx
         if b.metrics or b.params or b.tags:
@@ -343,7 +312,7 @@ class Replayer:
                 self.cx.quarantine(ctx.uuid, path, ev.line, ev.offset, "refused", str(exc), raw)
         self.report.events += b.events
         self.report.metrics += len(b.metrics)
-        cur.batch = _Batch()
+        cur.batch = Batch()
         if cur.pos == cur.saved and size_seen == -1:
             return
         self.cx.quarantine_log.sync()
@@ -363,7 +332,7 @@ class Replayer:
                 )
             )
 
-    def _send(self, cur: _Cursor) -> None:
+    def _send(self, cur: Cursor) -> None:
         b, ctx, sink = cur.batch, cur.ctx, self.sink
         try:
             self.cx.call(
@@ -398,7 +367,7 @@ class Replayer:
 
     # -- params ---------------------------------------------------------------------------
 
-    def _new_params(self, cur: _Cursor, ev: Event) -> list[tuple[str, str]]:
+    def _new_params(self, cur: Cursor, ev: Event) -> list[tuple[str, str]]:
         items = self.check.strings(ev, MAX_PARAM_VALUE_LENGTH)
         ctx = cur.ctx
         if ctx.params is None:

@@ -168,7 +168,7 @@ class RunResolver:
             return ctx
         rec = self.cx.state.run(uuid)
         if rec is not None:
-            ctx = _context(rec)
+            ctx = RunContext(*dataclasses.astuple(rec))  # the same fields, in order
             self.runs[uuid] = ctx
             return ctx
         search = self._find_start(uuid)
@@ -360,19 +360,6 @@ class RunResolver:
             prog = SegmentProgress(seg.rel, uuid, size_seen=seg.size)
             self.cx.state.save_segment(prog)
             self.cx.progress[seg.rel] = prog
-
-
-def _context(rec: RunRecord) -> RunContext:
-    return RunContext(
-        rec.run_uuid,
-        rec.run_id,
-        rec.experiment_id,
-        rec.status,
-        rec.parent_uuid,
-        rec.parent_linked,
-        rec.last_t,
-        rec.end_time,
-    )
 
 
 def _spec(uuid: str, ev: Event) -> RunSpec | None:
