@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from urllib.parse import quote
 
 import pytest
@@ -210,3 +211,22 @@ def test_redaction_is_fast_on_long_hostile_input() -> None:
         redact_uri(text)
         one_line(text, text, limit=100)
         assert time.perf_counter() - started < 1.0, make(3)
+
+
+@pytest.mark.parametrize(
+    ("uri", "expected"),
+    [
+        ("admin:S3cret/x@host/db", "admin:***@host/db"),
+        ("mlflow:S3cret@db:5432/mlflow", "mlflow:***@db:5432/mlflow"),
+        ("//u:S3cret@host/db", "//u:***@host/db"),
+        ("S3cret@host", "***@host"),
+    ],
+)
+def test_a_uri_without_a_scheme_hides_what_may_be_a_password(uri: str, expected: str) -> None:
+    from formula_foundry.config import resolve_store_uri
+    from formula_foundry.errors import ConfigError
+
+    assert redact_uri(uri) == expected
+    with pytest.raises(ConfigError) as err:  # the "no scheme" error quotes the URI
+        resolve_store_uri(uri, Path("."))
+    assert "S3cret" not in one_line(str(err.value))

@@ -66,6 +66,12 @@ def _secret_spans(uri: str) -> list[tuple[int, int]]:
     m = _userinfo(uri)
     if m is not None:
         spans.append(m.span("password"))
+    elif "://" not in uri and (at := uri.rfind("@")) > 0 and "=" not in uri[:at]:
+        # No scheme at all (a typo like ``admin:S3cret@host/db``; not a keyword DSN, whose
+        # parameters are found below): what stands between the first ':' and the last '@'
+        # may be a password.
+        colon = uri.find(":", 0, at)
+        spans.append((colon + 1 if colon >= 0 else 0, at))
     spans += [p.span("value") for p in _PARAM.finditer(uri) if _SECRET_NAME.search(p["name"])]
     merged: list[tuple[int, int]] = []
     for start, end in sorted(spans):

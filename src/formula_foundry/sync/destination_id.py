@@ -203,9 +203,13 @@ def sqlite_path(uri: str) -> Path | None:
 def read_sqlite_tags(db: Path) -> dict[str, str] | None:
     """The identity tags of a SQLite store, read with the standard library (no MLflow);
     ``None`` if there is no such file. Raises :class:`sqlite3.Error` if it cannot be read."""
-    if not db.is_file():
-        return None
-    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5.0)
+    try:
+        if not db.is_file():
+            return None
+    except OSError as exc:  # a folder this user cannot search: we cannot tell
+        raise sqlite3.OperationalError(f"cannot look at {db}: {exc.strerror or exc}") from None
+    # as_uri() percent-encodes '?', '#' and '%' in the path, which a raw "file:" URI would cut.
+    con = sqlite3.connect(f"{db.absolute().as_uri()}?mode=ro", uri=True, timeout=5.0)
     try:
         rows = con.execute(
             "SELECT e.experiment_id, e.name, t.key, t.value FROM experiments e "
@@ -274,11 +278,14 @@ def destination_problem(uri: str, state_folder: Path, spool_root: Path) -> str |
     if sqlite_path(uri) is None:
         return None
     path = state_folder / STATE_FILE
-    if not path.is_file():
-        return None
+    try:
+        if not path.is_file():
+            return None
+    except OSError:
+        return None  # status says what it cannot read in its own words
     meta: dict[str, str] = {}
     try:
-        con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5.0)
+        con = sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro", uri=True, timeout=5.0)
         try:
             progress = con.execute("SELECT 1 FROM segments LIMIT 1").fetchone() is not None
             with contextlib.suppress(sqlite3.OperationalError):  # no table meta: schema 1

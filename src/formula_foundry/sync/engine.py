@@ -56,7 +56,7 @@ from formula_foundry.sync.report import ProgressFn, SyncReport
 from formula_foundry.sync.retry import RetryPolicy
 from formula_foundry.sync.runs import RUN_UUID_RE, RunResolver, SyncContext
 from formula_foundry.sync.scan import SegmentFile, scan_spool_report
-from formula_foundry.sync.sink import Sink
+from formula_foundry.sync.sink import IdentityUnavailable, Sink
 from formula_foundry.sync.stale import end_stale, find_stale
 from formula_foundry.sync.store_access import INSTALL_HINT
 from formula_foundry.sync.sync_state import (
@@ -215,7 +215,10 @@ def _pass(
                 report.warnings.append(f"spool root {settings.spool_root} does not exist")
             return
     db = sqlite_path(uri)
-    created = db is not None and not db.exists()
+    try:
+        created = db is not None and not db.exists()
+    except OSError:
+        created = False  # cannot look: opening the store says what is wrong
     if created and db is not None:
         report.warnings.append(
             f"creating a new MLflow store at {db.absolute()} (no file there yet; if the path "
@@ -225,12 +228,18 @@ def _pass(
     try:
         identity = None
         if isinstance(sink, IdentitySink):
-            identity = _check_identity(settings, state, report, sink, replay, created, policy)
-            if identity[2]:  # the state was reset: everything is pending
-                progress = {}
-                pending = {}
-                for seg in files:
-                    pending.setdefault(seg.run_uuid, []).append(seg)
+            try:
+                identity = _check_identity(settings, state, report, sink, replay, created, policy)
+            except IdentityUnavailable as exc:
+                report.warnings.append(
+                    f"{exc}: the checks for a lost destination and for a second state folder "
+                    "are off for this destination"
+                )
+        if identity is not None and identity[2]:  # the state was reset: all is pending
+            progress = {}
+            pending = {}
+            for seg in files:
+                pending.setdefault(seg.run_uuid, []).append(seg)
         files_by_run: dict[str, list[SegmentFile]] = {}
         for seg in files:
             files_by_run.setdefault(seg.run_uuid, []).append(seg)
@@ -270,7 +279,8 @@ def _pass(
         end_stale(sink, state, find_stale(state, settings.stale_after_s, busy), report, policy)
         if identity is not None and isinstance(sink, IdentitySink):
             # Again at the end: a backup taken during this pass is then older than the state.
-            _bump(sink, state, identity[0], identity[1] + 1, report, policy)
+            with contextlib.suppress(IdentityUnavailable):
+                _bump(sink, state, identity[0], identity[1] + 1, report, policy)
     finally:
         sink.close()
 

@@ -39,12 +39,8 @@ from formula_foundry.errors import (
     MlflowMissing,
 )
 from formula_foundry.redact import redact_uri
-from formula_foundry.sync.destination_id import (
-    FALLBACK_EXPERIMENT,
-    IDENTITY_EXPERIMENT_ID,
-    TAG_PREFIX,
-)
 from formula_foundry.sync.lean_imports import OPT_OUT_ENV, hidden_module
+from formula_foundry.sync.mlflow_identity import IdentityTags
 from formula_foundry.sync.mlflow_internals import create_sqlite_store, rest_poster
 from formula_foundry.sync.refusals import local_refusal, quoted, shorten_quoted
 from formula_foundry.sync.report import one_line
@@ -83,7 +79,7 @@ def _experiment_dir(name: str) -> str:
     return slug
 
 
-class MlflowSink:
+class MlflowSink(IdentityTags):
     """Writes replayed events into one MLflow tracking URI (SQL store or server)."""
 
     limits = MLFLOW_LIMITS
@@ -292,50 +288,6 @@ class MlflowSink:
     def get_params(self, run_id: str) -> dict[str, str]:
         run = self._call(f"read run {run_id}", lambda: self._client.get_run(run_id))
         return dict(run.data.params)
-
-    # -- the destination's identity (formula_foundry.sync.destination_id) -------------------
-
-    def identity_tags(self) -> dict[str, str]:
-        """The ``ff.sync.*`` tags of the identity experiment (see :meth:`set_identity_tag`)."""
-        self._identity_exp = None
-        candidates: list[Any] = [
-            self._call(
-                "read the destination's identity",
-                lambda: self._client.get_experiment_by_name(FALLBACK_EXPERIMENT),
-            )
-        ]
-        try:
-            candidates.append(self._client.get_experiment(IDENTITY_EXPERIMENT_ID))
-        except Exception as exc:
-            if getattr(exc, "error_code", None) != "RESOURCE_DOES_NOT_EXIST":
-                err = self.classify(exc, "read the destination's identity")
-                raise err if err is not None else exc from exc
-        for exp in candidates:
-            if exp is not None and exp.lifecycle_stage == "active":
-                self._identity_exp = str(exp.experiment_id)
-                return {k: v for k, v in exp.tags.items() if k.startswith(TAG_PREFIX)}
-        return {}
-
-    def set_identity_tag(self, key: str, value: str) -> None:
-        """Tag the experiment :meth:`identity_tags` read; ``Default`` if it found none, or,
-        where that one is deleted or cannot be tagged, :data:`FALLBACK_EXPERIMENT`."""
-        eid = self._identity_exp or IDENTITY_EXPERIMENT_ID
-        what = "record the destination's identity"
-        try:
-            self._client.set_experiment_tag(eid, key, value)
-            self._identity_exp = eid
-            return
-        except Exception as exc:
-            code = getattr(exc, "error_code", None)
-            usable = {"INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST", "PERMISSION_DENIED"}
-            if eid != IDENTITY_EXPERIMENT_ID or code not in usable:
-                err = self.classify(exc, what)
-                raise err if err is not None else exc from exc
-        fallback = self._experiment_id(FALLBACK_EXPERIMENT, create=True)
-        if fallback is None:  # pragma: no cover - create=True returns an id or raises
-            raise DestinationRejected(f"{self.description}: could not {what}")
-        self._identity_exp = fallback
-        self._call(what, lambda: self._client.set_experiment_tag(fallback, key, value))
 
     # -- writes ---------------------------------------------------------------------------
 

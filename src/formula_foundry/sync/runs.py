@@ -274,7 +274,7 @@ class RunResolver:
             except DestinationRejected as exc:
                 self.cx.report.warnings.append(f"run {child.run_uuid}: cannot link it: {exc}")
                 continue
-            self.cx.state.save_run(dataclasses.replace(child, parent_linked=True))
+            self.cx.state.mark_linked(child.run_uuid)
             if child.run_uuid in self.runs:
                 self.runs[child.run_uuid].parent_linked = True
 

@@ -116,6 +116,11 @@ class RecordRejected(DestinationRejected):
     it cannot create): the record is quarantined with this reason and the run goes on."""
 
 
+class IdentityUnavailable(SyncError):
+    """This user may not read or tag the experiment that keeps the destination's identity (a
+    server with per-experiment permissions): the pass goes on without the identity checks."""
+
+
 class Sink(Protocol):
     """A destination the engine replays into. ``description`` never contains a password."""
 

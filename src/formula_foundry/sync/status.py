@@ -70,7 +70,7 @@ class StateView:
             self._load(path)
 
     def _load(self, path: Path) -> None:
-        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10.0)
+        db = sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro", uri=True, timeout=10.0)
         try:
             for r in db.execute(
                 "SELECT rel, run_uuid, byte_offset, line, last_seq, size_seen, done, updated_ms "

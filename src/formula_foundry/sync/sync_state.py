@@ -248,6 +248,15 @@ class SyncState:
                 ),
             )
 
+    def mark_linked(self, run_uuid: str) -> None:
+        """Record that a run's parent link is set, touching nothing else of its row (a worker
+        may be saving the run's status meanwhile)."""
+        with self._lock:
+            self._db.execute(
+                "UPDATE runs SET parent_linked = 1, updated_ms = ? WHERE run_uuid = ?",
+                (_now_ms(), run_uuid),
+            )
+
     def unlinked_children(self, parent_uuid: str) -> list[RunRecord]:
         """Runs created before their parent could be found (see docs/sync.md)."""
         with self._lock:

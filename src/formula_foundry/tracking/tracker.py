@@ -255,6 +255,10 @@ class Run:
         # paths need, each with a reference that uses it: a name cannot be both.
         self._ref_files: dict[str, str] = {}
         self._ref_dirs: dict[str, str] = {}
+        # A resumed or attached run: the spool root whose earlier segments of this run hold
+        # params and references not read yet. Read on the first call that needs them, so the
+        # ranks and loader workers that only log metrics never read the whole spool.
+        self._unread: Path | None = None
         self._attached = False
         self.status = "RUNNING"
 
@@ -350,6 +354,8 @@ class Run:
     def log_params(self, params: Mapping[str, Any]) -> None:
         """Log several params as one event; all are checked before anything is written."""
         run = self.run_id
+        if self._unread is not None:
+            self._catch_up()
         data: dict[str, str] = {}
         for key, value in _items(params, "params", run):
             if key.__class__ is not str or key not in _key_json:
@@ -427,6 +433,8 @@ class Run:
             raise ValidationError(
                 f"run {run}: artifact reference {logical_path!r}: {exc}"
             ) from None
+        if self._unread is not None:
+            self._catch_up()
         doc_dirs = self._check_ref_layout(path)
         if isinstance(size_bytes, bool) or not isinstance(size_bytes, int) or size_bytes < 0:
             raise ValidationError(
@@ -489,6 +497,11 @@ class Run:
         self._ref_files.setdefault(path + _REF_DOC_SUFFIX, path)
         for d in dirs:
             self._ref_dirs.setdefault(d, path)
+
+    def _catch_up(self) -> None:
+        root, self._unread = self._unread, None
+        if root is not None:
+            self._load_logged(read_logged(root, self.run_id))
 
     def _load_logged(self, logged: Logged) -> None:
         """Take what earlier processes of this run spooled: their params and references."""
@@ -663,14 +676,12 @@ class Tracker:
     ) -> Run:
         """The part of :meth:`start_run` after the names and ``FF_RUN_ID`` are settled."""
         origin = None
-        logged = Logged()
+        resumed = run_id is not None and not self.settings.disabled
         if run_id is None:
             run_id = uuid.uuid4().hex
         else:
             run_id = check_run_id(run_id)
             origin = find_origin(self.settings.spool_root, run_id)
-            if not self.settings.disabled:
-                logged = read_logged(self.settings.spool_root, run_id)
         if origin is not None:
             if experiment_name is not None and experiment_name != origin.experiment:
                 raise ValidationError(
@@ -694,7 +705,8 @@ class Tracker:
         )
         parent_id = origin.parent if origin is not None else (parent.run_id if parent else None)
         run = Run(self, run_id, run_name, experiment, parent_id, writer)
-        run._load_logged(logged)
+        if resumed:
+            run._unread = self.settings.spool_root
         # Link first: if the run directory cannot record the run, nothing is spooled, rather
         # than a run that was started and can never be ended.
         if run_artifacts is not None and not self.settings.disabled:
@@ -747,7 +759,7 @@ class Tracker:
         )
         run = Run(self, run_id, origin.run_name, origin.experiment, origin.parent, writer)
         if not self.settings.disabled:
-            run._load_logged(read_logged(self.settings.spool_root, run_id))
+            run._unread = self.settings.spool_root
         run._attached = True
         self._register(run)
         return run
