@@ -52,6 +52,7 @@ from formula_foundry.sync.destination_id import (
     state_tag,
 )
 from formula_foundry.sync.parallel import replay_parallel, workers_for
+from formula_foundry.sync.quarantine_log import QuarantineLog
 from formula_foundry.sync.report import ProgressFn, SyncReport
 from formula_foundry.sync.retry import RetryPolicy
 from formula_foundry.sync.runs import RUN_UUID_RE, RunResolver, SyncContext
@@ -62,7 +63,6 @@ from formula_foundry.sync.store_access import INSTALL_HINT
 from formula_foundry.sync.sync_state import (
     LOCK_FILE,
     QUARANTINE_FILE,
-    QuarantineLog,
     SyncState,
     destination_key,
     prepare_folder,

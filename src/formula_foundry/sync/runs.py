@@ -26,12 +26,12 @@ from pathlib import Path
 from typing import Any, Final, TypeVar
 
 from formula_foundry.errors import SpoolCorrupt, SpoolError, UnsupportedSpoolVersion
+from formula_foundry.sync.quarantine_log import QuarantineLog
 from formula_foundry.sync.report import SyncReport
 from formula_foundry.sync.retry import RetryPolicy
 from formula_foundry.sync.scan import SegmentFile, unreadable_reason
 from formula_foundry.sync.sink import DestinationRejected, RemoteRun, RunMissing, RunSpec, Sink
 from formula_foundry.sync.sync_state import (
-    QuarantineLog,
     RunRecord,
     SegmentProgress,
     SyncState,
