@@ -269,7 +269,9 @@ def test_damage_never_blocks_or_hides(base: tuple[Path, list[str]], plan: Any) -
         assert len(keys) == len(set(keys)), "a record was reported twice"
         assert all(r.get("reason") for r in records)
         for seg, begin, end in done.reported_ranges():
-            if any(seg == p or p in seg.parents for p in done.unreadable):
+            if any(seg.parent in (p, p.parent) for p in done.unreadable):
+                # A run with an unreadable part may wait for it (its run_start may be there):
+                # its records are checked, and reported, once the part is readable again.
                 continue
             assert any(r["file"] == str(seg) and begin <= r["offset"] < end for r in records), (
                 f"damage in {seg} bytes {begin}-{end} was not reported: {records}"

@@ -162,7 +162,7 @@ class _Builder:
         if problem is not None:
             raise InvalidRecord(problem)
         if run.started:
-            if run.status != "RUNNING" and ev.data.get("resume") is True:
+            if run.status != "RUNNING" and ev.data.get("resume") is not False:
                 run.status, run.end_time = "RUNNING", None  # a resumed run runs again
             return
         d = ev.data

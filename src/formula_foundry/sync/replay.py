@@ -252,9 +252,10 @@ class Replayer:
             problem = run_start_problem(ev)
             if problem is not None:
                 raise InvalidRecord(problem)
-            if ctx.status != "RUNNING" and ev.data.get("resume") is True:
-                # Another process resumed the run after it had ended: it runs again. (The
-                # run's own first start, read again when everything is resent, reopens nothing.)
+            if ctx.status != "RUNNING" and ev.data.get("resume") is not False:
+                # Another process resumed the run after it had ended: it runs again. The run's
+                # own first start ("resume": false), read again when everything is resent,
+                # reopens nothing; a start without the flag (hand-written spools) does.
                 self._flush(cur)
                 self.cx.call(lambda: self.sink.set_status(ctx.run_id, "RUNNING", None))
                 ctx.status = "RUNNING"
