@@ -77,6 +77,7 @@ _FIELD_DAMAGE = [
     ("name", ["x"]),
     ("path", 12),
 ]
+_CAN_LOCK = bool(_AS_USER) or os.geteuid() != 0  # can a mode-000 file stop the sync?
 OPS = (
     "flip",
     "header",
@@ -85,10 +86,8 @@ OPS = (
     "duplicate",
     "swap",
     "field",
-    "unreadable_file",
-    "unreadable_dir",
     "foreign",
-)
+) + (("unreadable_file", "unreadable_dir") if _CAN_LOCK else ())
 
 
 @dataclass
