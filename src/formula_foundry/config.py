@@ -170,6 +170,11 @@ def _build(values: dict[str, dict[str, Any]], path: Path | None, root: Path) -> 
     tr, sp, ar, sy = values["tracking"], values["spool"], values["artifacts"], values["sync"]
 
     env_uri = os.environ.get("MLFLOW_TRACKING_URI")
+    # On a compute node MLFLOW_TRACKING_URI=spool:... sends MLflow code into the spool (the
+    # drop-in): it names the spool, never the destination ff-sync replays into.
+    env_spool_uri = None
+    if env_uri and env_uri.startswith(SPOOL_SCHEME + ":"):
+        env_spool_uri, env_uri = env_uri, None
     try:
         uri = resolve_store_uri(tr["backend_store_uri"], root)
     except ConfigError as exc:
@@ -184,6 +189,13 @@ def _build(values: dict[str, dict[str, Any]], path: Path | None, root: Path) -> 
     env_spool = os.environ.get("FF_SPOOL_ROOT")
     if env_spool:
         spool_root = _path(Path.cwd(), env_spool)
+    elif env_spool_uri:
+        try:
+            named = spool_uri_path(env_spool_uri)
+        except ConfigError as exc:
+            raise ConfigError(f"MLFLOW_TRACKING_URI: {exc}") from None
+        if named:
+            spool_root = _path(Path.cwd(), named)
 
     durability = os.environ.get("FF_DURABILITY") or sp["durability"]
     if durability not in DURABILITY_MODES:
@@ -239,6 +251,37 @@ def _path(root: Path, value: str) -> Path:
     return p if p.is_absolute() else (root / p)
 
 
+SPOOL_SCHEME = "spool"
+
+
+def spool_uri_path(uri: str) -> str:
+    """The folder a ``spool:`` URI names, as written (``""`` for bare ``spool:``: the
+    configured spool root). ``spool:///abs``, ``spool:rel``; never a host, query or fragment."""
+    from urllib.parse import unquote
+
+    if not uri.startswith(SPOOL_SCHEME + ":"):
+        raise ConfigError(
+            f"{uri!r} is not a spool URI (expected spool:///path, spool:path or spool:)"
+        )
+    rest = uri[len(SPOOL_SCHEME) + 1 :]
+    if "?" in rest or "#" in rest:
+        raise ConfigError(f"spool URI {uri!r}: a query or fragment means nothing here; remove it")
+    if rest.startswith("//"):
+        host, sep, path = rest[2:].partition("/")
+        if host not in ("", "localhost"):
+            raise ConfigError(
+                f"spool URI {uri!r} names host {host!r}: a spool is a folder this machine sees; "
+                "write spool:///abs/path (three slashes) or spool:relative/path"
+            )
+        if not sep:
+            raise ConfigError(f"spool URI {uri!r} names no folder; write spool:///abs/path")
+        rest = sep + path
+    rest = unquote(rest)
+    if "\x00" in rest:
+        raise ConfigError(f"spool URI {uri!r} contains a NUL character")
+    return rest
+
+
 def resolve_store_uri(uri: str, root: Path) -> str:
     """Make a relative ``sqlite:///`` path absolute against ``root``; leave other URIs alone."""
     prefix = "sqlite:///"
@@ -246,6 +289,12 @@ def resolve_store_uri(uri: str, root: Path) -> str:
         rest = uri[len(prefix) :]
         if rest and not rest.startswith("/") and not rest.startswith(":memory:"):
             return prefix + str((root / rest).absolute())
+    elif uri.startswith(SPOOL_SCHEME + ":"):
+        raise ConfigError(
+            f"tracking URI {redact_uri(uri)!r} is a spool: ff-sync replays spools into an MLflow "
+            "store; set tracking.backend_store_uri to sqlite:///..., postgresql://... or "
+            "http(s)://host:port (spool: URIs are for MLflow code on compute nodes)"
+        )
     elif "://" not in uri:
         raise ConfigError(
             f"tracking URI {redact_uri(uri)!r} has no scheme; use sqlite:///path, "

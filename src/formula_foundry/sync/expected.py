@@ -50,6 +50,7 @@ from formula_foundry.tracking.events import (
     K_TAGS,
     MAX_PARAM_VALUE_LENGTH,
     MAX_TAG_VALUE_LENGTH,
+    source_type,
 )
 from formula_foundry.tracking.spool_reader import Event, SegmentReader
 
@@ -178,7 +179,7 @@ class _Builder:
             "ff.host": _text(d.get("host")),
             "mlflow.user": _text(d.get("user")),
             "mlflow.source.name": _text(d.get("source")),
-            "mlflow.source.type": "LOCAL",
+            "mlflow.source.type": source_type(d),
             "mlflow.runName": name,
         }
         if run.parent_uuid:

@@ -270,7 +270,7 @@ class MlflowSink(IdentityTags):
             "ff.host": spec.host,
             "mlflow.user": spec.user,
             "mlflow.source.name": spec.source,
-            "mlflow.source.type": "LOCAL",
+            "mlflow.source.type": spec.source_type,
             "mlflow.runName": spec.name,
         }
         if spec.parent_uuid:

@@ -126,6 +126,17 @@ def scan_spool_report(root: Path) -> SpoolScan:
     return out
 
 
+def scan_run(root: Path, run_uuid: str) -> list[SegmentFile]:
+    """The segments of one run folder, in merge order (none if the folder is missing)."""
+    out = SpoolScan()
+    try:
+        entries = list(os.scandir(root / run_uuid))
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    _scan_run(run_uuid, entries, out)
+    return sorted(out.segments, key=lambda s: s.order)
+
+
 def _scan_run(run_uuid: str, entries: list[os.DirEntry[str]], out: SpoolScan) -> None:
     for entry in entries:
         name = entry.name

@@ -55,6 +55,7 @@ class RunSpec:
     source: str
     parent_uuid: str | None = None
     parent_run_id: str | None = None
+    source_type: str = "LOCAL"
 
 
 @dataclass(frozen=True, slots=True)

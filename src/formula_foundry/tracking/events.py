@@ -100,6 +100,18 @@ RESERVED_TAGS: Final = frozenset(
 )
 
 
+# MLflow's source types (``mlflow.entities.SourceType``). A ``run_start`` may carry one as
+# ``source_type`` (the MLflow drop-in passes the client's ``mlflow.source.type`` on); without
+# it, or with another value, the run's source type is LOCAL.
+SOURCE_TYPES: Final = frozenset({"NOTEBOOK", "JOB", "PROJECT", "LOCAL", "RECIPE", "UNKNOWN"})
+
+
+def source_type(run_start: dict[str, Any]) -> str:
+    """The ``mlflow.source.type`` a run started by ``run_start`` gets."""
+    value = run_start.get("source_type")
+    return value if isinstance(value, str) and value in SOURCE_TYPES else "LOCAL"
+
+
 def reserved_tag_reason(key: str) -> str | None:
     """Why a user may not set tag ``key`` (it belongs to the sync), or None if it may."""
     if key.startswith(RESERVED_TAG_PREFIX):

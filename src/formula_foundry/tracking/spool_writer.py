@@ -173,6 +173,36 @@ class SegmentWriter:
                 self._open()
             self._emit_locked(line, seq)
 
+    def append_many(self, records: list[dict[str, Any]]) -> None:
+        """Append ``records`` as consecutive events in one write: all of them or none.
+
+        One call of the MLflow drop-in (a ``log_batch`` mixing steps and times) may need several
+        events; a kill between two writes would keep part of a call that never returned.
+        """
+        if len(records) == 1:
+            self.append(records[0])
+            return
+        with self._lock:
+            opening = self._fd < 0
+            seq = 0 if opening else self._last_seq
+            lines = []
+            for record in records:
+                seq += 1
+                record["s"] = seq
+                line = frame(record)
+                if len(line) - 1 > MAX_LINE_BYTES:
+                    raise ValidationError(
+                        f"run {self.run_uuid}: one {record.get('k')} event of {len(line) - 1} "
+                        f"bytes is longer than a spool line may be ({MAX_LINE_BYTES} bytes); "
+                        "log fewer keys per call"
+                    )
+                lines.append(line)
+            if not lines:
+                return
+            if opening:
+                self._open()
+            self._emit_locked(b"".join(lines), seq)
+
     def append_metric(self, t: int, step: int, key_json: bytes, value_json: bytes) -> None:
         """The hot path of ``log_metric``: append a one-key metrics event.
 

@@ -1,0 +1,476 @@
+"""The runs this process logs through the drop-in: their spool writers and what they hold.
+
+Every write is checked with the tracker's rules (:mod:`formula_foundry.tracking.events`) and
+becomes the tracker's events, written by the tracker's :class:`SegmentWriter`: one call, one
+``os.write``, in the kernel before the call returns. A run keeps in memory what ``get_run``
+answers (params, tags, the latest point of each metric, status), so reading the active run
+never re-reads the spool; metric history is read back from the spool when asked for.
+
+A run this process did not create is opened on first use: its state is read from the spool
+once (:mod:`formula_foundry.dropin.spool_runs`), then a new segment of its own is written —
+with a resuming ``run_start`` when MLflow resumes it (``update_run_info(RUNNING)``, as
+``mlflow.start_run(run_id=...)`` does), without one when code merely logs into it.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+import orjson
+
+from formula_foundry.dropin.experiments import Experiment, ExperimentBook
+from formula_foundry.dropin.spool_runs import RunState, read_run
+from formula_foundry.errors import ParamConflictError, RunStateError, ValidationError
+from formula_foundry.tracking.events import (
+    FORMAT_VERSION,
+    INT64_MAX,
+    INT64_MIN,
+    K_METRICS,
+    K_PARAMS,
+    K_RUN_END,
+    K_RUN_START,
+    K_TAGS,
+    MAX_PARAM_VALUE_LENGTH,
+    MAX_TAG_VALUE_LENGTH,
+    SOURCE_TYPES,
+    check_key,
+    int64,
+    metric_value,
+    reserved_tag_reason,
+    string_value,
+)
+from formula_foundry.tracking.liveness import install_sigterm, start_heartbeat
+from formula_foundry.tracking.resume import check_run_id
+from formula_foundry.tracking.spool_writer import SegmentWriter, hostname, now_ms, utf8_text
+
+_V: Final = FORMAT_VERSION
+END_STATUSES: Final = frozenset({"FINISHED", "FAILED", "KILLED"})
+# Tags MLflow's clients put on a new run that the spool carries in run_start instead (the
+# sync writes them back from there, as it does for tracker runs).
+RUN_NAME_TAG: Final = "mlflow.runName"
+PARENT_TAG: Final = "mlflow.parentRunId"
+USER_TAG: Final = "mlflow.user"
+SOURCE_NAME_TAG: Final = "mlflow.source.name"
+SOURCE_TYPE_TAG: Final = "mlflow.source.type"
+MAX_RUN_NAME_LENGTH: Final = 250
+_NAN_STORED: Final = 0.0  # MLflow stores NaN as 0 with a flag, and compares that
+_MAX: Final = sys.float_info.max
+_dumps = orjson.dumps
+_key_json: dict[str, bytes] = {}
+_KEY_CACHE_LIMIT: Final = 1 << 16
+
+Point = tuple[int, int, float]  # step, timestamp, value as given (NaN, ±inf kept)
+MetricIn = tuple[str, object, object, object]  # key, value, timestamp, step as MLflow passes
+
+
+def stored(value: float) -> float:
+    """The value MLflow stores and compares for ``value`` (NaN → 0, ±inf → ±max float)."""
+    if value - value == 0.0:
+        return value
+    if value != value:
+        return _NAN_STORED
+    return _MAX if value > 0 else -_MAX
+
+
+def newer(a: Point, b: Point) -> bool:
+    """Whether point ``a`` replaces ``b`` as the latest (MLflow: step, time, stored value)."""
+    return (a[0], a[1], stored(a[2])) > (b[0], b[1], stored(b[2]))
+
+
+@dataclass
+class LiveRun:
+    """A run this process writes: its identity, what get_run answers, and its writer."""
+
+    state: RunState
+    writer: SegmentWriter
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class RunBook:
+    """The runs one spool store writes in this process."""
+
+    def __init__(
+        self, root: Path, experiments: ExperimentBook, durability: str, heartbeat_s: float
+    ):
+        self.root = root
+        self.experiments = experiments
+        self.durability = durability
+        self.heartbeat_s = heartbeat_s
+        self._live: dict[str, LiveRun] = {}
+        self._lock = threading.Lock()
+        os.register_at_fork(after_in_child=self._after_fork)
+
+    # -- runs ------------------------------------------------------------------------------
+
+    def create(
+        self,
+        experiment: Experiment,
+        user: str | None,
+        start_time: int | None,
+        tags: dict[str, str],
+        run_name: str | None,
+        default_name: str,
+    ) -> RunState:
+        """Start a new run: a ``run_start`` and, if any, its tags, in one write."""
+        tags = dict(tags)
+        name = _run_name(tags.pop(RUN_NAME_TAG, "") or run_name or default_name)
+        parent: str | None = tags.pop(PARENT_TAG, "") or None
+        if parent is not None:
+            parent = check_run_id(parent)
+            if self.get(parent) is None:
+                raise ValidationError(f"parent run {parent} is not in the spool {self.root}")
+        user = utf8_text(tags.pop(USER_TAG, "") or user or "unknown")
+        source = utf8_text(tags.pop(SOURCE_NAME_TAG, "") or _default_source())
+        source_type = tags.pop(SOURCE_TYPE_TAG, "") or "LOCAL"
+        if source_type not in SOURCE_TYPES:
+            raise ValidationError(
+                f"tag {SOURCE_TYPE_TAG}={source_type!r}: MLflow knows only "
+                + ", ".join(sorted(SOURCE_TYPES))
+            )
+        run_id = uuid.uuid4().hex
+        checked = _checked_tags(tags, run_id)
+        t = (
+            now_ms()
+            if start_time is None
+            else int64(start_time, "start_time", "<run>", run_id, minimum=1)
+        )
+        state = RunState(
+            run_id=run_id,
+            experiment=experiment.name,
+            name=name,
+            user=user,
+            start_time=t,
+            parent=parent,
+            tags={
+                USER_TAG: user,
+                SOURCE_NAME_TAG: source,
+                SOURCE_TYPE_TAG: source_type,
+                RUN_NAME_TAG: name,
+                **({PARENT_TAG: parent} if parent else {}),
+                **checked,
+            },
+        )
+        live = LiveRun(state, self._writer(run_id))
+        records = [self._run_start(state, t, resume=False, source=source, source_type=source_type)]
+        if checked:
+            records.append({"v": _V, "s": 0, "t": t, "k": K_TAGS, "d": checked})
+        live.writer.append_many(records)
+        self._register(live, owner=True)
+        return state
+
+    def get(self, run_id: str) -> RunState | None:
+        """The run's state: from memory if this process writes it, else read from the spool."""
+        live = self._live.get(run_id)
+        if live is not None:
+            return live.state
+        if not isinstance(run_id, str) or not run_id or "/" in run_id or run_id.startswith("."):
+            return None
+        return read_run(self.root, run_id)
+
+    def live(self, run_id: str, *, resume: bool = False) -> LiveRun:
+        """The run as this process writes it; opened from the spool on first use."""
+        live = self._live.get(run_id)
+        if live is not None:
+            if resume and live.state.status != "RUNNING":
+                self._reopen(live)
+                live.state.opened_here = True
+            return live
+        with self._lock:
+            live = self._live.get(run_id)
+            if live is None:
+                state = read_run(self.root, check_run_id(run_id))
+                if state is None or not state.started:
+                    raise RunStateError(f"run {run_id} is not in the spool {self.root}")
+                live = LiveRun(state, self._writer(run_id))
+                self._live[run_id] = live
+                opened = True
+            else:
+                opened = False
+        if resume and (opened or live.state.status != "RUNNING"):
+            self._reopen(live)
+        self._register(live, owner=resume)
+        return live
+
+    def _reopen(self, live: LiveRun) -> None:
+        state = live.state
+        with live.lock:
+            t = now_ms()
+            live.writer.append(self._run_start(state, t, resume=True))
+            state.status, state.end_time = "RUNNING", None
+
+    def end(self, run_id: str, status: str, end_time: int | None) -> None:
+        if status not in END_STATUSES:
+            raise ValidationError(
+                f"run {run_id}: a spool run can be set to RUNNING, FINISHED, FAILED or KILLED, "
+                f"not {status!r}"
+            )
+        live = self.live(run_id)
+        t = (
+            now_ms()
+            if end_time is None
+            else int64(end_time, "end_time", "<run>", run_id, minimum=1)
+        )
+        with live.lock:
+            live.writer.append({"v": _V, "s": 0, "t": t, "k": K_RUN_END, "status": status})
+            live.state.status, live.state.end_time = status, t
+
+    def rename(self, run_id: str, name: str) -> None:
+        live = self.live(run_id)
+        name = _run_name(name)
+        with live.lock:
+            live.writer.append(
+                {"v": _V, "s": 0, "t": now_ms(), "k": K_TAGS, "d": {RUN_NAME_TAG: name}}
+            )
+            live.state.name = name
+            live.state.tags[RUN_NAME_TAG] = name
+
+    def flush(self, run_id: str) -> None:
+        """Write what a buffered writer of this run holds, so a read of the spool sees it."""
+        live = self._live.get(run_id)
+        if live is not None:
+            live.writer.flush()
+
+    def end_all(self, status: str) -> None:
+        """End every run this process created or resumed and has not ended (SIGTERM)."""
+        for live in list(self._live.values()):
+            if live.state.status == "RUNNING" and live.state.opened_here:
+                try:
+                    self.end(live.state.run_id, status, None)
+                except Exception:  # one failing run must not keep the others open
+                    continue
+
+    # -- writes ----------------------------------------------------------------------------
+
+    def log_metric(
+        self, run_id: str, key: str, value: object, timestamp: object, step: object
+    ) -> None:
+        """One point: the tracker's hot path (one line, one write)."""
+        live = self._live.get(run_id) or self.live(run_id)
+        try:
+            kj = _key_json[key]
+        except (KeyError, TypeError):
+            kj = _dumps(_valid_key(key, "metric", run_id))
+        if type(value) is float and value - value == 0.0:
+            v = value
+            vj = _dumps(value)
+        else:
+            spelled = metric_value(value, key, run_id)
+            vj = _dumps(spelled)
+            v = float(value)  # type: ignore[arg-type]
+        s = (
+            step
+            if type(step) is int and INT64_MIN <= step <= INT64_MAX
+            else _step(step, key, run_id)
+        )
+        t = (
+            timestamp
+            if type(timestamp) is int and 0 <= timestamp <= INT64_MAX
+            else _time(timestamp, key, run_id)
+        )
+        point = (s, t, v)
+        with live.lock:
+            live.writer.append_metric(t, s, kj, vj)
+            latest = live.state.latest
+            old = latest.get(key)
+            if old is None or newer(point, old):
+                latest[key] = point
+
+    def log_batch(
+        self,
+        run_id: str,
+        metrics: list[MetricIn],
+        params: list[tuple[object, object]],
+        tags: list[tuple[object, object]],
+    ) -> None:
+        """A whole batch, checked before anything is written, then written in one write."""
+        live = self._live.get(run_id) or self.live(run_id)
+        state = live.state
+        new_params = self._params(state, params)
+        checked_tags = _checked_tags_list(tags, run_id)
+        records: list[dict[str, Any]] = []
+        if new_params:
+            records.append({"v": _V, "s": 0, "t": now_ms(), "k": K_PARAMS, "d": new_params})
+        points: list[tuple[str, Point]] = []
+        if metrics:
+            records.extend(_metric_events(metrics, run_id, points))
+        if checked_tags:
+            records.append({"v": _V, "s": 0, "t": now_ms(), "k": K_TAGS, "d": dict(checked_tags)})
+        if not records:
+            return
+        with live.lock:
+            live.writer.append_many(records)
+            state.params.update(new_params)
+            latest = state.latest
+            for key, point in points:
+                old = latest.get(key)
+                if old is None or newer(point, old):
+                    latest[key] = point
+            for key, value in checked_tags:
+                state.tags[key] = value
+                if key == RUN_NAME_TAG:
+                    state.name = value
+
+    def _params(self, state: RunState, params: list[tuple[object, object]]) -> dict[str, str]:
+        run_id = state.run_id
+        out: dict[str, str] = {}
+        for key, value in params:
+            k = _valid_key(key, "param", run_id)
+            text = string_value(value, k, "param", MAX_PARAM_VALUE_LENGTH, run_id)
+            if k in out:
+                raise ValidationError(
+                    f"run {run_id}: param {k!r} appears twice in one batch; log it once"
+                )
+            old = state.params.get(k)
+            if old is not None and old != text:
+                raise ParamConflictError(
+                    f"run {run_id}: param {k!r} is already {old!r}; cannot change it to "
+                    f"{text!r} (params are write-once; log values that change as metrics or tags)"
+                )
+            if old is None:
+                out[k] = text
+        return out
+
+    # -- plumbing --------------------------------------------------------------------------
+
+    def _writer(self, run_id: str) -> SegmentWriter:
+        return SegmentWriter(self.root, run_id, self.durability)
+
+    def _register(self, live: LiveRun, *, owner: bool) -> None:
+        # The process that created or resumed a run ends it (at SIGTERM); one that only logs
+        # into it (another rank, a worker) never does.
+        live.state.opened_here = live.state.opened_here or owner
+        with self._lock:
+            self._live[live.state.run_id] = live
+        start_heartbeat(self.heartbeat_s, self._beat)
+        install_sigterm(lambda: self.end_all("KILLED"))
+
+    def _beat(self) -> None:
+        for live in list(self._live.values()):
+            if live.state.status == "RUNNING":
+                with live.lock:
+                    live.writer.append({"v": _V, "s": 0, "t": now_ms(), "k": "heartbeat"})
+
+    def _run_start(
+        self,
+        state: RunState,
+        t: int,
+        *,
+        resume: bool,
+        source: str | None = None,
+        source_type: str | None = None,
+    ) -> dict[str, Any]:
+        argv = [utf8_text(arg) for arg in sys.argv]
+        record: dict[str, Any] = {
+            "v": _V,
+            "s": 0,
+            "t": t,
+            "k": K_RUN_START,
+            "run": state.run_id,
+            "experiment": state.experiment,
+            "name": state.name,
+            "parent": state.parent,
+            "user": state.user,
+            "host": utf8_text(hostname()),
+            "pid": os.getpid(),
+            "source": source or state.tags.get(SOURCE_NAME_TAG) or _default_source(),
+            "command": argv,
+            "resume": resume,
+        }
+        kind = source_type or state.tags.get(SOURCE_TYPE_TAG)
+        if kind and kind != "LOCAL":
+            record["source_type"] = kind
+        return record
+
+    def _after_fork(self) -> None:
+        # A forked child writes its own segments (the writers reopen themselves); the runs it
+        # inherited are still known, but it is not the process that ends them.
+        self._lock = threading.Lock()
+        for live in self._live.values():
+            live.lock = threading.Lock()
+            live.state.opened_here = False
+
+
+def _default_source() -> str:
+    argv0 = sys.argv[0] if sys.argv and sys.argv[0] else "<python>"
+    return utf8_text(argv0)
+
+
+def _run_name(name: object) -> str:
+    if not isinstance(name, str) or not name.strip():
+        raise ValidationError(f"run name must be a non-empty str, got {name!r}")
+    if len(name) > MAX_RUN_NAME_LENGTH:
+        raise ValidationError(
+            f"run name {name[:40]!r}... is {len(name)} characters "
+            f"(MLflow allows at most {MAX_RUN_NAME_LENGTH})"
+        )
+    if "\x00" in name:
+        raise ValidationError(f"run name {name!r} contains a NUL character")
+    return utf8_text(name)
+
+
+def _valid_key(key: object, what: str, run_id: str) -> str:
+    checked = check_key(key, what, run_id)
+    if len(_key_json) < _KEY_CACHE_LIMIT:
+        _key_json[checked] = _dumps(checked)
+    return checked
+
+
+def _checked_tags(tags: dict[str, str], run_id: str) -> dict[str, str]:
+    return dict(_checked_tags_list(tags.items(), run_id))
+
+
+def _checked_tags_list(tags: Iterable[tuple[object, object]], run_id: str) -> list[tuple[str, str]]:
+    out = []
+    for key, value in tags:
+        k = _valid_key(key, "tag", run_id)
+        reason = reserved_tag_reason(k)
+        if reason is not None:
+            raise ValidationError(f"run {run_id}: {reason}")
+        out.append((k, string_value(value, k, "tag", MAX_TAG_VALUE_LENGTH, run_id)))
+    return out
+
+
+def _step(step: object, key: str, run_id: str) -> int:
+    return 0 if step is None else int64(step, "step", key, run_id)
+
+
+def _time(timestamp: object, key: str, run_id: str) -> int:
+    return now_ms() if timestamp is None else int64(timestamp, "timestamp", key, run_id, minimum=0)
+
+
+def _metric_events(
+    metrics: list[MetricIn], run_id: str, points: list[tuple[str, Point]]
+) -> list[dict[str, Any]]:
+    """The metrics events of a batch: consecutive points of one (time, step) share an event
+    (one event per ``log_metrics`` call); a key seen again starts a new one."""
+    events: list[dict[str, Any]] = []
+    current: dict[str, float | str] | None = None
+    at: tuple[int, int] | None = None
+    for key, value, timestamp, step in metrics:
+        k = key if key.__class__ is str and key in _key_json else _valid_key(key, "metric", run_id)
+        if type(value) is float and value - value == 0.0:
+            spelled: float | str = value
+            v = value
+        else:
+            spelled = metric_value(value, k, run_id)
+            v = float(value)  # type: ignore[arg-type]
+        s = step if type(step) is int and INT64_MIN <= step <= INT64_MAX else _step(step, k, run_id)
+        t = (
+            timestamp
+            if type(timestamp) is int and 0 <= timestamp <= INT64_MAX
+            else _time(timestamp, k, run_id)
+        )
+        if current is None or at != (t, s) or k in current:
+            current = {}
+            at = (t, s)
+            events.append({"v": _V, "s": 0, "t": t, "k": K_METRICS, "step": s, "d": current})
+        current[k] = spelled
+        points.append((k, (s, t, v)))
+    return events

@@ -1,0 +1,390 @@
+"""``SpoolStore``: MLflow's tracking-store interface, written into the spool and read from it.
+
+MLflow builds it for ``spool:`` URIs (entry point ``mlflow.tracking_store``). What it does not
+support raises an :class:`~mlflow.exceptions.MlflowException` naming the call and ``ff-sync``;
+it never pretends to have stored something.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib.util
+import sys
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
+from typing import Any, Final, TypeVar
+
+from mlflow.entities import (
+    Experiment,
+    LifecycleStage,
+    Metric,
+    Param,
+    Run,
+    RunData,
+    RunInfo,
+    RunTag,
+    ViewType,
+)
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import (
+    INTERNAL_ERROR,
+    INVALID_PARAMETER_VALUE,
+    RESOURCE_ALREADY_EXISTS,
+    RESOURCE_DOES_NOT_EXIST,
+)
+from mlflow.store.entities.paged_list import PagedList
+from mlflow.store.tracking import SEARCH_MAX_RESULTS_DEFAULT
+from mlflow.store.tracking.abstract_store import AbstractStore
+from mlflow.utils.async_logging.run_operations import RunOperations
+from mlflow.utils.name_utils import _generate_random_name
+from mlflow.utils.search_utils import SearchExperimentsUtils, SearchUtils
+
+from formula_foundry.dropin.experiments import Experiment as SpoolExperiment
+from formula_foundry.dropin.experiments import ExperimentBook, experiment_id
+from formula_foundry.dropin.run_book import RunBook, stored
+from formula_foundry.dropin.spool_runs import RunState, metric_history, run_ids
+from formula_foundry.dropin.spool_uri import canonical_uri, spool_root
+from formula_foundry.errors import (
+    ConfigError,
+    FormulaFoundryError,
+    RunStateError,
+    SpoolWriteError,
+    ValidationError,
+)
+
+T = TypeVar("T")
+_SUPPORTED: Final = (
+    "experiments (create, get, get by name, search), runs (create, get, search by experiment, "
+    "filter and order, update status and name), log_batch and everything that uses it, "
+    "log_batch_async, metric history"
+)
+
+
+def _error(exc: FormulaFoundryError) -> MlflowException:
+    if isinstance(exc, ValidationError | ConfigError):
+        return MlflowException(str(exc), INVALID_PARAMETER_VALUE)
+    if isinstance(exc, RunStateError):
+        return MlflowException(str(exc), RESOURCE_DOES_NOT_EXIST)
+    if isinstance(exc, SpoolWriteError):
+        return MlflowException(str(exc), INTERNAL_ERROR)
+    return MlflowException(str(exc), INTERNAL_ERROR)
+
+
+def _mlflow_errors(fn: Callable[..., T]) -> Callable[..., T]:
+    """Our errors reach MLflow code as the MlflowException MLflow's own stores raise."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> T:
+        try:
+            return fn(*args, **kwargs)
+        except FormulaFoundryError as exc:
+            raise _error(exc) from None
+
+    return wrapper
+
+
+def _unsupported(name: str) -> Callable[..., Any]:
+    def refuse(self: SpoolStore, *args: Any, **kwargs: Any) -> Any:
+        raise MlflowException(
+            f"{name}() is not available on a spool ({self.uri}): a spool records what runs "
+            f"log ({_SUPPORTED}). Run ff-sync to replay the spool into your MLflow tracking "
+            f"store, then call {name}() with MLFLOW_TRACKING_URI set to that store",
+            INVALID_PARAMETER_VALUE,
+        )
+
+    refuse.__name__ = name
+    return refuse
+
+
+def _skip_spark_probe() -> None:
+    """Make MLflow's check for an active Spark session cheap where PySpark is not installed.
+
+    Each ``MlflowClient`` (the fluent API builds two per ``log_metric``) resolves a registry URI
+    and, when none is set, tries ``import pyspark``: a failed import walks ``sys.path`` and costs
+    most of a fluent call. Recording the module as absent answers that import at once, exactly
+    as before (it is not installed). Nothing changes where PySpark is installed.
+    """
+    if "pyspark" not in sys.modules and importlib.util.find_spec("pyspark") is None:
+        sys.modules["pyspark"] = None  # type: ignore[assignment]
+
+
+class SpoolStore(AbstractStore):
+    """The tracking store of a ``spool:`` URI."""
+
+    def __init__(self, store_uri: str | None = None, artifact_uri: str | None = None) -> None:
+        super().__init__()
+        from formula_foundry.config import load_settings
+
+        try:
+            root = spool_root(store_uri or "spool:")
+            settings = load_settings()
+        except FormulaFoundryError as exc:
+            raise _error(exc) from None
+        self.root = root
+        self.uri = canonical_uri(root)
+        self._experiments = ExperimentBook(root)
+        self._runs = RunBook(root, self._experiments, settings.durability, settings.heartbeat_s)
+        _skip_spark_probe()
+
+    # -- experiments -----------------------------------------------------------------------
+
+    def _experiment(self, exp: SpoolExperiment) -> Experiment:
+        return Experiment(
+            exp.experiment_id,
+            exp.name,
+            f"{self.uri}/.experiments/{exp.experiment_id}",
+            LifecycleStage.ACTIVE,
+            tags=[],
+            creation_time=exp.created,
+            last_update_time=exp.created,
+        )
+
+    @_mlflow_errors
+    def create_experiment(
+        self, name: str, artifact_location: str | None = None, tags: Any = None
+    ) -> str:
+        if artifact_location:
+            raise ValidationError(
+                f"experiment {name!r}: artifact_location is chosen by the store ff-sync "
+                "replays into; create the experiment without it"
+            )
+        if tags:
+            raise ValidationError(
+                f"experiment {name!r}: experiment tags are not recorded in a spool; set them "
+                "after ff-sync"
+            )
+        exp, created = self._experiments.create(name)
+        if not created:
+            raise MlflowException(
+                f"Experiment(name={name}) already exists.", RESOURCE_ALREADY_EXISTS
+            )
+        return exp.experiment_id
+
+    @_mlflow_errors
+    def get_experiment(self, experiment_id: str) -> Experiment:
+        exp = self._experiments.by_id(str(experiment_id))
+        if exp is None:
+            raise MlflowException(
+                f"No Experiment with id={experiment_id} exists in the spool {self.root}",
+                RESOURCE_DOES_NOT_EXIST,
+            )
+        return self._experiment(exp)
+
+    @_mlflow_errors
+    def get_experiment_by_name(self, experiment_name: str) -> Experiment | None:
+        exp = self._experiments.by_name(experiment_name)
+        return None if exp is None else self._experiment(exp)
+
+    @_mlflow_errors
+    def search_experiments(
+        self,
+        view_type: int = ViewType.ACTIVE_ONLY,
+        max_results: int = SEARCH_MAX_RESULTS_DEFAULT,
+        filter_string: str | None = None,
+        order_by: list[str] | None = None,
+        page_token: str | None = None,
+    ) -> PagedList[Any]:
+        if view_type == ViewType.DELETED_ONLY:
+            return PagedList([], None)
+        experiments = [self._experiment(e) for e in self._experiments.all()]
+        filtered = SearchExperimentsUtils.filter(experiments, filter_string)
+        ordered = SearchExperimentsUtils.sort(filtered, order_by or ["creation_time DESC"])
+        page, token = SearchUtils.paginate(ordered, page_token, max_results)
+        return PagedList(page, token)
+
+    # -- runs ------------------------------------------------------------------------------
+
+    def _run(self, state: RunState) -> Run:
+        exp_id = experiment_id(state.experiment)
+        info = RunInfo(
+            run_id=state.run_id,
+            experiment_id=exp_id,
+            user_id=state.user,
+            status=state.status,
+            start_time=state.start_time,
+            end_time=state.end_time,
+            lifecycle_stage=LifecycleStage.ACTIVE,
+            artifact_uri=f"{self.uri}/{state.run_id}/artifacts",
+            run_name=state.name,
+        )
+        data = RunData(
+            metrics=[
+                Metric(key, stored(v) if v == v else v, t, step)
+                for key, (step, t, v) in state.latest.items()
+            ],
+            params=[Param(k, v) for k, v in state.params.items()],
+            tags=[RunTag(k, v) for k, v in state.tags.items()],
+        )
+        return Run(info, data)
+
+    def _state(self, run_id: str) -> RunState:
+        state = self._runs.get(run_id)
+        if state is None or not state.started:
+            raise MlflowException(
+                f"Run '{run_id}' not found in the spool {self.root}", RESOURCE_DOES_NOT_EXIST
+            )
+        return state
+
+    @_mlflow_errors
+    def create_run(
+        self,
+        experiment_id: str,
+        user_id: str | None,
+        start_time: int | None,
+        tags: list[RunTag] | None,
+        run_name: str | None,
+    ) -> Run:
+        exp = self._experiments.by_id(str(experiment_id))
+        if exp is None:
+            raise MlflowException(
+                f"Could not create run under experiment with ID {experiment_id}: it is not in "
+                f"the spool {self.root} (create it with mlflow.set_experiment(name) or "
+                "mlflow.create_experiment on this spool)",
+                RESOURCE_DOES_NOT_EXIST,
+            )
+        tag_dict = {t.key: t.value for t in tags or ()}
+        state = self._runs.create(
+            exp, user_id, start_time, tag_dict, run_name, _generate_random_name()
+        )
+        return self._run(state)
+
+    @_mlflow_errors
+    def get_run(self, run_id: str) -> Run:
+        return self._run(self._state(run_id))
+
+    @_mlflow_errors
+    def update_run_info(
+        self, run_id: str, run_status: Any, end_time: int | None, run_name: str | None
+    ) -> Any:
+        from mlflow.entities import RunStatus
+
+        status = run_status if isinstance(run_status, str) else RunStatus.to_string(run_status)
+        self._state(run_id)
+        if run_name:
+            self._runs.rename(run_id, run_name)
+        if status == "RUNNING":
+            self._runs.live(run_id, resume=True)
+        else:
+            self._runs.end(run_id, status, end_time)
+        return self._run(self._state(run_id)).info
+
+    @_mlflow_errors
+    def get_metric_history(
+        self,
+        run_id: str,
+        metric_key: str,
+        max_results: int | None = None,
+        page_token: str | None = None,
+    ) -> PagedList[Any]:
+        self._state(run_id)
+        self._runs.flush(run_id)
+        points = [
+            Metric(metric_key, stored(v) if v == v else v, t, step, run_id=run_id)
+            for step, t, v in metric_history(self.root, run_id, metric_key)
+        ]
+        if max_results is None:
+            return PagedList(points, None)
+        page, token = SearchUtils.paginate(points, page_token, max_results)
+        return PagedList(page, token)
+
+    @_mlflow_errors
+    def _search_runs(
+        self,
+        experiment_ids: list[str],
+        filter_string: str | None,
+        run_view_type: int,
+        max_results: int,
+        order_by: list[str] | None,
+        page_token: str | None,
+    ) -> tuple[list[Run], str | None]:
+        if run_view_type == ViewType.DELETED_ONLY:
+            return [], None
+        names = set()
+        for exp_id in experiment_ids:
+            exp = self._experiments.by_id(str(exp_id))
+            if exp is not None:
+                names.add(exp.name)
+        runs = [self._run(s) for s in self._states() if s.experiment in names]
+        filtered = SearchUtils.filter(runs, filter_string)
+        ordered = SearchUtils.sort(filtered, order_by)
+        page, token = SearchUtils.paginate(ordered, page_token, max_results)
+        return page, token
+
+    def _states(self) -> Iterator[RunState]:
+        for run_id in run_ids(self.root):
+            state = self._runs.get(run_id)
+            if state is not None and state.started:
+                yield state
+
+    # -- writes ----------------------------------------------------------------------------
+
+    @_mlflow_errors
+    def log_batch(
+        self, run_id: str, metrics: list[Metric], params: list[Param], tags: list[RunTag]
+    ) -> None:
+        if len(metrics) == 1 and not params and not tags:
+            m = metrics[0]
+            self._runs.log_metric(run_id, m.key, m.value, m.timestamp, m.step)
+            return
+        self._runs.log_batch(
+            run_id,
+            [(m.key, m.value, m.timestamp, m.step) for m in metrics],
+            [(p.key, p.value) for p in params],
+            [(t.key, t.value) for t in tags],
+        )
+
+    def log_batch_async(
+        self, run_id: str, metrics: list[Metric], params: list[Param], tags: list[RunTag]
+    ) -> RunOperations:
+        # MLflow's queue holds events in memory and loses them on a kill; the spool write is
+        # as fast, so it is done before the call returns. Errors reach the caller as MLflow's
+        # would: through the returned operation.
+        future: Future[None] = Future()
+        try:
+            self.log_batch(run_id, metrics, params, tags)
+        except Exception as exc:  # handed to the caller through the future
+            future.set_exception(exc)
+        else:
+            future.set_result(None)
+        return RunOperations([future])
+
+    def flush_async_logging(self) -> None:
+        return None
+
+    def end_async_logging(self) -> None:
+        return None
+
+    def shut_down_async_logging(self) -> None:
+        return None
+
+    def log_inputs(self, run_id: str, datasets: Any = None, models: Any = None) -> None:
+        if datasets or models:
+            _unsupported("log_inputs")(self)
+
+    def delete_tag(self, run_id: str, key: str) -> None:
+        _unsupported("delete_tag")(self)
+
+
+def _fill_unsupported() -> None:
+    for name in sorted(getattr(SpoolStore, "__abstractmethods__", ())):
+        setattr(SpoolStore, name, _unsupported(name))
+    for name in (
+        "delete_experiment",
+        "restore_experiment",
+        "rename_experiment",
+        "delete_run",
+        "restore_run",
+        "set_experiment_tag",
+        "delete_experiment_tag",
+        "record_logged_model",
+        "create_logged_model",
+        "log_outputs",
+    ):
+        setattr(SpoolStore, name, _unsupported(name))
+    setattr(SpoolStore, "__abstractmethods__", frozenset())  # noqa: B010 - mypy knows no such attribute
+
+
+_fill_unsupported()
+with contextlib.suppress(Exception):
+    del _fill_unsupported
