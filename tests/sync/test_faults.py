@@ -134,6 +134,10 @@ class Flaky:
         self.inner.log_artifact_ref(run_id, ref)
         self._maybe_fail("log_artifact_ref")
 
+    def delete_tag(self, run_id: str, key: str) -> None:
+        self.inner.delete_tag(run_id, key)
+        self._maybe_fail("delete_tag")
+
     def set_status(self, run_id: str, status: str, end_time: int | None) -> None:
         self.inner.set_status(run_id, status, end_time)
         self._maybe_fail("set_status")

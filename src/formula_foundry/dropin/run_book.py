@@ -36,6 +36,7 @@ from formula_foundry.tracking.events import (
     K_PARAMS,
     K_RUN_END,
     K_RUN_START,
+    K_TAG_DELETE,
     K_TAGS,
     MAX_PARAM_VALUE_LENGTH,
     MAX_TAG_VALUE_LENGTH,
@@ -230,6 +231,19 @@ class RunBook:
             )
             live.state.name = name
             live.state.tags[RUN_NAME_TAG] = name
+
+    def delete_tag(self, run_id: str, key: object) -> None:
+        """Delete a tag: MLflow's rule (it must be set), then a ``tag_delete`` event."""
+        live = self._live.get(run_id) or self.live(run_id)
+        k = _valid_key(key, "tag", run_id)
+        reason = reserved_tag_reason(k)
+        if reason is not None:
+            raise ValidationError(f"run {run_id}: {reason}")
+        with live.lock:
+            if k not in live.state.tags:
+                raise RunStateError(f"No tag with name: {k} in run with id {run_id}")
+            live.writer.append({"v": _V, "s": 0, "t": now_ms(), "k": K_TAG_DELETE, "keys": [k]})
+            del live.state.tags[k]
 
     def flush(self, run_id: str) -> None:
         """Write what a buffered writer of this run holds, so a read of the spool sees it."""

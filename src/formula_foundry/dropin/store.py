@@ -362,8 +362,10 @@ class SpoolStore(AbstractStore):
         if datasets or models:
             _unsupported("log_inputs")(self)
 
+    @_mlflow_errors
     def delete_tag(self, run_id: str, key: str) -> None:
-        _unsupported("delete_tag")(self)
+        self._state(run_id)
+        self._runs.delete_tag(run_id, key)
 
 
 def _fill_unsupported() -> None:

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import click
 
 from formula_foundry.config import Settings
-from formula_foundry.errors import EXIT_OK, ConfigError, FormulaFoundryError
+from formula_foundry.errors import EXIT_OK, EXIT_USAGE, ConfigError, FormulaFoundryError
 from formula_foundry.sync.engine import load_sync_settings, sync_once
 from formula_foundry.sync.report import Progress, one_line
 
@@ -264,6 +264,7 @@ def _print_json(data: object) -> None:
 
 
 @main.command("status")
+@click.argument("run_ids", nargs=-1, metavar="[RUN_ID]...")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (keys in docs/operations.md).")
 @click.option(
     "--all",
@@ -272,22 +273,46 @@ def _print_json(data: object) -> None:
     help="Every destination with a state folder under sync.state_dir, not only the configured one.",
 )
 @click.pass_obj
-def status_command(opts: SyncOptions, as_json: bool, all_destinations: bool) -> None:
+def status_command(
+    opts: SyncOptions, run_ids: tuple[str, ...], as_json: bool, all_destinations: bool
+) -> None:
     """Events pending, synced and quarantined per run and in total; runs that look dead.
 
+    With RUN_IDs (the run ids printed where the runs were logged, `ff.run_uuid` in MLflow):
+    only those runs, each with the destination's run id and experiment id, the run's address
+    in the MLflow UI (for a database: under `mlflow ui`, whose command is shown) and the
+    filter that finds it in the UI's search box; or "not synced yet" and its pending events.
+
     Reads only the spools and the sync state: never the destination, never MLflow.
+
+    \b
+    Exit codes:
+      0   done
+      2   usage or configuration error, or a RUN_ID neither in the spool nor in the sync
+          state (the runs found are still shown)
     """
 
     def body() -> int:
         from formula_foundry.sync.status import sync_status
-        from formula_foundry.sync.status_table import render_table
+        from formula_foundry.sync.status_table import render_runs, render_table
 
-        report = sync_status(opts.settings(), all_destinations=all_destinations)
+        wanted = [r.strip() for r in run_ids] if run_ids else None
+        if wanted is not None and not all(wanted):
+            raise ConfigError("a RUN_ID is empty")
+        report = sync_status(opts.settings(), all_destinations=all_destinations, runs=wanted)
         if as_json:
             _print_json(report.to_json())
-        else:
+        elif wanted is None:
             click.echo(render_table(report))
-        return EXIT_OK
+        elif len(report.unknown_runs) < len(set(wanted)):
+            click.echo(render_runs(report))
+        for run in report.unknown_runs:
+            where = "any sync state" if all_destinations else "the sync state of this destination"
+            _err(
+                f"ff-sync: error: run {one_line(run, limit=200)} is neither in the spool "
+                f"{report.spool_root} nor in {where}"
+            )
+        return EXIT_USAGE if report.unknown_runs else EXIT_OK
 
     sys.exit(_run(body))
 

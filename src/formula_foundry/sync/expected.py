@@ -15,8 +15,8 @@ without a destination:
   a ``param_conflict`` of the run, since which value was synced first depends on timing);
 * artifact references the destination refused (``refused`` in the quarantine log, passed as
   ``refused``) are expected to be absent;
-* tags are last-write-wins in event order; ``run_end`` sets status and end time, a later
-  ``run_start`` makes the run RUNNING again;
+* tags are last-write-wins in event order, ``tag_delete`` removes them; ``run_end`` sets
+  status and end time, a later ``run_start`` makes the run RUNNING again;
 * metric points are a set of ``(step, timestamp, value)`` per key (MLflow keeps one row per
   distinct point), with ±inf stored as ±``sys.float_info.max`` and NaN equal to NaN.
 
@@ -47,6 +47,7 @@ from formula_foundry.tracking.events import (
     K_PARAMS,
     K_RUN_END,
     K_RUN_START,
+    K_TAG_DELETE,
     K_TAGS,
     MAX_PARAM_VALUE_LENGTH,
     MAX_TAG_VALUE_LENGTH,
@@ -146,6 +147,9 @@ class _Builder:
             elif ev.kind == K_TAGS:
                 tags, _reserved = self.check.tags(ev, MAX_TAG_VALUE_LENGTH)
                 run.tags.update(tags)
+            elif ev.kind == K_TAG_DELETE:
+                for key in self.check.tag_keys(ev):
+                    run.tags.pop(key, None)
             elif ev.kind == K_ARTIFACT_REF:
                 ref: ArtifactRef = self.check.artifact_ref(ev)
                 if (self.path, ev.offset) in self.refused:

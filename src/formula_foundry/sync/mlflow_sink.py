@@ -328,6 +328,21 @@ class MlflowSink(IdentityTags):
                 raise
             raise err from exc
 
+    def delete_tag(self, run_id: str, key: str) -> None:
+        client = self._client
+
+        def attempt() -> None:
+            try:
+                client.delete_tag(run_id, key)
+            except Exception as exc:
+                # Deleted by an earlier pass that died before recording it: done already.
+                if getattr(exc, "error_code", None) != "RESOURCE_DOES_NOT_EXIST":
+                    raise
+                if key in client.get_run(run_id).data.tags:
+                    raise
+
+        self._call(f"delete tag {quoted(key)} of run {run_id}", attempt)
+
     def set_status(self, run_id: str, status: str, end_time: int | None) -> None:
         if status == "RUNNING":
             self._call(

@@ -113,6 +113,10 @@ class StoppableSink:
         self._check()
         self.inner.log_artifact_ref(run_id, ref)
 
+    def delete_tag(self, run_id: str, key: str) -> None:
+        self._check()
+        self.inner.delete_tag(run_id, key)
+
     def set_status(self, run_id: str, status: str, end_time: int | None) -> None:
         self._check()
         self.inner.set_status(run_id, status, end_time)

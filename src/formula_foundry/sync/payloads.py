@@ -162,6 +162,18 @@ class PayloadChecker:
                 reasons.append(reason)
         return kept, "; ".join(reasons) or None
 
+    def tag_keys(self, ev: Event) -> list[str]:
+        """The keys a ``tag_delete`` event deletes."""
+        keys = ev.data.get("keys")
+        if type(keys) is not list or not keys:
+            raise InvalidRecord("tag_delete payload 'keys' must be a non-empty list of tag keys")
+        for key in keys:
+            self.key(key)
+            reason = reserved_tag_reason(key)
+            if reason is not None:
+                raise InvalidRecord(f"tag_delete: {reason}")
+        return list(keys)
+
     @staticmethod
     def artifact_ref(ev: Event) -> ArtifactRef:
         """The reference an ``artifact_ref`` event records."""

@@ -10,8 +10,8 @@ last pass stopped, and events become batches:
 * ``artifact_ref`` becomes a small JSON document, sent right after the batch it follows;
   one the destination can never take (:class:`~formula_foundry.sync.sink.RecordRejected`: its
   document cannot be written) is quarantined as ``refused`` and the run goes on;
-* ``run_end`` — and a ``run_start`` that reopens an ended run — is a barrier: the batch goes
-  first, then the status, so the destination sees the writes in spool order.
+* ``run_end``, ``tag_delete`` and a ``run_start`` that reopens an ended run are barriers: the
+  batch goes first, then the status or deletion, so the destination sees spool order.
 
 After each commit the segment's progress moves to the end of the last event it covered. The
 run's record in the state (status, end time, last sign of life) is saved as soon as the
@@ -58,6 +58,7 @@ from formula_foundry.tracking.events import (
     K_PARAMS,
     K_RUN_END,
     K_RUN_START,
+    K_TAG_DELETE,
     K_TAGS,
     MAX_PARAM_VALUE_LENGTH,
     MAX_TAG_VALUE_LENGTH,
@@ -248,6 +249,13 @@ class Replayer:
             self._save_run(ctx)
             self._advance(cur, ev)
             self._flush(cur)
+        elif kind == K_TAG_DELETE:
+            keys = self.check.tag_keys(ev)
+            self._flush(cur)  # the writes before it reach the destination first
+            for key in keys:
+                self.cx.call(partial(self.sink.delete_tag, ctx.run_id, key))
+            self._advance(cur, ev)
+            self._flush(cur)
         elif kind == K_RUN_START:
             problem = run_start_problem(ev)
             if problem is not None:
@@ -324,15 +332,8 @@ class Replayer:
         self.cx.progress[cur.seg.rel] = prog
         cur.saved = cur.pos
         if self.progress_fn is not None:
-            self.progress_fn(
-                Progress(
-                    self.runs_done,
-                    self.runs_total,
-                    self.report.events,
-                    self.report.metrics,
-                    ctx.uuid,
-                )
-            )
+            done, total, rep = self.runs_done, self.runs_total, self.report
+            self.progress_fn(Progress(done, total, rep.events, rep.metrics, ctx.uuid))
 
     def _send(self, cur: Cursor) -> None:
         b, ctx, sink = cur.batch, cur.ctx, self.sink

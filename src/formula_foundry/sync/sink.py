@@ -154,6 +154,10 @@ class Sink(Protocol):
         """Write the reference's small JSON document among the run's artifacts."""
         ...
 
+    def delete_tag(self, run_id: str, key: str) -> None:
+        """Delete tag ``key`` of the run; a tag that is not there is already deleted."""
+        ...
+
     def set_status(self, run_id: str, status: str, end_time: int | None) -> None:
         """Set the run's status; a terminal status also sets its end time."""
         ...

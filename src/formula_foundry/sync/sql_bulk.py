@@ -152,6 +152,9 @@ class BulkSink:
     def log_artifact_ref(self, run_id: str, ref: ArtifactRef) -> None:
         self.inner.log_artifact_ref(run_id, ref)
 
+    def delete_tag(self, run_id: str, key: str) -> None:
+        self.inner.delete_tag(run_id, key)
+
     def set_status(self, run_id: str, status: str, end_time: int | None) -> None:
         self.inner.set_status(run_id, status, end_time)
 

@@ -11,6 +11,11 @@ pending, and its synced count is the recorded line number minus its header and i
 quarantined lines; only the unread part of a grown segment is read, from the recorded
 offset. Key names of :meth:`StatusReport.to_json` are documented in docs/operations.md.
 
+With run ids (``ff-sync status RUN_ID...``) only those runs are counted, runs the spool no
+longer holds (collected by ``ff-sync gc``) included, and each is mapped to what the sync state
+recorded: the destination's run id and experiment id, hence the run's address in the MLflow UI
+(:mod:`~formula_foundry.sync.status_table`) and the filter that finds it in MLflow's search.
+
 What the sync cannot read is listed per run (``problems``), with its path and why: a run
 folder or segment that cannot be read ("permission denied"), a symbolic link (never
 followed). A segment whose header names another run counts nothing as pending: the pass
@@ -22,7 +27,7 @@ from __future__ import annotations
 import contextlib
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -34,6 +39,7 @@ from formula_foundry.errors import SpoolError
 from formula_foundry.redact import redact_uri
 from formula_foundry.sync.destination_id import destination_problem
 from formula_foundry.sync.scan import SegmentFile, Skipped, scan_spool_report, unreadable_reason
+from formula_foundry.sync.status_table import run_url, search_filter, ui_of
 from formula_foundry.sync.sync_state import (
     DESTINATION_FILE,
     QUARANTINE_FILE,
@@ -55,6 +61,8 @@ class RunState:
     last_t: int
     updated_ms: int
     stale_ended: bool
+    run_id: str  # in the destination
+    experiment_id: str
 
 
 class StateView:
@@ -81,11 +89,12 @@ class StateView:
                 )
                 self.segment_updated[r[0]] = r[7]
             for r in db.execute(
-                "SELECT r.run_uuid, r.status, r.last_t, r.updated_ms, s.run_uuid IS NOT NULL "
-                "FROM runs r LEFT JOIN stale_ended s "
+                "SELECT r.run_uuid, r.status, r.last_t, r.updated_ms, s.run_uuid IS NOT NULL, "
+                "r.run_id, r.experiment_id FROM runs r LEFT JOIN stale_ended s "
                 "ON s.run_uuid = r.run_uuid AND s.last_t = r.last_t"
             ):
-                self.runs[r[0]] = RunState(r[1], r[2], r[3], bool(r[4]) and r[1] == "KILLED")
+                stale = bool(r[4]) and r[1] == "KILLED"
+                self.runs[r[0]] = RunState(r[1], r[2], r[3], stale, r[5], r[6])
         except sqlite3.Error as exc:
             from formula_foundry.errors import SyncError
 
@@ -121,11 +130,18 @@ class RunStatus:
     ended_by_sync: bool = False  # KILLED by the sync because it went silent
     dead: bool = False
     problems: list[str] = field(default_factory=list)  # "<path>: <why it is not synced>"
+    mlflow_run_id: str | None = None  # the destination's ids, as the sync state recorded them
+    experiment_id: str | None = None
+    ui_url: str | None = None  # the run's page in the MLflow UI
 
     def to_json(self) -> dict[str, Any]:
         return {
             "run": self.run,
             "status": self.status,
+            "mlflow_run_id": self.mlflow_run_id,
+            "experiment_id": self.experiment_id,
+            "ui_url": self.ui_url,
+            "search_filter": search_filter(self.run),
             "events_synced": self.events_synced,
             "events_pending": self.events_pending,
             "events_quarantined": self.events_quarantined,
@@ -149,6 +165,7 @@ class DestinationStatus:
     # The destination is not the one the state describes (lost, replaced, older backup,
     # another owner): what the state calls synced may not be there. SQLite only.
     problem: str | None = None
+    ui_command: str | None = None  # what serves its UI (databases: ``mlflow ui``)
 
     @property
     def last_sync_ms(self) -> int | None:
@@ -172,6 +189,7 @@ class DestinationStatus:
             "state_folder": str(self.state_folder),
             "configured": self.configured,
             "problem": self.problem,
+            "ui_command": self.ui_command,
             "last_sync_ms": self.last_sync_ms,
             "totals": self.totals(),
             "runs": [r.to_json() for r in self.runs],
@@ -187,6 +205,7 @@ class StatusReport:
     generated_ms: int
     destinations: list[DestinationStatus]
     problems: list[str] = field(default_factory=list)  # the spool root itself cannot be read
+    unknown_runs: list[str] = field(default_factory=list)  # asked for, found nowhere
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -195,14 +214,23 @@ class StatusReport:
             "spool_root": str(self.spool_root),
             "stale_after_s": self.stale_after_s,
             "problems": self.problems,
+            "unknown_runs": self.unknown_runs,
             "destinations": [d.to_json() for d in self.destinations],
         }
 
 
-def sync_status(settings: Settings, *, all_destinations: bool = False) -> StatusReport:
-    """The status of the configured destination (or of every one with a state folder)."""
+def sync_status(
+    settings: Settings, *, all_destinations: bool = False, runs: Sequence[str] | None = None
+) -> StatusReport:
+    """The status of the configured destination (or of every one with a state folder); with
+    ``runs``, of those runs only, in that order (``unknown_runs``: in no spool nor state)."""
     now_ms = time.time_ns() // 1_000_000
     scan = scan_spool_report(settings.spool_root)
+    wanted = None if runs is None else list(dict.fromkeys(runs))
+    if wanted is not None:
+        keep = set(wanted)
+        scan.segments = [s for s in scan.segments if s.run_uuid in keep]
+        scan.skipped = [s for s in scan.skipped if s.run_uuid is None or s.run_uuid in keep]
     configured = destination_key(settings.backend_store_uri)
     folders: dict[str, str] = {configured: redact_uri(settings.backend_store_uri)}
     if all_destinations:
@@ -217,11 +245,16 @@ def sync_status(settings: Settings, *, all_destinations: bool = False) -> Status
             scan.skipped,
             now_ms,
             settings,
+            wanted,
         )
         for key, uri in sorted(folders.items(), key=lambda kv: (kv[0] != configured, kv[0]))
     ]
     root_problems = [f"{s.path}: {s.reason}" for s in scan.skipped if s.run_uuid is None]
-    return StatusReport(settings.spool_root, settings.stale_after_s, now_ms, out, root_problems)
+    found = {r.run for d in out for r in d.runs}
+    unknown = [r for r in wanted or [] if r not in found]
+    return StatusReport(
+        settings.spool_root, settings.stale_after_s, now_ms, out, root_problems, unknown
+    )
 
 
 def _known_destinations(state_dir: Path, configured: str) -> dict[str, str]:
@@ -247,8 +280,10 @@ def _destination(
     skipped: list[Skipped],
     now_ms: int,
     settings: Settings,
+    wanted: list[str] | None = None,
 ) -> DestinationStatus:
     view = StateView(folder)
+    base, ui_command = ui_of(uri)
     quarantined: dict[str, set[tuple[str, int]]] = {}
     for rec in view.quarantine():
         quarantined.setdefault(str(rec.get("file")), set()).add(
@@ -262,6 +297,8 @@ def _destination(
             known = view.runs.get(uuid)
             run = RunStatus(uuid, known.status if known else None)
             if known is not None:
+                run.mlflow_run_id, run.experiment_id = known.run_id, known.experiment_id
+                run.ui_url = run_url(base, known.experiment_id, known.run_id)
                 run.last_sync_ms = known.updated_ms
                 run.last_event_ms = known.last_t or None
                 run.ended = known.status != "RUNNING"
@@ -275,13 +312,18 @@ def _destination(
     for skip in skipped:
         if skip.run_uuid is not None:
             run_status(skip.run_uuid).problems.append(f"{skip.path}: {skip.reason}")
+    if wanted is not None:  # in the order asked; runs only the state knows (gc'd) included
+        for uuid in wanted:
+            if uuid in view.runs:
+                run_status(uuid)
+        runs = {uuid: runs[uuid] for uuid in wanted if uuid in runs}
     limit_ms = now_ms - int(settings.stale_after_s * 1000)
     for run in runs.values():
         silent = run.last_event_ms is None or run.last_event_ms < limit_ms
         run.dead = run.ended_by_sync or (not run.ended and silent)
     real_uri = settings.backend_store_uri if configured else uri  # redacted only if a password
     problem = destination_problem(real_uri, folder, settings.spool_root)
-    return DestinationStatus(uri, key, folder, configured, list(runs.values()), problem)
+    return DestinationStatus(uri, key, folder, configured, list(runs.values()), problem, ui_command)
 
 
 def _count_segment(

@@ -41,8 +41,19 @@ K_TAGS: Final = "tags"
 K_ARTIFACT_REF: Final = "artifact_ref"
 K_RUN_END: Final = "run_end"
 K_HEARTBEAT: Final = "heartbeat"
+K_TAG_DELETE: Final = "tag_delete"
 KINDS: Final = frozenset(
-    {K_SEGMENT, K_RUN_START, K_PARAMS, K_METRICS, K_TAGS, K_ARTIFACT_REF, K_RUN_END, K_HEARTBEAT}
+    {
+        K_SEGMENT,
+        K_RUN_START,
+        K_PARAMS,
+        K_METRICS,
+        K_TAGS,
+        K_ARTIFACT_REF,
+        K_RUN_END,
+        K_HEARTBEAT,
+        K_TAG_DELETE,
+    }
 )
 
 RUN_STATUSES: Final = frozenset({"RUNNING", "FINISHED", "FAILED", "KILLED"})
