@@ -79,6 +79,16 @@ def main() -> int:
     settings = load_settings()
     print(f"1/3 logging the demo pipeline into spools under {settings.spool_root}")
     run_pipeline()
+    # The MLflow drop-in: an unmodified MLflow script, pointed at the same spool.
+    print("    and an unmodified MLflow script with MLFLOW_TRACKING_URI=spool:")
+    trained = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "demo_mlflow_train.py")],
+        env={**os.environ, "MLFLOW_TRACKING_URI": "spool:"},
+        check=False,
+    )
+    if trained.returncode != 0:
+        print(f"the MLflow script exited with {trained.returncode}", file=sys.stderr)
+        return trained.returncode
 
     print(f"2/3 syncing spools into {settings.backend_store_uri} with ff-sync")
     done = subprocess.run([sys.executable, "-m", "formula_foundry.sync"], check=False)
@@ -90,7 +100,7 @@ def main() -> int:
     import mlflow
 
     mlflow.set_tracking_uri(settings.backend_store_uri)
-    for name in ("formula-foundry", "ff-m2-simulation"):
+    for name in ("formula-foundry", "ff-m2-simulation", "dropin-demo"):
         runs = mlflow.search_runs(experiment_names=[name], order_by=["start_time DESC"])
         cols = [c for c in ("tags.mlflow.runName", "status") if c in runs.columns]
         print(f"  experiment {name}: {len(runs)} runs")

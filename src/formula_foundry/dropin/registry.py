@@ -2,7 +2,8 @@
 
 MLflow resolves a model-registry store for the tracking URI even in code that only logs, and
 an artifact repository for each run's artifact URI; an unknown scheme fails there. These
-answer every call with an error naming the call and what to do instead.
+answer every call with an error naming the call and what to do instead (listing a run's
+artifacts finds none).
 """
 
 from __future__ import annotations
@@ -14,14 +15,20 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.store.artifact.artifact_repo import ArtifactRepository
 from mlflow.store.model_registry.abstract_store import AbstractStore as RegistryStore
 
+_WHY = {
+    "model registry": "the model registry of a spool: tracking URI is not kept on the node; "
+    "register models after ff-sync has replayed the spool, against the MLflow store it "
+    "replays into",
+    "artifacts": "artifacts of spool: runs are not recorded yet (params, metrics and tags are); "
+    "keep files in formula-foundry's ArtifactStore and log a reference, or log them after "
+    "ff-sync has replayed the spool, against the MLflow store it replays into",
+}
+
 
 def _refusal(what: str, name: str) -> Any:
     def refuse(self: Any, *args: Any, **kwargs: Any) -> Any:
         raise MlflowException(
-            f"{name}() is not available on a spool: the {what} of a spool: tracking URI is not "
-            "recorded on the node. Run ff-sync to replay the spool into your MLflow tracking "
-            f"store, then call {name}() against that store",
-            INVALID_PARAMETER_VALUE,
+            f"{name}() is not available on a spool: {_WHY[what]}", INVALID_PARAMETER_VALUE
         )
 
     refuse.__name__ = name
@@ -42,10 +49,16 @@ class SpoolArtifactRepository(ArtifactRepository):
         return []
 
 
-for _cls, _what in ((SpoolRegistryStore, "model registry"), (SpoolArtifactRepository, "artifacts")):
-    for _name in sorted(getattr(_cls, "__abstractmethods__", ())):
-        if _name != "list_artifacts":
-            setattr(_cls, _name, _refusal(_what, _name))
-    setattr(_cls, "__abstractmethods__", frozenset())  # noqa: B010 - mypy knows no such attribute
-for _name in ("log_artifact", "log_artifacts", "download_artifacts", "_download_file"):
-    setattr(SpoolArtifactRepository, _name, _refusal("artifacts", _name))
+def _refuse_the_rest(cls: type, base: type, what: str) -> None:
+    """Every public method of ``base`` that ``cls`` does not define refuses clearly."""
+    abstract: frozenset[str] = getattr(base, "__abstractmethods__", frozenset())
+    for name in dir(base):
+        if name in cls.__dict__ or (name.startswith("_") and name not in abstract):
+            continue
+        if callable(getattr(base, name, None)) and not isinstance(getattr(base, name), type):
+            setattr(cls, name, _refusal(what, name))
+    setattr(cls, "__abstractmethods__", frozenset())  # noqa: B010 - mypy knows no such attribute
+
+
+_refuse_the_rest(SpoolRegistryStore, RegistryStore, "model registry")
+_refuse_the_rest(SpoolArtifactRepository, ArtifactRepository, "artifacts")

@@ -48,7 +48,7 @@ from formula_foundry.tracking.events import (
     string_value,
 )
 from formula_foundry.tracking.liveness import install_sigterm, start_heartbeat
-from formula_foundry.tracking.resume import check_run_id
+from formula_foundry.tracking.resume import check_run_id, give_back_ff_run_id, take_ff_run_id
 from formula_foundry.tracking.spool_writer import SegmentWriter, hostname, now_ms, utf8_text
 
 _V: Final = FORMAT_VERSION
@@ -119,7 +119,64 @@ class RunBook:
         run_name: str | None,
         default_name: str,
     ) -> RunState:
-        """Start a new run: a ``run_start`` and, if any, its tags, in one write."""
+        """Start a new run: a ``run_start`` and, if any, its tags, in one write.
+
+        ``$FF_RUN_ID`` names the process's first top-level run, as for the tracker: a requeued
+        job running unmodified MLflow code continues that run (new segment, same run) instead
+        of starting another.
+        """
+        env_id = os.environ.get("FF_RUN_ID") if PARENT_TAG not in tags else None
+        if not env_id:
+            return self._create(experiment, user, start_time, tags, run_name, default_name, None)
+        run_id = take_ff_run_id(env_id)
+        try:
+            existing = read_run(self.root, run_id)
+            if existing is None or not existing.started:
+                return self._create(
+                    experiment, user, start_time, tags, run_name, default_name, run_id
+                )
+            return self._continue(existing, experiment, tags, run_name)
+        except BaseException:
+            give_back_ff_run_id()  # this start failed: the name is still free
+            raise
+
+    def _continue(
+        self, state: RunState, experiment: Experiment, tags: dict[str, str], run_name: str | None
+    ) -> RunState:
+        """``$FF_RUN_ID``'s run exists: resume it, with this start's own tags and name."""
+        if experiment.name != state.experiment and experiment.experiment_id != "0":
+            raise ValidationError(
+                f"FF_RUN_ID={state.run_id} belongs to experiment {state.experiment!r}; cannot "
+                f"continue it in {experiment.name!r}"
+            )
+        own = {
+            k: v
+            for k, v in tags.items()
+            if k not in (RUN_NAME_TAG, PARENT_TAG, USER_TAG, SOURCE_NAME_TAG, SOURCE_TYPE_TAG)
+        }
+        checked = _checked_tags(own, state.run_id)
+        live = LiveRun(state, self._writer(state.run_id))
+        with self._lock:
+            self._live[state.run_id] = live
+        self._reopen(live)
+        self._register(live, owner=True)
+        name = tags.get(RUN_NAME_TAG) or run_name
+        if name and name != state.name:
+            self.rename(state.run_id, name)
+        if checked:
+            self.log_batch(state.run_id, [], [], list(checked.items()))
+        return state
+
+    def _create(
+        self,
+        experiment: Experiment,
+        user: str | None,
+        start_time: int | None,
+        tags: dict[str, str],
+        run_name: str | None,
+        default_name: str,
+        run_id: str | None,
+    ) -> RunState:
         tags = dict(tags)
         name = _run_name(tags.pop(RUN_NAME_TAG, "") or run_name or default_name)
         parent: str | None = tags.pop(PARENT_TAG, "") or None
@@ -135,7 +192,7 @@ class RunBook:
                 f"tag {SOURCE_TYPE_TAG}={source_type!r}: MLflow knows only "
                 + ", ".join(sorted(SOURCE_TYPES))
             )
-        run_id = uuid.uuid4().hex
+        run_id = run_id or uuid.uuid4().hex
         checked = _checked_tags(tags, run_id)
         t = (
             now_ms()

@@ -260,14 +260,14 @@ class SpoolStore(AbstractStore):
         from mlflow.entities import RunStatus
 
         status = run_status if isinstance(run_status, str) else RunStatus.to_string(run_status)
-        self._state(run_id)
+        # One read of the spool for a run this process has not opened yet (a resumed run's
+        # spool can be large); a run that is not there is RESOURCE_DOES_NOT_EXIST.
+        live = self._runs.live(run_id, resume=status == "RUNNING")
         if run_name:
             self._runs.rename(run_id, run_name)
-        if status == "RUNNING":
-            self._runs.live(run_id, resume=True)
-        else:
+        if status != "RUNNING":
             self._runs.end(run_id, status, end_time)
-        return self._run(self._state(run_id)).info
+        return self._run(live.state).info
 
     @_mlflow_errors
     def get_metric_history(
@@ -368,22 +368,34 @@ class SpoolStore(AbstractStore):
         self._runs.delete_tag(run_id, key)
 
 
+# AbstractStore methods whose base implementation works on a spool: they only call methods the
+# spool store implements (log_metric → log_batch, search_runs → _search_runs, ...).
+INHERITED: Final = frozenset(
+    {
+        "filter_active_experiment_ids",
+        "get_metric_history_bulk_interval",
+        "get_metric_history_bulk_interval_from_steps",
+        "log_metric",
+        "log_metric_async",
+        "log_param",
+        "log_param_async",
+        "search_runs",
+        "set_tag",
+        "set_tag_async",
+    }
+)
+
+
 def _fill_unsupported() -> None:
-    for name in sorted(getattr(SpoolStore, "__abstractmethods__", ())):
-        setattr(SpoolStore, name, _unsupported(name))
-    for name in (
-        "delete_experiment",
-        "restore_experiment",
-        "rename_experiment",
-        "delete_run",
-        "restore_run",
-        "set_experiment_tag",
-        "delete_experiment_tag",
-        "record_logged_model",
-        "create_logged_model",
-        "log_outputs",
-    ):
-        setattr(SpoolStore, name, _unsupported(name))
+    """Every other public method of MLflow's store refuses clearly (the base class would raise
+    a bare NotImplementedError, or silently do nothing)."""
+    for name in dir(AbstractStore):
+        if name.startswith("_") and name not in getattr(AbstractStore, "__abstractmethods__", ()):
+            continue
+        if name in SpoolStore.__dict__ or name in INHERITED:
+            continue
+        if callable(getattr(AbstractStore, name, None)):
+            setattr(SpoolStore, name, _unsupported(name))
     setattr(SpoolStore, "__abstractmethods__", frozenset())  # noqa: B010 - mypy knows no such attribute
 
 

@@ -8,7 +8,9 @@ param at log time, as one process does) with one linear scan of its segments.
 
 from __future__ import annotations
 
+import os
 import re
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +18,7 @@ from typing import Final
 
 import orjson
 
-from formula_foundry.errors import FormulaFoundryError, ValidationError
+from formula_foundry.errors import FormulaFoundryError, RunStateError, ValidationError
 from formula_foundry.tracking.events import K_ARTIFACT_REF, K_PARAMS, K_RUN_START, checksum_ok
 from formula_foundry.tracking.spool_reader import Event, SegmentReader
 from formula_foundry.tracking.spool_writer import is_segment_name, segment_started_ms
@@ -52,6 +54,47 @@ def check_run_id(run_id: object) -> str:
             "starting with a letter or digit"
         )
     return run_id
+
+
+# FF_RUN_ID names one run: the process's first top-level run (tracker or MLflow drop-in) takes
+# it. Inherited by a forked child, which must not take it again (that would silently merge its
+# run into its parent's; a worker logs into it with attach_run).
+_ff_run_id_taken: str | None = None
+_ff_run_id_lock = threading.Lock()
+
+
+def take_ff_run_id(value: str) -> str:
+    """Take ``$FF_RUN_ID`` (``value``) for this process's top-level run; once per process."""
+    global _ff_run_id_taken
+    try:
+        run_id = check_run_id(value)
+    except ValidationError as exc:
+        raise ValidationError(f"FF_RUN_ID: {exc}") from None
+    with _ff_run_id_lock:
+        if _ff_run_id_taken is not None:
+            raise RunStateError(
+                f"FF_RUN_ID={run_id} names one run, and this process (or the one it was forked "
+                f"from) already started it; a second top-level run would merge into it. For a "
+                "sweep, give each run its own id (tracker: run_id= in start_run) or unset "
+                "FF_RUN_ID; a worker logs into the run with attach_run(os.environ['FF_RUN_ID'])"
+            )
+        _ff_run_id_taken = run_id
+    return run_id
+
+
+def give_back_ff_run_id() -> None:
+    """The start that took ``$FF_RUN_ID`` failed: the next top-level run may take it."""
+    global _ff_run_id_taken
+    with _ff_run_id_lock:
+        _ff_run_id_taken = None
+
+
+def _after_fork_in_child() -> None:
+    global _ff_run_id_lock
+    _ff_run_id_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 @dataclass

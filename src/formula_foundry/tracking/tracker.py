@@ -48,7 +48,14 @@ from formula_foundry.tracking.events import (
     string_value,
 )
 from formula_foundry.tracking.liveness import install_sigterm, start_heartbeat
-from formula_foundry.tracking.resume import Logged, check_run_id, find_origin, read_logged
+from formula_foundry.tracking.resume import (
+    Logged,
+    check_run_id,
+    find_origin,
+    give_back_ff_run_id,
+    read_logged,
+    take_ff_run_id,
+)
 from formula_foundry.tracking.spool_writer import (
     SegmentWriter,
     flush_all,
@@ -121,37 +128,6 @@ def _check_name(field: str, value: object, limit: int) -> str:
                 f"{value[exc.start]!r} at index {exc.start}; decode bytes before passing them)"
             ) from None
     return value
-
-
-# FF_RUN_ID names one run: the first top-level start_run of the process takes it. Inherited by
-# a forked child, which must not take it again (that would silently merge its run into its
-# parent's run; a worker logs into it with attach_run).
-_ff_run_id_taken: str | None = None
-_ff_run_id_lock = threading.Lock()
-
-
-def _take_ff_run_id(value: str) -> str:
-    global _ff_run_id_taken
-    try:
-        run_id = check_run_id(value)
-    except ValidationError as exc:
-        raise ValidationError(f"FF_RUN_ID: {exc}") from None
-    with _ff_run_id_lock:
-        if _ff_run_id_taken is not None:
-            raise RunStateError(
-                f"FF_RUN_ID={run_id} names one run, and this process (or the one it was forked "
-                f"from) already started it; a second top-level start_run would merge into "
-                "it. For a sweep, pass run_id= to each start_run (or unset FF_RUN_ID); a worker "
-                "logs into the run with attach_run(os.environ['FF_RUN_ID'])"
-            )
-        _ff_run_id_taken = run_id
-    return run_id
-
-
-def _give_back_ff_run_id() -> None:
-    global _ff_run_id_taken
-    with _ff_run_id_lock:
-        _ff_run_id_taken = None
 
 
 @runtime_checkable
@@ -643,7 +619,7 @@ class Tracker:
             _check_name("run_name", run_name, MAX_RUN_NAME_LENGTH)
         env_run_id = run_id is None and parent is None and os.environ.get("FF_RUN_ID")
         if env_run_id:
-            run_id = _take_ff_run_id(env_run_id)
+            run_id = take_ff_run_id(env_run_id)
         try:
             return self._start(
                 run_id,
@@ -658,7 +634,7 @@ class Tracker:
             )
         except BaseException:
             if env_run_id:
-                _give_back_ff_run_id()  # this start failed: the name is still free
+                give_back_ff_run_id()  # this start failed: the name is still free
             raise
 
     def _start(
@@ -873,9 +849,8 @@ def _end_at_exit() -> None:
 
 
 def _reset_after_fork() -> None:
-    global _trackers_lock, _ff_run_id_lock
+    global _trackers_lock
     _trackers_lock = threading.Lock()
-    _ff_run_id_lock = threading.Lock()
     for tracker in list(_all_trackers):
         tracker._after_fork_in_child()
 
