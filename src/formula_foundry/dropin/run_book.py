@@ -48,7 +48,12 @@ from formula_foundry.tracking.events import (
     string_value,
 )
 from formula_foundry.tracking.liveness import install_sigterm, start_heartbeat
-from formula_foundry.tracking.resume import check_run_id, give_back_ff_run_id, take_ff_run_id
+from formula_foundry.tracking.resume import (
+    check_run_id,
+    find_origin,
+    give_back_ff_run_id,
+    take_ff_run_id,
+)
 from formula_foundry.tracking.spool_writer import SegmentWriter, hostname, now_ms, utf8_text
 
 _V: Final = FORMAT_VERSION
@@ -182,7 +187,8 @@ class RunBook:
         parent: str | None = tags.pop(PARENT_TAG, "") or None
         if parent is not None:
             parent = check_run_id(parent)
-            if self.get(parent) is None:
+            # The parent's first segment heads are enough (its spool may be large).
+            if parent not in self._live and find_origin(self.root, parent) is None:
                 raise ValidationError(f"parent run {parent} is not in the spool {self.root}")
         user = utf8_text(tags.pop(USER_TAG, "") or user or "unknown")
         source = utf8_text(tags.pop(SOURCE_NAME_TAG, "") or _default_source())
