@@ -161,7 +161,7 @@ def test_a_state_of_schema_1_is_migrated_and_claims_its_destination(project: Pro
     report = project.sync()
     assert report.exit_code == 0 and report.runs == 1 and not report.warnings
     state = sqlite3.connect(project.state_folder() / STATE_FILE)
-    assert state.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+    assert state.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
     assert {k for k, _ in state.execute("SELECT key, value FROM meta")} == {"id", "generation"}
     state.close()
     assert set(project.snapshot()["runs"]) == {*reference["runs"], "after-upgrade"}

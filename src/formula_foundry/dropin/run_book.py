@@ -54,6 +54,7 @@ from formula_foundry.tracking.resume import (
     give_back_ff_run_id,
     take_ff_run_id,
 )
+from formula_foundry.tracking.scheduler import job_from_env
 from formula_foundry.tracking.spool_writer import SegmentWriter, hostname, now_ms, utf8_text
 
 _V: Final = FORMAT_VERSION
@@ -463,6 +464,9 @@ class RunBook:
         kind = source_type or state.tags.get(SOURCE_TYPE_TAG)
         if kind and kind != "LOCAL":
             record["source_type"] = kind
+        job = job_from_env()
+        if job is not None:
+            record["job"] = job
         return record
 
     def _after_fork(self) -> None:

@@ -16,8 +16,9 @@
    by run, runs ordered by their oldest pending segment (parents are created before children
    anyway); toward a server (HTTP, PostgreSQL) ``sync.workers`` runs at a time
    (:mod:`formula_foundry.sync.parallel`), toward SQLite one;
-5. end dead runs: RUNNING runs silent for ``sync.stale_after_s`` become KILLED
-   (:mod:`formula_foundry.sync.stale`). Step 3 opens the destination for them too.
+5. end dead runs: RUNNING runs silent for ``sync.stale_after_s``, or whose batch job the
+   scheduler says has ended, become KILLED (:mod:`formula_foundry.sync.stale`,
+   :mod:`formula_foundry.sync.scheduler`). Step 3 opens the destination for them too.
 
 A first pass that fails before the destination was claimed (driver missing, store refused)
 leaves no state folder behind. A destination that stays unavailable through
@@ -57,6 +58,7 @@ from formula_foundry.sync.report import ProgressFn, SyncReport
 from formula_foundry.sync.retry import RetryPolicy
 from formula_foundry.sync.runs import RUN_UUID_RE, RunResolver, SyncContext
 from formula_foundry.sync.scan import SegmentFile, scan_spool_report
+from formula_foundry.sync.scheduler import Verdict, ask
 from formula_foundry.sync.sink import IdentityUnavailable, Sink
 from formula_foundry.sync.stale import end_stale, find_stale
 from formula_foundry.sync.store_access import INSTALL_HINT
@@ -202,10 +204,14 @@ def _pass(
         seen = progress.get(seg.rel)
         if seen is None or seen.size_seen != seg.size:
             pending.setdefault(seg.run_uuid, []).append(seg)
-    stale = find_stale(state, settings.stale_after_s, pending.keys() | unscanned)
+    # One scheduler query per pass (sync/scheduler.py): here when nothing is pending, else
+    # after the replay, so runs created in this pass are judged too.
+    verdict = _ask_scheduler(state, unscanned, report) if not pending and not replay else None
+    alive = verdict.alive if verdict is not None else set()
+    stale = find_stale(state, settings.stale_after_s, pending.keys() | unscanned | alive)
     uri = settings.backend_store_uri
     state_id, generation = state.identity()
-    if not pending and not stale and not replay:
+    if not pending and not stale and not replay and not (verdict and verdict.ended):
         problem = sqlite_problem(
             uri, state_id, generation, state.has_progress(), settings.spool_root
         )
@@ -273,16 +279,29 @@ def _pass(
             replayer = Replayer(cx, resolver, progress_fn, len(pending))
             for run_uuid in order:
                 replayer.replay_run(run_uuid, pending[run_uuid])
-        # Dead runs (formula_foundry.sync.stale): judged after the replay, runs that grew
-        # during this pass excluded.
-        busy = pending.keys() | unscanned
-        end_stale(sink, state, find_stale(state, settings.stale_after_s, busy), report, policy)
+        # Dead runs (formula_foundry.sync.stale): judged after the replay. Silent ones, except
+        # those that grew during this pass or whose job the scheduler says is alive; and those
+        # whose job has ended, whatever the silence.
+        if verdict is None:
+            verdict = _ask_scheduler(state, unscanned, report)
+        busy = pending.keys() | unscanned | verdict.alive | verdict.ended.keys()
+        dead = [r for r in state.live_runs() if r.run_uuid in verdict.ended]
+        dead += find_stale(state, settings.stale_after_s, busy)
+        end_stale(sink, state, dead, report, policy, verdict.ended)
         if identity is not None and isinstance(sink, IdentitySink):
             # Again at the end: a backup taken during this pass is then older than the state.
             with contextlib.suppress(IdentityUnavailable):
                 _bump(sink, state, identity[0], identity[1] + 1, report, policy)
     finally:
         sink.close()
+
+
+def _ask_scheduler(state: SyncState, unscanned: set[str], report: SyncReport) -> Verdict:
+    live = [r for r in state.live_runs() if r.run_uuid not in unscanned]
+    verdict = ask(live, state.jobs()) if live else Verdict()
+    if verdict.warning:
+        report.warnings.append(verdict.warning)
+    return verdict
 
 
 def _check_identity(

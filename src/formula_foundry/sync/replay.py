@@ -260,6 +260,8 @@ class Replayer:
             problem = run_start_problem(ev)
             if problem is not None:
                 raise InvalidRecord(problem)
+            if isinstance(job := ev.data.get("job"), str) and job:  # sync/scheduler.py
+                self.cx.state.save_job(ctx.uuid, job)
             if ctx.status != "RUNNING" and ev.data.get("resume") is not False:
                 # Another process resumed the run after it had ended: it runs again. The run's
                 # own first start ("resume": false), read again when everything is resent,

@@ -8,6 +8,11 @@ with ``end_time`` = its last sign of life. The state records that the sync ended
 (``stale_ended``), so the next passes leave it alone and :mod:`formula_foundry.sync.gc` does not
 take it for a finished run.
 
+Where the run's ``run_start`` named its batch job and the scheduler answers on the sync host,
+its word comes first (:mod:`formula_foundry.sync.scheduler`): a run whose job has ended is
+ended in the pass that learns it, with the job's state as its ``ff.sync.end_reason`` tag; a
+run whose job is pending or running is left open however long it is silent.
+
 If events of the run arrive later — the job was requeued and resumed the run, or a process
 that was only stopped (SIGSTOP, a hung file system) goes on — the run becomes RUNNING again
 (:func:`revive`, before its new events are replayed) and its own end event ends it for real.
@@ -25,6 +30,7 @@ from functools import partial
 
 from formula_foundry.sync.report import SyncReport
 from formula_foundry.sync.retry import RetryPolicy
+from formula_foundry.sync.scheduler import END_REASON_TAG
 from formula_foundry.sync.sink import DestinationRejected, RunMissing, Sink
 from formula_foundry.sync.sync_state import RunRecord, SyncState
 
@@ -57,10 +63,20 @@ def end_stale(
     runs: list[RunRecord],
     report: SyncReport,
     policy: RetryPolicy,
+    reasons: dict[str, str] | None = None,
 ) -> None:
-    """Set each run KILLED at its last sign of life, then record that the sync ended it."""
+    """Set each run KILLED at its last sign of life, then record that the sync ended it.
+
+    ``reasons``: the scheduler's word on runs whose job has ended (sync/scheduler.py), noted
+    on the run as the tag ``ff.sync.end_reason`` before its status changes.
+    """
+    reasons = reasons or {}
     for rec in runs:
+        reason = reasons.get(rec.run_uuid)
         try:
+            if reason is not None:
+                tag = [(END_REASON_TAG, reason)]
+                policy.call(partial(sink.log_batch, rec.run_id, [], [], tag))
             policy.call(partial(sink.set_status, rec.run_id, KILLED, rec.last_t))
         except RunMissing:
             state.forget_run(rec.run_uuid)  # resent (and re-judged) by the next pass
@@ -73,6 +89,5 @@ def end_stale(
         state.mark_stale_ended(ended)
         report.stale.append(rec.run_uuid)
         when = time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(rec.last_t / 1000))
-        report.warnings.append(
-            f"run {rec.run_uuid}: no sign of life since {when} and no end event; marked KILLED"
-        )
+        why = f"{reason}, last sign of life {when}" if reason else f"no sign of life since {when}"
+        report.warnings.append(f"run {rec.run_uuid}: {why} and no end event; marked KILLED")

@@ -43,7 +43,9 @@ STATE_FILE: Final = "state.sqlite3"
 LOCK_FILE: Final = "sync.lock"
 QUARANTINE_FILE: Final = "quarantine.jsonl"
 DESTINATION_FILE: Final = "destination.txt"
-SCHEMA_VERSION: Final = 2  # 2: table meta (state id, destination generation)
+# 2: table meta (state id, destination generation); 3: table jobs (an older ff-sync would not
+# keep it current, and a stale job id could end a run whose new job is running).
+SCHEMA_VERSION: Final = 3
 _RUN_COLUMNS: Final = (
     "run_uuid, run_id, experiment_id, status, parent_uuid, parent_linked, last_t, end_time"
 )
@@ -75,6 +77,10 @@ CREATE TABLE IF NOT EXISTS stale_ended (
     run_uuid    TEXT PRIMARY KEY,
     last_t      INTEGER NOT NULL,
     ended_ms    INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS jobs (
+    run_uuid    TEXT PRIMARY KEY,
+    job         TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS meta (
     key         TEXT PRIMARY KEY,
@@ -298,12 +304,23 @@ class SyncState:
             ).fetchone()
             return row is not None
 
+    def save_job(self, run_uuid: str, job: str) -> None:
+        """The batch job a run's latest ``run_start`` came from (``slurm:<id>``)."""
+        with self._lock:
+            self._db.execute("INSERT OR REPLACE INTO jobs VALUES (?, ?)", (run_uuid, job))
+
+    def jobs(self) -> dict[str, str]:
+        """Run → batch job, for the runs whose start named one."""
+        with self._lock:
+            return dict(self._db.execute("SELECT run_uuid, job FROM jobs"))
+
     def forget_run(self, run_uuid: str) -> None:
         """Drop a run's mapping and the progress of its segments: its events are resent."""
         with self._lock, self._transaction():
             self._db.execute("DELETE FROM runs WHERE run_uuid = ?", (run_uuid,))
             self._db.execute("DELETE FROM stale_ended WHERE run_uuid = ?", (run_uuid,))
             self._db.execute("DELETE FROM segments WHERE run_uuid = ?", (run_uuid,))
+            self._db.execute("DELETE FROM jobs WHERE run_uuid = ?", (run_uuid,))
 
     def reset(self) -> None:
         """Forget everything this destination acknowledged (``ff-sync --replay``)."""
@@ -311,6 +328,7 @@ class SyncState:
             self._db.execute("DELETE FROM runs")
             self._db.execute("DELETE FROM stale_ended")
             self._db.execute("DELETE FROM segments")
+            self._db.execute("DELETE FROM jobs")
 
     @contextlib.contextmanager
     def _transaction(self) -> Any:

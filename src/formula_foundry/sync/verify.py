@@ -301,7 +301,10 @@ class _RunChecker:
 
 
 def _system_tag(key: str) -> bool:
-    return key.startswith("mlflow.") and key not in CHECKED_SYSTEM_TAGS
+    # ff.sync.*: what the sync itself notes on a run, e.g. why it ended a dead run.
+    return (key.startswith("mlflow.") and key not in CHECKED_SYSTEM_TAGS) or key.startswith(
+        "ff.sync."
+    )
 
 
 def _kind(what: str, want: object, got: object) -> str:

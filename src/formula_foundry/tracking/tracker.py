@@ -56,6 +56,7 @@ from formula_foundry.tracking.resume import (
     read_logged,
     take_ff_run_id,
 )
+from formula_foundry.tracking.scheduler import job_from_env
 from formula_foundry.tracking.spool_writer import (
     SegmentWriter,
     flush_all,
@@ -691,24 +692,26 @@ class Tracker:
                 link(run_id, experiment, run_name)
         # Text the job did not choose (a non-UTF-8 file name in argv, $USER) never fails it.
         argv = [utf8_text(arg) for arg in sys.argv]
-        writer.append(
-            {
-                "v": _V,
-                "s": 0,
-                "t": now_ms(),
-                "k": K_RUN_START,
-                "run": run_id,
-                "experiment": experiment,
-                "name": run_name,
-                "parent": run.parent_run_id,
-                "user": utf8_text(_user()),
-                "host": utf8_text(hostname()),
-                "pid": os.getpid(),
-                "source": argv[0] if argv and argv[0] else "<python>",
-                "command": argv,
-                "resume": origin is not None,
-            }
-        )
+        start: dict[str, Any] = {
+            "v": _V,
+            "s": 0,
+            "t": now_ms(),
+            "k": K_RUN_START,
+            "run": run_id,
+            "experiment": experiment,
+            "name": run_name,
+            "parent": run.parent_run_id,
+            "user": utf8_text(_user()),
+            "host": utf8_text(hostname()),
+            "pid": os.getpid(),
+            "source": argv[0] if argv and argv[0] else "<python>",
+            "command": argv,
+            "resume": origin is not None,
+        }
+        job = job_from_env()
+        if job is not None:
+            start["job"] = job  # ff-sync asks the scheduler about it (sync/scheduler.py)
+        writer.append(start)
         if checked:
             writer.append({"v": _V, "s": 0, "t": now_ms(), "k": K_TAGS, "d": checked})
         self._stack().append(run)
