@@ -18,7 +18,7 @@ import os
 import sys
 import threading
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -29,6 +29,7 @@ from formula_foundry.dropin.experiments import Experiment, ExperimentBook
 from formula_foundry.dropin.spool_runs import RunState, read_run
 from formula_foundry.errors import ParamConflictError, RunStateError, ValidationError
 from formula_foundry.tracking.events import (
+    CREATION_SYSTEM_TAGS,
     FORMAT_VERSION,
     INT64_MAX,
     INT64_MIN,
@@ -123,7 +124,7 @@ class RunBook:
         start_time: int | None,
         tags: dict[str, str],
         run_name: str | None,
-        default_name: str,
+        default_name: Callable[[], str],
     ) -> RunState:
         """Start a new run: a ``run_start`` and, if any, its tags, in one write.
 
@@ -180,11 +181,16 @@ class RunBook:
         start_time: int | None,
         tags: dict[str, str],
         run_name: str | None,
-        default_name: str,
+        default_name: Callable[[], str],
         run_id: str | None,
     ) -> RunState:
         tags = dict(tags)
-        name = _run_name(tags.pop(RUN_NAME_TAG, "") or run_name or default_name)
+        # MLflow's store draws a random name only for a run without one (a seeded script
+        # must see the same random numbers either way).
+        name = _run_name(tags.pop(RUN_NAME_TAG, "") or run_name or default_name())
+        # The client adds these tags only where the fluent API resolved them; the run gets
+        # exactly those (run_start's system_tags).
+        given = [k for k in CREATION_SYSTEM_TAGS if tags.get(k)]
         parent: str | None = tags.pop(PARENT_TAG, "") or None
         if parent is not None:
             parent = check_run_id(parent)
@@ -214,16 +220,24 @@ class RunBook:
             start_time=t,
             parent=parent,
             tags={
-                USER_TAG: user,
-                SOURCE_NAME_TAG: source,
-                SOURCE_TYPE_TAG: source_type,
+                **{
+                    k: v
+                    for k, v in (
+                        (USER_TAG, user),
+                        (SOURCE_NAME_TAG, source),
+                        (SOURCE_TYPE_TAG, source_type),
+                    )
+                    if k in given
+                },
                 RUN_NAME_TAG: name,
                 **({PARENT_TAG: parent} if parent else {}),
                 **checked,
             },
         )
         live = LiveRun(state, self._writer(run_id))
-        records = [self._run_start(state, t, resume=False, source=source, source_type=source_type)]
+        start = self._run_start(state, t, resume=False, source=source, source_type=source_type)
+        start["system_tags"] = given
+        records = [start]
         if checked:
             records.append({"v": _V, "s": 0, "t": t, "k": K_TAGS, "d": checked})
         live.writer.append_many(records)

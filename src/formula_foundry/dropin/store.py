@@ -245,7 +245,7 @@ class SpoolStore(AbstractStore):
             )
         tag_dict = {t.key: t.value for t in tags or ()}
         state = self._runs.create(
-            exp, user_id, start_time, tag_dict, run_name, _generate_random_name()
+            exp, user_id, start_time, tag_dict, run_name, _generate_random_name
         )
         return self._run(state)
 

@@ -52,6 +52,7 @@ from formula_foundry.tracking.events import (
     MAX_PARAM_VALUE_LENGTH,
     MAX_TAG_VALUE_LENGTH,
     source_type,
+    system_tags,
 )
 from formula_foundry.tracking.spool_reader import Event, SegmentReader
 
@@ -178,12 +179,16 @@ class _Builder:
         run.parent_uuid = parent if isinstance(parent, str) else None
         # The tags create_run writes; tag events logged before the run_start do not exist
         # for the destination yet, so these go first and events override them in order.
-        created = {
-            "ff.run_uuid": run.uuid,
-            "ff.host": _text(d.get("host")),
+        system = {
             "mlflow.user": _text(d.get("user")),
             "mlflow.source.name": _text(d.get("source")),
             "mlflow.source.type": source_type(d),
+        }
+        kept = system_tags(d)
+        created = {
+            "ff.run_uuid": run.uuid,
+            "ff.host": _text(d.get("host")),
+            **{k: v for k, v in system.items() if k in kept},
             "mlflow.runName": name,
         }
         if run.parent_uuid:

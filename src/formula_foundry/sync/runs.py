@@ -36,7 +36,7 @@ from formula_foundry.sync.sync_state import (
     SegmentProgress,
     SyncState,
 )
-from formula_foundry.tracking.events import K_RUN_START, source_type
+from formula_foundry.tracking.events import K_RUN_START, source_type, system_tags
 from formula_foundry.tracking.spool_reader import Event, Problem, SegmentReader
 
 T = TypeVar("T")
@@ -386,4 +386,5 @@ def _spec(uuid: str, ev: Event) -> RunSpec | None:
         source=text("source"),
         parent_uuid=parent,
         source_type=source_type(d),
+        system_tags=system_tags(d),
     )

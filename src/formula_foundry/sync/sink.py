@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Final, Protocol
 
 from formula_foundry.errors import EXIT_PARTIAL, SyncError
+from formula_foundry.tracking.events import CREATION_SYSTEM_TAGS
 
 # (key, value, timestamp ms, step): one metric point, as the spool recorded it.
 MetricRow = tuple[str, float, int, int]
@@ -56,6 +57,8 @@ class RunSpec:
     parent_uuid: str | None = None
     parent_run_id: str | None = None
     source_type: str = "LOCAL"
+    # Which of mlflow.user / mlflow.source.name / mlflow.source.type the run gets.
+    system_tags: frozenset[str] = frozenset(CREATION_SYSTEM_TAGS)
 
 
 @dataclass(frozen=True, slots=True)

@@ -117,6 +117,20 @@ RESERVED_TAGS: Final = frozenset(
 SOURCE_TYPES: Final = frozenset({"NOTEBOOK", "JOB", "PROJECT", "LOCAL", "RECIPE", "UNKNOWN"})
 
 
+# The system tags a created run gets from its run_start's user and source. A run_start may
+# list the ones its run has as ``system_tags`` (the MLflow drop-in does: MLflow's client adds
+# them only where the fluent API resolved them); without the field, a run has all three.
+CREATION_SYSTEM_TAGS: Final = ("mlflow.user", "mlflow.source.name", "mlflow.source.type")
+
+
+def system_tags(run_start: dict[str, Any]) -> frozenset[str]:
+    """Which of :data:`CREATION_SYSTEM_TAGS` the run started by ``run_start`` gets."""
+    value = run_start.get("system_tags")
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return frozenset(value).intersection(CREATION_SYSTEM_TAGS)
+    return frozenset(CREATION_SYSTEM_TAGS)
+
+
 def source_type(run_start: dict[str, Any]) -> str:
     """The ``mlflow.source.type`` a run started by ``run_start`` gets."""
     value = run_start.get("source_type")
