@@ -27,6 +27,10 @@ def spool(tmp_path: Path, clean_env: pytest.MonkeyPatch) -> Iterator[Path]:
     yield root
     while mlflow.active_run() is not None:
         mlflow.end_run()
+    # A spool store resolves the process's registry URI (see test below): not for other tests.
+    import mlflow.tracking._model_registry.utils as registry
+
+    registry._registry_uri = None
 
 
 def client(root: Path) -> MlflowClient:
@@ -380,3 +384,23 @@ def test_the_scheme_registers_whichever_module_is_imported_first(tmp_path: Path)
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.split()[-1] == "Default"
+
+
+REGISTRY = """
+import os, mlflow
+print(mlflow.get_registry_uri())
+with mlflow.start_run():
+    mlflow.log_metric("m", 1.0)
+print(mlflow.get_registry_uri())
+mlflow.set_tracking_uri("sqlite:///other.db")
+print(os.environ.get("MLFLOW_REGISTRY_URI"))
+"""
+
+
+def test_the_spool_resolves_its_registry_once_unless_one_was_chosen(tmp_path: Path) -> None:
+    uri = f"spool://{tmp_path}/spool"
+    out = run_script(REGISTRY, tmp_path, uri).stdout.split()
+    # Resolved up front (no Spark probe per client), never exported to child processes.
+    assert out == [uri, uri, "None"]
+    chosen = run_script(REGISTRY, tmp_path, uri, env={"MLFLOW_REGISTRY_URI": "sqlite:///r.db"})
+    assert chosen.stdout.split() == ["sqlite:///r.db", "sqlite:///r.db", "sqlite:///r.db"]

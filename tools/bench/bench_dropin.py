@@ -3,17 +3,20 @@
 
 Usage::
 
-    python tools/bench/bench_dropin.py [--repeat 3] [--calls 10000] [--sqlite-calls 200]
-                                       [--batches 100] [--points 1000000] [--get-runs 20000]
-                                       [--quick] [--no-profile] [--dir DIR] [--json]
+    python tools/bench/bench_dropin.py [--repeat 3] [--blocks 5] [--calls 4000]
+                                       [--sqlite-calls 60] [--batches 50] [--points 1000000]
+                                       [--get-runs 10000] [--quick] [--no-profile]
+                                       [--dir DIR] [--json]
 
-Every figure comes from a fresh interpreter per configuration and repetition (this script
-spawns itself with ``--child``): building a spool store records PySpark as absent in
+Each configuration runs in a fresh interpreter (this script spawns itself with ``--child``),
+once per round, ``--repeat`` rounds: building a spool store records PySpark as absent in
 ``sys.modules``, which would also speed up a do-nothing store measured later in the same
-process. Configurations run in rounds (one of each per round, ``--repeat`` rounds) so a burst
-of load on a shared machine touches all of them; each figure is the median of the rounds, with
-its spread ((max - min) / median). Telemetry is off in every child (``MLFLOW_DISABLE_TELEMETRY``)
-so the benchmark sends nothing anywhere; everything else is MLflow's defaults unless stated.
+process. A child times each loop in ``--blocks`` blocks and keeps its best block, in wall
+time and in CPU time (``time.process_time``: user + system, all threads — what the call
+costs even while other processes share the cores); a figure is the median over the rounds,
+shown with [min .. max, spread = (max - min) / median]. Ratios are ratios of medians. Telemetry
+is off in every child (``MLFLOW_DISABLE_TELEMETRY``): the benchmark sends nothing anywhere;
+everything else is MLflow's defaults unless stated.
 
 Stores: ``noop`` — an ``AbstractStore`` subclass registered under the ``noop`` scheme in the
 child, whose writes do nothing and whose reads return one cached object; ``spool`` — the
@@ -22,14 +25,18 @@ store. Registry: ``default`` (none set: MLflow resolves one for every client it 
 ``set`` (``mlflow.set_registry_uri(<the tracking URI>)`` before the run starts).
 
 (a) fluent ``mlflow.log_metric(key, value, step=i)`` in an active run, µs per call;
-(b) fluent ``mlflow.log_metrics({10 keys}, step=i)``, µs per call (and per metric);
+(b) fluent ``mlflow.log_metrics({10 keys}, step=i)``, µs per call; then its parts, timed in
+    the same child: the store's own ``log_batch`` of 1 and of 10 metrics, and one
+    registry-URI resolution (the fluent calls build two ``MlflowClient``, one each);
 (c) ``MlflowClient.log_batch`` of 1,000 metrics (10 keys x 100 steps, Metric objects built
     untimed), µs per metric — noop and spool;
-(d) ``MlflowClient.get_run`` of the active run after 100 points, then (spool) after
-    ``--points`` points logged through ``log_batch`` in chunks of 1,000 (same 10 keys); SQLite
-    after 100 points for comparison; noop for reference.
+(d) ``MlflowClient.get_run`` of an active run holding 100 points and (spool, in a child of
+    its own) of a nested active run holding ``--points`` points logged with ``log_batch`` in
+    chunks of 1,000 (same 10 keys), the two timed in alternating blocks; SQLite after 100
+    points for comparison; noop for reference.
 Then (unless ``--no-profile``) cProfile of the spool ``log_metric``, ``log_metrics`` and
 ``log_batch`` paths and of ``log_metric`` on the do-nothing store under MLflow's defaults.
+``--quick`` is a smoke run (one round, few calls, 20,000 points), not a measurement.
 
 Goals (issue 12): through ``spool:`` under MLflow's defaults, fluent ``log_metric`` and
 ``log_metrics`` <= 1.1 x the do-nothing store with a registry URI set, <= 0.25 x
@@ -41,6 +48,7 @@ Goals (issue 12): through ``spool:`` under MLflow's defaults, fluent ``log_metri
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import shutil
@@ -49,6 +57,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -154,79 +163,156 @@ def _batch(first_step: int) -> list[Any]:
     ]
 
 
-def _fluent(calls: int) -> dict[str, float]:
+def _blocks(loop: Callable[[int, int], object], calls: int, blocks: int) -> tuple[float, float]:
+    """µs per iteration of ``loop(start, stop)`` over ``calls`` iterations cut into ``blocks``:
+    the best block's wall time and the best block's CPU time (user + system, all threads)."""
+    per = max(calls // blocks, 1)
+    gc.collect()  # no collection of the import-time heap pending on the first block
+    loop(-max(per // 5, 5), 0)  # warm-up
+    walls, cpus = [], []
+    for b in range(blocks):
+        w0, c0 = time.perf_counter(), time.process_time()
+        loop(b * per, (b + 1) * per)
+        walls.append(time.perf_counter() - w0)
+        cpus.append(time.process_time() - c0)
+    return min(walls) / per * 1e6, min(cpus) / per * 1e6
+
+
+def _fluent(calls: int, blocks: int) -> dict[str, float]:
     import mlflow
 
     metrics = {f"layer{k}/loss": 0.5 + k for k in range(KEYS)}
-    warm = max(calls // 20, 5)
-    with mlflow.start_run():
-        log_metric, log_metrics = mlflow.log_metric, mlflow.log_metrics
-        for i in range(warm):
+    log_metric, log_metrics = mlflow.log_metric, mlflow.log_metrics
+
+    def one(start: int, stop: int) -> None:
+        for i in range(start, stop):
             log_metric("loss", 0.5, step=i)
-        start = time.perf_counter()
-        for i in range(calls):
-            log_metric("loss", 0.5, step=i)
-        per_call = (time.perf_counter() - start) / calls * 1e6
-        for i in range(warm):
+
+    def ten(start: int, stop: int) -> None:
+        for i in range(start, stop):
             log_metrics(metrics, step=i)
-        start = time.perf_counter()
-        for i in range(calls):
-            log_metrics(metrics, step=i)
-        per_call10 = (time.perf_counter() - start) / calls * 1e6
-    return {"log_metric_us": per_call, "log_metrics10_us": per_call10}
 
-
-def _log_batch(batches: int) -> dict[str, float]:
-    import mlflow
-    from mlflow import MlflowClient
-
-    client = MlflowClient()
+    fig: dict[str, float] = {}
     with mlflow.start_run() as run:
-        run_id = run.info.run_id
-        client.log_batch(run_id, metrics=_batch(0))  # warm-up
-        spent = 0.0
-        for b in range(1, batches + 1):
-            metrics = _batch(b * STEPS_PER_BATCH)
-            start = time.perf_counter()
-            client.log_batch(run_id, metrics=metrics)
-            spent += time.perf_counter() - start
-    return {"log_batch1000_per_metric_us": spent / (batches * KEYS * STEPS_PER_BATCH) * 1e6}
+        fig["log_metric_us"], fig["log_metric_cpu_us"] = _blocks(one, calls, blocks)
+        fig["log_metrics10_us"], fig["log_metrics10_cpu_us"] = _blocks(ten, calls, blocks)
+        fig.update(_parts(run.info.run_id, calls, blocks))
+    return fig
 
 
-def _time_get_run(client: Any, run_id: str, calls: int) -> float:
-    get_run = client.get_run
-    for _ in range(max(calls // 20, 5)):
-        get_run(run_id)
-    start = time.perf_counter()
-    for _ in range(calls):
-        get_run(run_id)
-    return (time.perf_counter() - start) / calls * 1e6
+def _parts(run_id: str, calls: int, blocks: int) -> dict[str, float]:
+    """What a fluent call is made of: the store's own work, and one registry-URI resolution
+    (MLflow does one per ``MlflowClient`` it builds; the fluent calls build two)."""
+    from mlflow.entities import Metric
+    from mlflow.tracking._model_registry.utils import _resolve_registry_uri
+    from mlflow.tracking._tracking_service.utils import _get_store
+
+    store = _get_store()
+    one = [Metric("loss", 0.5, T0, 0)]
+    ten = [Metric(f"layer{k}/loss", 0.5 + k, T0, 0) for k in range(KEYS)]
+
+    def store_one(start: int, stop: int) -> None:
+        for _ in range(start, stop):
+            store.log_batch(run_id, one, [], [])
+
+    def store_ten(start: int, stop: int) -> None:
+        for _ in range(start, stop):
+            store.log_batch(run_id, ten, [], [])
+
+    def resolve(start: int, stop: int) -> None:
+        for _ in range(start, stop):
+            _resolve_registry_uri()
+
+    fig: dict[str, float] = {}
+    fig["store_log_metric_us"], fig["store_log_metric_cpu_us"] = _blocks(store_one, calls, blocks)
+    fig["store_log_batch10_us"], fig["store_log_batch10_cpu_us"] = _blocks(store_ten, calls, blocks)
+    fig["resolve_registry_us"], fig["resolve_registry_cpu_us"] = _blocks(resolve, calls, blocks)
+    return fig
 
 
-def _get_run(calls: int, points: int) -> dict[str, float]:
+def _log_batch(batches: int, blocks: int) -> dict[str, float]:
+    """µs per metric of ``MlflowClient.log_batch`` with 1,000 metrics (built untimed), and of
+    the store's own ``log_batch`` of the same metrics (its part of that call)."""
     import mlflow
     from mlflow import MlflowClient
+    from mlflow.tracking._tracking_service.utils import _get_store
 
-    client = MlflowClient()
+    client, store = MlflowClient(), _get_store()
+    per = max(batches // blocks, 1)
+    n = per * KEYS * STEPS_PER_BATCH
     fig: dict[str, float] = {}
     with mlflow.start_run() as run:
         run_id = run.info.run_id
-        client.log_batch(run_id, metrics=_batch(0)[:100])  # 100 points: 10 keys x 10 steps
-        fig["get_run_100_us"] = _time_get_run(client, run_id, calls)
-        if points > 100:
-            logged, step, spent = 100, 10, 0.0
-            while logged < points:
-                metrics = _batch(step)[: points - logged]
-                start = time.perf_counter()
-                client.log_batch(run_id, metrics=metrics)
-                spent += time.perf_counter() - start
-                logged += len(metrics)
-                step += STEPS_PER_BATCH
-            fig["fill_per_metric_us"] = spent / (points - 100) * 1e6
-            fig["get_run_many_us"] = _time_get_run(client, run_id, calls)
-            latest = client.get_run(run_id).data.metrics
-            if len(latest) != KEYS:
-                raise RuntimeError(f"get_run shows {len(latest)} metrics, expected {KEYS}")
+        step = 0
+        for name, call in (
+            ("log_batch1000", lambda batch: client.log_batch(run_id, metrics=batch)),
+            ("store_log_batch1000", lambda batch: store.log_batch(run_id, batch, [], [])),
+        ):
+            walls, cpus = [], []
+            gc.collect()
+            for b in range(-1, blocks):  # -1: warm-up
+                prepared = []
+                for _ in range(1 if b < 0 else per):
+                    prepared.append(_batch(step))
+                    step += STEPS_PER_BATCH
+                w0, c0 = time.perf_counter(), time.process_time()
+                for batch in prepared:
+                    call(batch)
+                if b >= 0:
+                    walls.append(time.perf_counter() - w0)
+                    cpus.append(time.process_time() - c0)
+                del batch, prepared  # freed here, not in the next block's timed loop
+            fig[f"{name}_per_metric_us"] = min(walls) / n * 1e6
+            fig[f"{name}_per_metric_cpu_us"] = min(cpus) / n * 1e6
+    return fig
+
+
+def _get_run(calls: int, points: int, blocks: int) -> dict[str, float]:
+    """``get_run`` of an active run holding 100 points and, if ``points`` > 100, of a nested
+    active run holding ``points`` points, timed in alternating short blocks (a burst of load
+    on the machine then hits both), best block of each."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    get_run = client.get_run
+
+    def timer(run_id: str) -> Callable[[int, int], None]:
+        def loop(start: int, stop: int) -> None:
+            for _ in range(start, stop):
+                get_run(run_id)
+
+        return loop
+
+    fig: dict[str, float] = {}
+    with mlflow.start_run() as small:
+        client.log_batch(small.info.run_id, metrics=_batch(0)[:100])  # 10 keys x 10 steps
+        loops = {"get_run_100": timer(small.info.run_id)}
+        with mlflow.start_run(nested=True) as big:
+            if points > 100:
+                logged, step, spent = 0, 0, 0.0
+                while logged < points:
+                    metrics = _batch(step)[: points - logged]
+                    start = time.perf_counter()
+                    client.log_batch(big.info.run_id, metrics=metrics)
+                    spent += time.perf_counter() - start
+                    logged += len(metrics)
+                    step += STEPS_PER_BATCH
+                fig["fill_per_metric_us"] = spent / points * 1e6
+                loops["get_run_many"] = timer(big.info.run_id)
+                latest = get_run(big.info.run_id).data.metrics
+                if len(latest) != KEYS:
+                    raise RuntimeError(f"get_run shows {len(latest)} metrics, expected {KEYS}")
+            alternations = 4 * blocks  # short blocks, many of them: a steadier best
+            per = max(calls // alternations, 1)
+            best = {name: [float("inf"), float("inf")] for name in loops}
+            gc.collect()
+            for _ in range(alternations):
+                for name, loop in loops.items():
+                    wall, cpu = _blocks(loop, per, 1)
+                    best[name] = [min(best[name][0], wall), min(best[name][1], cpu)]
+            for name, (wall, cpu) in best.items():
+                fig[f"{name}_us"], fig[f"{name}_cpu_us"] = wall, cpu
     return fig
 
 
@@ -294,14 +380,18 @@ def child(cfg: dict[str, Any]) -> dict[str, Any]:
     _install_noop_store()
     if cfg["registry"] == "set":
         mlflow.set_registry_uri(mlflow.get_tracking_uri())
-    task = cfg["task"]
-    if task == "fluent":
-        return _fluent(cfg["calls"])
-    if task == "log_batch":
-        return _log_batch(cfg["batches"])
-    if task == "get_run":
-        return _get_run(cfg["calls"], cfg["points"])
-    return _profile(cfg["kind"], cfg["calls"], cfg["limit"])
+    if "profile" in cfg:
+        return _profile(cfg["profile"], cfg["calls"], cfg["limit"])
+    fig: dict[str, Any] = {}
+    blocks = cfg["blocks"]
+    for task in cfg["tasks"]:  # in this order, one after the other, in this process
+        if task["task"] == "fluent":
+            fig.update(_fluent(task["calls"], blocks))
+        elif task["task"] == "log_batch":
+            fig.update(_log_batch(task["batches"], blocks))
+        else:
+            fig.update(_get_run(task["calls"], task["points"], blocks))
+    return fig
 
 
 # ---------------------------------------------------------------------------------------------
@@ -309,7 +399,8 @@ def child(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_child(folder: Path, store: str, registry: str, task: dict[str, Any]) -> dict[str, Any]:
-    tag = f"{store}-{registry}-{task['task']}-{time.monotonic_ns()}"
+    """Run one configuration in a fresh interpreter; its figures."""
+    tag = f"{store}-{registry}-{time.monotonic_ns()}"
     if store == "spool":
         uri = f"spool://{(folder / tag).as_posix()}"
     elif store == "sqlite":
@@ -341,24 +432,229 @@ def run_child(folder: Path, store: str, registry: str, task: dict[str, Any]) -> 
 
 def summary(values: list[float]) -> dict[str, float]:
     med = statistics.median(values)
+    spread = (max(values) - min(values)) / med if med else 0.0
+    return {"median": med, "min": min(values), "max": max(values), "spread": spread}
+
+
+def configurations(args: argparse.Namespace) -> dict[str, tuple[str, str, dict[str, Any]]]:
+    """name -> (store, registry, what the child measures) of every child a round runs.
+
+    A child measures its tasks one after the other; the million-point run gets a child of
+    its own so that the other figures come from a small process."""
+    fluent = {"task": "fluent", "calls": args.calls}
+    batch = {"task": "log_batch", "batches": args.batches}
+
+    def get_run(calls: int, points: int) -> dict[str, Any]:
+        return {"task": "get_run", "calls": calls, "points": points}
+
+    def tasks(*items: dict[str, Any]) -> dict[str, Any]:
+        return {"tasks": list(items), "blocks": args.blocks}
+
+    sqlite_fluent = {"task": "fluent", "calls": args.sqlite_calls}
     return {
-        "median": med,
-        "min": min(values),
-        "max": max(values),
-        "spread": (max(values) - min(values)) / med if med else 0.0,
+        "noop_default": ("noop", "default", tasks(fluent, batch, get_run(args.get_runs, 100))),
+        "noop_registry": ("noop", "set", tasks(fluent)),
+        "spool_default": ("spool", "default", tasks(fluent, batch)),
+        "spool_registry": ("spool", "set", tasks(fluent)),
+        "sqlite_default": (
+            "sqlite",
+            "default",
+            tasks(sqlite_fluent, get_run(args.sqlite_get_runs, 100)),
+        ),
+        "spool_get_run": ("spool", "default", tasks(get_run(args.get_runs, args.points))),
     }
+
+
+PROFILES = (
+    ("spool log_metric (MLflow defaults)", "spool", "log_metric"),
+    ("spool log_metrics, 10 keys (MLflow defaults)", "spool", "log_metrics"),
+    ("spool MlflowClient.log_batch (1,000)", "spool", "log_batch"),
+    ("noop log_metric (MLflow defaults)", "noop", "log_metric"),
+)
+FLUENT = ("noop_default", "noop_registry", "spool_default", "spool_registry", "sqlite_default")
+
+
+def report(
+    args: argparse.Namespace, fig: dict[str, dict[str, float]], profiles: dict[str, Any]
+) -> None:
+    def show(label: str, key: str, unit: str = "µs/call", scale: float = 1.0) -> None:
+        s, cpu = fig[key], fig.get(key.replace("_us", "_cpu_us"))
+        text = (
+            f"  {label:<34} {s['median'] / scale:9.2f} {unit:<9} "
+            f"[{s['min'] / scale:.2f} .. {s['max'] / scale:.2f}, {100 * s['spread']:3.0f}%]"
+        )
+        if cpu is not None and key != key.replace("_us", "_cpu_us"):
+            text += f"  cpu {cpu['median'] / scale:9.2f} [{100 * cpu['spread']:3.0f}%]"
+        print(text)
+
+    print(
+        f"python {sys.version.split()[0]}, mlflow {_mlflow_version()}; medians of {args.repeat} "
+        f"fresh processes [min .. max, spread] of each one's best of {args.blocks} blocks; wall "
+        f"and CPU time. {args.calls} fluent calls ({args.sqlite_calls} into SQLite), "
+        f"{args.batches} x log_batch(1,000), get_run after {args.points} points"
+    )
+    print("(a) fluent mlflow.log_metric")
+    for name in FLUENT:
+        show(name, f"{name}.log_metric_us")
+    print("(b) fluent mlflow.log_metrics, 10 keys (per call; /10 per metric)")
+    for name in FLUENT:
+        show(name, f"{name}.log_metrics10_us")
+    print("    parts: the store alone (log_batch of 1 / 10), one registry-URI resolution")
+    for name in FLUENT:
+        show(f"{name} store, 1 metric", f"{name}.store_log_metric_us")
+        show(f"{name} store, 10 metrics", f"{name}.store_log_batch10_us")
+        show(f"{name} resolve registry", f"{name}.resolve_registry_us")
+    print("(c) MlflowClient.log_batch, 1,000 metrics")
+    show("noop", "noop_default.log_batch1000_per_metric_us", "µs/metric")
+    show("spool", "spool_default.log_batch1000_per_metric_us", "µs/metric")
+    show("noop, the store alone", "noop_default.store_log_batch1000_per_metric_us", "µs/metric")
+    show("spool, the store alone", "spool_default.store_log_batch1000_per_metric_us", "µs/metric")
+    print("(d) MlflowClient.get_run of the active run")
+    show("noop (cached object)", "noop_default.get_run_100_us")
+    show("spool after 100 points", "spool_get_run.get_run_100_us")
+    many = "spool_get_run.get_run_many_us" in fig
+    if many:
+        show(f"spool after {args.points} points", "spool_get_run.get_run_many_us")
+        show("(filling it: log_batch)", "spool_get_run.fill_per_metric_us", "µs/metric")
+    show("sqlite after 100 points", "sqlite_default.get_run_100_us")
+
+    print("Goals (ratios of medians: wall, CPU)")
+
+    def ratio(label: str, num: str, den: str, goal: float | None, below: bool = False) -> None:
+        values = []
+        for suffix in ("_us", "_cpu_us"):
+            n, d = fig.get(num.replace("_us", suffix)), fig.get(den.replace("_us", suffix))
+            if n is not None and d is not None:
+                values.append(n["median"] / d["median"])
+        fig[f"ratio.{label}"] = {"wall": values[0], "cpu": values[-1]}
+        text = "  ".join(f"{v:7.3f}" for v in values)
+        if goal is None:
+            verdict = "(info)"
+        else:
+            oks = [v < goal if below else v <= goal for v in values]
+            verdict = "[" + ("< " if below else "<= ") + f"{goal:g}: "
+            verdict += "/".join("ok" if ok else "MISSED" for ok in oks) + "]"
+        print(f"  {label:<52} {text}  {verdict}")
+
+    lm, lm10 = "log_metric_us", "log_metrics10_us"
+    for what, key in (("log_metric", lm), ("log_metrics", lm10)):
+        ratio(f"{what}: spool / noop+registry", f"spool_default.{key}", f"noop_registry.{key}", 1.1)
+    ratio(
+        "log_metric: spool / noop, MLflow defaults",
+        f"spool_default.{lm}",
+        f"noop_default.{lm}",
+        GOAL_LOG_METRIC_VS_NOOP_DEFAULT,
+    )
+    ratio(
+        "log_metrics: spool / noop, MLflow defaults",
+        f"spool_default.{lm10}",
+        f"noop_default.{lm10}",
+        GOAL_LOG_METRICS_VS_NOOP_DEFAULT,
+    )
+    ratio(
+        "log_batch(1,000): spool / noop",
+        "spool_default.log_batch1000_per_metric_us",
+        "noop_default.log_batch1000_per_metric_us",
+        GOAL_LOG_BATCH,
+    )
+    if many:
+        ratio(
+            f"get_run: spool after {args.points} / after 100",
+            "spool_get_run.get_run_many_us",
+            "spool_get_run.get_run_100_us",
+            GOAL_GET_RUN_GROWTH,
+        )
+        ratio(
+            f"get_run: spool after {args.points} / sqlite",
+            "spool_get_run.get_run_many_us",
+            "sqlite_default.get_run_100_us",
+            1.0,
+            below=True,
+        )
+    for what, key in (("log_metric", lm), ("log_metrics", lm10)):
+        ratio(
+            f"{what}: spool+registry / noop+registry",
+            f"spool_registry.{key}",
+            f"noop_registry.{key}",
+            None,
+        )
+    ratio(
+        "log_metric: noop defaults / noop+registry",
+        f"noop_default.{lm}",
+        f"noop_registry.{lm}",
+        None,
+    )
+    ratio(
+        "log_metric: sqlite / noop, MLflow defaults",
+        f"sqlite_default.{lm}",
+        f"noop_default.{lm}",
+        None,
+    )
+    estimates(fig)
+
+    for label, prof in profiles.items():
+        unit = "metric" if "log_batch" in label else "call"
+        us = prof["profiled_us_per_unit"]
+        print(f"profile: {label} — {us:.1f} µs/{unit} under cProfile; % of profiled time")
+        print("  by own time:")
+        for row in prof["by_self"]:
+            print(f"    {row}")
+        print("  by cumulative time:")
+        for row in prof["by_cum"]:
+            print(f"    {row}")
+
+
+def estimates(fig: dict[str, dict[str, float]]) -> None:
+    """The spool's fluent cost rebuilt from its parts (CPU medians), against the do-nothing
+    store: noop+registry's fluent call, plus what the spool store itself costs more, plus two
+    registry-URI resolutions (one per client the call builds) at their cost in that process.
+    Whole fluent calls differ by more than the store's part from one process to the next on a
+    busy machine; the parts, timed in tight loops, are steadier."""
+
+    def med(key: str) -> float:
+        return fig[key]["median"]
+
+    print("Estimated from the parts (CPU): noop+registry call + store part + 2 x resolution")
+    for what, call, part in (
+        ("log_metric", "log_metric_cpu_us", "store_log_metric_cpu_us"),
+        ("log_metrics", "log_metrics10_cpu_us", "store_log_batch10_cpu_us"),
+    ):
+        base = med(f"noop_registry.{call}")
+        base_resolve = med("noop_registry.resolve_registry_cpu_us")
+        for config in ("spool_default", "spool_registry"):
+            us = base + med(f"{config}.{part}") - med(f"noop_registry.{part}")
+            us += 2 * (med(f"{config}.resolve_registry_cpu_us") - base_resolve)
+            vs_registry, vs_default = us / base, us / med(f"noop_default.{call}")
+            fig[f"estimate.{what}.{config}"] = {
+                "us": us,
+                "vs_noop_registry": vs_registry,
+                "vs_noop_default": vs_default,
+            }
+            print(
+                f"  {what + ': ' + config:<34} {us:8.2f} µs  {vs_registry:6.3f} x noop+registry"
+                f"  {vs_default:6.3f} x noop defaults"
+            )
+    noop = med("noop_default.log_batch1000_per_metric_cpu_us")
+    part = med("spool_default.store_log_batch1000_per_metric_cpu_us")
+    part -= med("noop_default.store_log_batch1000_per_metric_cpu_us")
+    fig["estimate.log_batch1000.spool"] = {"us": noop + part, "vs_noop": (noop + part) / noop}
+    print(
+        f"  {'log_batch(1,000): spool':<34} {noop + part:8.2f} µs  "
+        f"{(noop + part) / noop:6.3f} x noop (per metric: noop's call + the spool store's part)"
+    )
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeat", type=int, default=3, help="rounds (fresh processes each)")
-    parser.add_argument("--calls", type=int, default=10_000, help="fluent calls per child")
-    parser.add_argument("--sqlite-calls", type=int, default=200, help="fluent calls into SQLite")
-    parser.add_argument("--batches", type=int, default=100, help="log_batch calls of 1,000")
+    parser.add_argument("--blocks", type=int, default=5, help="timed blocks per child (best)")
+    parser.add_argument("--calls", type=int, default=4_000, help="fluent calls per child")
+    parser.add_argument("--sqlite-calls", type=int, default=60, help="fluent calls into SQLite")
+    parser.add_argument("--batches", type=int, default=50, help="log_batch calls of 1,000")
     parser.add_argument("--points", type=int, default=1_000_000, help="points before get_run")
-    parser.add_argument("--get-runs", type=int, default=20_000, help="get_run calls timed")
-    parser.add_argument("--sqlite-get-runs", type=int, default=1_000)
-    parser.add_argument("--profile-calls", type=int, default=3_000)
+    parser.add_argument("--get-runs", type=int, default=10_000, help="get_run calls timed")
+    parser.add_argument("--sqlite-get-runs", type=int, default=100)
+    parser.add_argument("--profile-calls", type=int, default=2_000)
     parser.add_argument("--profile-lines", type=int, default=12)
     parser.add_argument("--no-profile", action="store_true")
     parser.add_argument("--quick", action="store_true", help="smoke run: 1 round, few calls")
@@ -371,168 +667,43 @@ def main() -> int:
         print(json.dumps(child(json.loads(args.child))))
         return 0
     if args.quick:
-        args.repeat, args.calls, args.sqlite_calls, args.batches = 1, 1_000, 20, 10
-        args.points, args.get_runs, args.sqlite_get_runs = 20_000, 2_000, 100
+        args.repeat, args.calls, args.sqlite_calls, args.batches = 1, 500, 10, 5
+        args.points, args.get_runs, args.sqlite_get_runs = 20_000, 1_000, 20
         args.profile_calls = 300
 
-    fluent = {"task": "fluent", "calls": args.calls}
-    configs: dict[str, tuple[str, str, dict[str, Any]]] = {
-        "noop_default": ("noop", "default", fluent),
-        "noop_registry": ("noop", "set", fluent),
-        "spool_default": ("spool", "default", fluent),
-        "spool_registry": ("spool", "set", fluent),
-        "sqlite_default": ("sqlite", "default", {"task": "fluent", "calls": args.sqlite_calls}),
-        "batch_noop": ("noop", "default", {"task": "log_batch", "batches": args.batches}),
-        "batch_spool": ("spool", "default", {"task": "log_batch", "batches": args.batches}),
-        "get_run_noop": ("noop", "default", {"task": "get_run", "calls": args.get_runs, "points": 100}),
-        "get_run_spool": (
-            "spool",
-            "default",
-            {"task": "get_run", "calls": args.get_runs, "points": args.points},
-        ),
-        "get_run_sqlite": (
-            "sqlite",
-            "default",
-            {"task": "get_run", "calls": args.sqlite_get_runs, "points": 100},
-        ),
-    }
     raw: dict[str, list[float]] = {}
     profiles: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="ff-bench-dropin-", dir=args.dir) as tmp:
         folder = Path(tmp)
         for r in range(args.repeat):
-            for name, (store, registry, task) in configs.items():
+            for name, (store, registry, task) in configurations(args).items():
                 print(f"round {r + 1}/{args.repeat}: {name}", file=sys.stderr, flush=True)
                 for key, value in run_child(folder, store, registry, task).items():
                     raw.setdefault(f"{name}.{key}", []).append(value)
         if not args.no_profile:
-            for label, store, kind in (
-                ("spool log_metric", "spool", "log_metric"),
-                ("spool log_metrics (10 keys)", "spool", "log_metrics"),
-                ("spool MlflowClient.log_batch (1,000)", "spool", "log_batch"),
-                ("noop log_metric, MLflow defaults", "noop", "log_metric"),
-            ):
+            for label, store, kind in PROFILES:
                 print(f"profile: {label}", file=sys.stderr, flush=True)
                 task = {
-                    "task": "profile",
-                    "kind": kind,
+                    "profile": kind,
                     "calls": args.profile_calls,
                     "limit": args.profile_lines,
                 }
                 profiles[label] = run_child(folder, store, "default", task)
 
     fig = {name: summary(values) for name, values in raw.items()}
-    med = {name: s["median"] for name, s in fig.items()}
-
-    def line(label: str, key: str, unit: str = "µs/call", scale: float = 1.0) -> None:
-        s = fig[key]
-        print(
-            f"{label:<44} {s['median'] / scale:9.2f} {unit:<10} "
-            f"[{s['min'] / scale:.2f} .. {s['max'] / scale:.2f}, spread {100 * s['spread']:.0f}%]"
-        )
-
-    print(
-        f"python {sys.version.split()[0]}, mlflow {_mlflow_version()}, {args.repeat} rounds "
-        f"(median [min .. max, spread]), {args.calls} fluent calls ({args.sqlite_calls} into "
-        f"SQLite), {args.batches} x log_batch(1,000), get_run after {args.points} points"
-    )
-    print("(a) fluent log_metric")
-    for name in ("noop_default", "noop_registry", "spool_default", "spool_registry", "sqlite_default"):
-        line(f"    {name}", f"{name}.log_metric_us")
-    print("(b) fluent log_metrics, 10 keys")
-    for name in ("noop_default", "noop_registry", "spool_default", "spool_registry", "sqlite_default"):
-        line(f"    {name}", f"{name}.log_metrics10_us")
-        line(f"    {name} per metric", f"{name}.log_metrics10_us", "µs/metric", KEYS)
-    print("(c) MlflowClient.log_batch, 1,000 metrics")
-    line("    noop", "batch_noop.log_batch1000_per_metric_us", "µs/metric")
-    line("    spool", "batch_spool.log_batch1000_per_metric_us", "µs/metric")
-    print("(d) MlflowClient.get_run of the active run")
-    line("    noop (cached object)", "get_run_noop.get_run_100_us")
-    line("    spool after 100 points", "get_run_spool.get_run_100_us")
-    if "get_run_spool.get_run_many_us" in fig:
-        line(f"    spool after {args.points} points", "get_run_spool.get_run_many_us")
-        line("    (filling: log_batch per metric)", "get_run_spool.fill_per_metric_us", "µs/metric")
-    line("    sqlite after 100 points", "get_run_sqlite.get_run_100_us")
-
-    def ratio(label: str, num: str, den: str, goal: float | None, below: bool = False) -> None:
-        value = med[num] / med[den]
-        if goal is None:
-            verdict = "(info)"
-        else:
-            ok = value < goal if below else value <= goal
-            verdict = f"[{'<' if below else '<='} {goal:g}: {'ok' if ok else 'MISSED'}]"
-        fig[f"ratio.{label}"] = {"median": value}
-        print(f"{label:<58} {value:7.3f} x  {verdict}")
-
-    print("Goals (ratios of medians)")
-    lm, lm10 = "log_metric_us", "log_metrics10_us"
-    ratio("log_metric spool / noop+registry", f"spool_default.{lm}", f"noop_registry.{lm}", 1.1)
-    ratio("log_metrics spool / noop+registry", f"spool_default.{lm10}", f"noop_registry.{lm10}", 1.1)
-    ratio(
-        "log_metric spool / noop (defaults)",
-        f"spool_default.{lm}",
-        f"noop_default.{lm}",
-        GOAL_LOG_METRIC_VS_NOOP_DEFAULT,
-    )
-    ratio(
-        "log_metrics spool / noop (defaults)",
-        f"spool_default.{lm10}",
-        f"noop_default.{lm10}",
-        GOAL_LOG_METRICS_VS_NOOP_DEFAULT,
-    )
-    ratio(
-        "log_batch(1,000) spool / noop",
-        "batch_spool.log_batch1000_per_metric_us",
-        "batch_noop.log_batch1000_per_metric_us",
-        GOAL_LOG_BATCH,
-    )
-    if "get_run_spool.get_run_many_us" in fig:
-        ratio(
-            f"get_run spool after {args.points} / after 100 points",
-            "get_run_spool.get_run_many_us",
-            "get_run_spool.get_run_100_us",
-            GOAL_GET_RUN_GROWTH,
-        )
-        ratio(
-            f"get_run spool after {args.points} / sqlite",
-            "get_run_spool.get_run_many_us",
-            "get_run_sqlite.get_run_100_us",
-            1.0,
-            below=True,
-        )
-    ratio("log_metric spool+registry / noop+registry", f"spool_registry.{lm}", f"noop_registry.{lm}", None)
-    ratio("log_metrics spool+registry / noop+registry", f"spool_registry.{lm10}", f"noop_registry.{lm10}", None)
-    ratio("log_metric noop (defaults) / noop+registry", f"noop_default.{lm}", f"noop_registry.{lm}", None)
-    ratio("log_metric sqlite / noop (defaults)", f"sqlite_default.{lm}", f"noop_default.{lm}", None)
-
-    for label, prof in profiles.items():
-        unit = "metric" if "log_batch" in label else "call"
-        print(f"profile: {label} ({prof['profiled_us_per_unit']:.1f} µs/{unit} under cProfile)")
-        print("  by own time:")
-        for row in prof["by_self"]:
-            print(f"    {row}")
-        print("  by cumulative time:")
-        for row in prof["by_cum"]:
-            print(f"    {row}")
+    report(args, fig, profiles)
     if args.json:
         print(json.dumps({"figures": fig, "raw": raw, "profiles": profiles}, sort_keys=True))
     return 0
 
 
 def _mlflow_version() -> str:
-    from importlib.metadata import version
-
-    return version("mlflow-skinny") if _has("mlflow-skinny") else version("mlflow")
-
-
-def _has(dist: str) -> bool:
     from importlib.metadata import PackageNotFoundError, version
 
     try:
-        version(dist)
+        return version("mlflow")
     except PackageNotFoundError:
-        return False
-    return True
+        return version("mlflow-skinny") + " (skinny)"
 
 
 if __name__ == "__main__":

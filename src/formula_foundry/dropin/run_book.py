@@ -18,10 +18,10 @@ import os
 import sys
 import threading
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 import orjson
 
@@ -75,7 +75,19 @@ _key_json: dict[str, bytes] = {}
 _KEY_CACHE_LIMIT: Final = 1 << 16
 
 Point = tuple[int, int, float]  # step, timestamp, value as given (NaN, ±inf kept)
-MetricIn = tuple[str, object, object, object]  # key, value, timestamp, step as MLflow passes
+
+
+class MetricIn(Protocol):
+    """A metric point as MLflow passes it (``mlflow.entities.Metric``)."""
+
+    @property
+    def key(self) -> Any: ...
+    @property
+    def value(self) -> Any: ...
+    @property
+    def timestamp(self) -> Any: ...
+    @property
+    def step(self) -> Any: ...
 
 
 def stored(value: float) -> float:
@@ -371,13 +383,52 @@ class RunBook:
             live.writer.append_metric(t, s, kj, vj)
             latest = live.state.latest
             old = latest.get(key)
-            if old is None or newer(point, old):
+            if old is None or s > old[0] or (s == old[0] and newer(point, old)):
                 latest[key] = point
+
+    def log_metrics_at_once(self, run_id: str, metrics: Sequence[MetricIn]) -> bool:
+        """``log_metrics`` as the fluent API sends it — keys seen before, finite floats, one
+        step and time — as one event, built without the general path; False if it is not."""
+        live = self._live.get(run_id)
+        if live is None or not metrics:
+            return False
+        first = metrics[0]
+        t, s = first.timestamp, first.step
+        if not (
+            type(t) is int
+            and type(s) is int
+            and 0 <= t <= INT64_MAX
+            and INT64_MIN <= s <= INT64_MAX
+        ):
+            return False
+        d: dict[str, float] = {}
+        for m in metrics:
+            key, value = m.key, m.value
+            if (
+                m.timestamp != t
+                or m.step != s
+                or key.__class__ is not str
+                or key not in _key_json
+                or key in d
+                or type(value) is not float
+                or value - value != 0.0
+            ):
+                return False
+            d[key] = value
+        with live.lock:
+            live.writer.append({"v": _V, "s": 0, "t": t, "k": K_METRICS, "step": s, "d": d})
+            latest = live.state.latest
+            for key, value in d.items():
+                old = latest.get(key)
+                point = (s, t, value)
+                if old is None or s > old[0] or (s == old[0] and newer(point, old)):
+                    latest[key] = point
+        return True
 
     def log_batch(
         self,
         run_id: str,
-        metrics: list[MetricIn],
+        metrics: Sequence[MetricIn],
         params: list[tuple[object, object]],
         tags: list[tuple[object, object]],
     ) -> None:
@@ -541,21 +592,22 @@ def _time(timestamp: object, key: str, run_id: str) -> int:
 
 
 def _metric_events(
-    metrics: list[MetricIn], run_id: str, points: list[tuple[str, Point]]
+    metrics: Sequence[MetricIn], run_id: str, points: list[tuple[str, Point]]
 ) -> list[dict[str, Any]]:
     """The metrics events of a batch: consecutive points of one (time, step) share an event
     (one event per ``log_metrics`` call); a key seen again starts a new one."""
     events: list[dict[str, Any]] = []
     current: dict[str, float | str] | None = None
     at: tuple[int, int] | None = None
-    for key, value, timestamp, step in metrics:
+    for m in metrics:
+        key, value, timestamp, step = m.key, m.value, m.timestamp, m.step
         k = key if key.__class__ is str and key in _key_json else _valid_key(key, "metric", run_id)
         if type(value) is float and value - value == 0.0:
             spelled: float | str = value
             v = value
         else:
             spelled = metric_value(value, k, run_id)
-            v = float(value)  # type: ignore[arg-type]
+            v = float(value)
         s = step if type(step) is int and INT64_MIN <= step <= INT64_MAX else _step(step, k, run_id)
         t = (
             timestamp

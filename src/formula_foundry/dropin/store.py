@@ -107,6 +107,25 @@ def _skip_spark_probe() -> None:
     """
     if "pyspark" not in sys.modules and importlib.util.find_spec("pyspark") is None:
         sys.modules["pyspark"] = None  # type: ignore[assignment]
+        sys.modules["pyspark.sql"] = None  # type: ignore[assignment]
+
+
+def _resolve_registry(uri: str) -> None:
+    """Where the user chose no model registry, the spool's is the one (as MLflow would pick for
+    this tracking URI): resolved once here, not twice per fluent call.
+
+    Only while the process's tracking URI is a spool and nothing else was chosen; not exported
+    to child processes (``mlflow.set_registry_uri`` would set ``MLFLOW_REGISTRY_URI``). A process
+    that later logs elsewhere and registers models sets its registry URI, as it would anyway.
+    """
+    import mlflow.tracking._model_registry.utils as registry
+    from mlflow.environment_variables import MLFLOW_REGISTRY_URI
+    from mlflow.tracking._tracking_service.utils import get_tracking_uri
+
+    if registry._registry_uri is None and not MLFLOW_REGISTRY_URI.get():
+        current = get_tracking_uri()
+        if isinstance(current, str) and current.startswith("spool:"):
+            setattr(registry, "_registry_uri", current)  # noqa: B010 - typed None in MLflow
 
 
 class SpoolStore(AbstractStore):
@@ -126,6 +145,8 @@ class SpoolStore(AbstractStore):
         self._experiments = ExperimentBook(root)
         self._runs = RunBook(root, self._experiments, settings.durability, settings.heartbeat_s)
         _skip_spark_probe()
+        with contextlib.suppress(Exception):  # an MLflow without these internals: only slower
+            _resolve_registry(self.uri)
 
     # -- experiments -----------------------------------------------------------------------
 
@@ -320,16 +341,25 @@ class SpoolStore(AbstractStore):
     # -- writes ----------------------------------------------------------------------------
 
     @_mlflow_errors
+    @_mlflow_errors
+    def log_metric(self, run_id: str, metric: Metric) -> None:
+        m = metric
+        self._runs.log_metric(run_id, m.key, m.value, m.timestamp, m.step)
+
+    @_mlflow_errors
     def log_batch(
         self, run_id: str, metrics: list[Metric], params: list[Param], tags: list[RunTag]
     ) -> None:
-        if len(metrics) == 1 and not params and not tags:
-            m = metrics[0]
-            self._runs.log_metric(run_id, m.key, m.value, m.timestamp, m.step)
-            return
+        if not params and not tags:
+            if len(metrics) == 1:
+                m = metrics[0]
+                self._runs.log_metric(run_id, m.key, m.value, m.timestamp, m.step)
+                return
+            if self._runs.log_metrics_at_once(run_id, metrics):
+                return
         self._runs.log_batch(
             run_id,
-            [(m.key, m.value, m.timestamp, m.step) for m in metrics],
+            metrics,
             [(p.key, p.value) for p in params],
             [(t.key, t.value) for t in tags],
         )
