@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Set up the development environment (if needed) and run the whole test suite with lint and types.
 # Usage: ./tools/test.sh [pytest args...]
-# The sync suite runs on SQLite, PostgreSQL and an mlflow server; for a quick SQLite-only run:
-#   ./tools/test.sh -m "not postgres and not server"
+# The sync suite runs on SQLite, PostgreSQL and an mlflow server, the recipes on a real Slurm;
+# for a quick SQLite-only run:
+#   ./tools/test.sh -m "not postgres and not server and not slurm"
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -19,6 +20,9 @@ if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && ! command -v initdb 
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq postgresql >/dev/null
 fi
+# The Slurm end-to-end tests (tests/slurm) start a throw-away single-node Slurm themselves;
+# make sure Debian's slurm-wlm and munge are installed.
+./tools/ci_slurm.sh
 .venv/bin/ruff check src tests tools
 .venv/bin/ruff format --check src tests tools
 .venv/bin/mypy
