@@ -303,14 +303,17 @@ class RunBook:
                 f"not {status!r}"
             )
         live = self.live(run_id)
-        t = (
-            now_ms()
-            if end_time is None
-            else int64(end_time, "end_time", "<run>", run_id, minimum=1)
-        )
+        record: dict[str, Any] = {"v": _V, "s": 0, "t": now_ms(), "k": K_RUN_END, "status": status}
+        if end_time is None:
+            record["end_time"] = None  # MLflow's update_run(status=...) sets no end time
+        else:
+            record["t"] = int64(end_time, "end_time", "<run>", run_id, minimum=1)
         with live.lock:
-            live.writer.append({"v": _V, "s": 0, "t": t, "k": K_RUN_END, "status": status})
-            live.state.status, live.state.end_time = status, t
+            live.writer.append(record)
+            live.state.status, live.state.end_time = (
+                status,
+                (None if end_time is None else record["t"]),
+            )
 
     def rename(self, run_id: str, name: str) -> None:
         live = self.live(run_id)
@@ -325,13 +328,13 @@ class RunBook:
     def delete_tag(self, run_id: str, key: object) -> None:
         """Delete a tag: MLflow's rule (it must be set), then a ``tag_delete`` event."""
         live = self._live.get(run_id) or self.live(run_id)
+        if not isinstance(key, str) or key not in live.state.tags:
+            raise RunStateError(f"No tag with name: {key} in run with id {run_id}")
         k = _valid_key(key, "tag", run_id)
         reason = reserved_tag_reason(k)
         if reason is not None:
             raise ValidationError(f"run {run_id}: {reason}")
         with live.lock:
-            if k not in live.state.tags:
-                raise RunStateError(f"No tag with name: {k} in run with id {run_id}")
             live.writer.append({"v": _V, "s": 0, "t": now_ms(), "k": K_TAG_DELETE, "keys": [k]})
             del live.state.tags[k]
 
@@ -346,7 +349,7 @@ class RunBook:
         for live in list(self._live.values()):
             if live.state.status == "RUNNING" and live.state.opened_here:
                 try:
-                    self.end(live.state.run_id, status, None)
+                    self.end(live.state.run_id, status, now_ms())
                 except Exception:  # one failing run must not keep the others open
                     continue
 
@@ -356,7 +359,6 @@ class RunBook:
         self, run_id: str, key: str, value: object, timestamp: object, step: object
     ) -> None:
         """One point: the tracker's hot path (one line, one write)."""
-        live = self._live.get(run_id) or self.live(run_id)
         try:
             kj = _key_json[key]
         except (KeyError, TypeError):
@@ -379,6 +381,7 @@ class RunBook:
             else _time(timestamp, key, run_id)
         )
         point = (s, t, v)
+        live = self._live.get(run_id) or self.live(run_id)
         with live.lock:
             live.writer.append_metric(t, s, kj, vj)
             latest = live.state.latest
@@ -432,17 +435,21 @@ class RunBook:
         params: list[tuple[object, object]],
         tags: list[tuple[object, object]],
     ) -> None:
-        """A whole batch, checked before anything is written, then written in one write."""
+        """A whole batch, checked before anything is written, then written in one write.
+
+        As in MLflow, the values are checked before the run is looked up.
+        """
+        checked_params = _checked_params(params, run_id)
+        checked_tags = _checked_tags_list(tags, run_id)
+        points: list[tuple[str, Point]] = []
+        metric_events = _metric_events(metrics, run_id, points) if metrics else []
         live = self._live.get(run_id) or self.live(run_id)
         state = live.state
-        new_params = self._params(state, params)
-        checked_tags = _checked_tags_list(tags, run_id)
+        new_params = self._params(state, checked_params)
         records: list[dict[str, Any]] = []
         if new_params:
             records.append({"v": _V, "s": 0, "t": now_ms(), "k": K_PARAMS, "d": new_params})
-        points: list[tuple[str, Point]] = []
-        if metrics:
-            records.extend(_metric_events(metrics, run_id, points))
+        records.extend(metric_events)
         if checked_tags:
             records.append({"v": _V, "s": 0, "t": now_ms(), "k": K_TAGS, "d": dict(checked_tags)})
         if not records:
@@ -460,16 +467,10 @@ class RunBook:
                 if key == RUN_NAME_TAG:
                     state.name = value
 
-    def _params(self, state: RunState, params: list[tuple[object, object]]) -> dict[str, str]:
+    def _params(self, state: RunState, params: list[tuple[str, str]]) -> dict[str, str]:
         run_id = state.run_id
         out: dict[str, str] = {}
-        for key, value in params:
-            k = _valid_key(key, "param", run_id)
-            text = string_value(value, k, "param", MAX_PARAM_VALUE_LENGTH, run_id)
-            if k in out:
-                raise ValidationError(
-                    f"run {run_id}: param {k!r} appears twice in one batch; log it once"
-                )
+        for k, text in params:
             old = state.params.get(k)
             if old is not None and old != text:
                 raise ParamConflictError(
@@ -579,16 +580,49 @@ def _checked_tags_list(tags: Iterable[tuple[object, object]], run_id: str) -> li
         reason = reserved_tag_reason(k)
         if reason is not None:
             raise ValidationError(f"run {run_id}: {reason}")
-        out.append((k, string_value(value, k, "tag", MAX_TAG_VALUE_LENGTH, run_id)))
+        text = _store_text(value, k, run_id)
+        out.append((k, string_value(text, k, "tag", MAX_TAG_VALUE_LENGTH, run_id)))
     return out
 
 
 def _step(step: object, key: str, run_id: str) -> int:
-    return 0 if step is None else int64(step, "step", key, run_id)
+    # MLflow's store refuses a missing step or time (its clients always fill them in).
+    return int64(step, "step", key, run_id)
 
 
 def _time(timestamp: object, key: str, run_id: str) -> int:
-    return now_ms() if timestamp is None else int64(timestamp, "timestamp", key, run_id, minimum=0)
+    return int64(timestamp, "timestamp", key, run_id, minimum=0)
+
+
+def _checked_params(params: Iterable[tuple[object, object]], run_id: str) -> list[tuple[str, str]]:
+    out: list[tuple[str, str]] = []
+    seen: set[str] = set()
+    for key, value in params:
+        k = _valid_key(key, "param", run_id)
+        if k in seen:
+            raise ValidationError(
+                f"run {run_id}: param {k!r} appears twice in one batch; log it once"
+            )
+        seen.add(k)
+        out.append(
+            (
+                k,
+                string_value(
+                    _store_text(value, k, run_id), k, "param", MAX_PARAM_VALUE_LENGTH, run_id
+                ),
+            )
+        )
+    return out
+
+
+def _store_text(value: object, key: str, run_id: str) -> str:
+    """A param or tag value as MLflow's store takes it: text (its clients convert with str())."""
+    if isinstance(value, str):
+        return value
+    raise TypeError(
+        f"run {run_id}: {key!r} value {value!r} is a {type(value).__name__}, not str "
+        "(mlflow.log_param/set_tag convert values with str(); build Param/RunTag with text)"
+    )
 
 
 def _metric_events(

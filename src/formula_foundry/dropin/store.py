@@ -298,8 +298,7 @@ class SpoolStore(AbstractStore):
         max_results: int | None = None,
         page_token: str | None = None,
     ) -> PagedList[Any]:
-        self._state(run_id)
-        self._runs.flush(run_id)
+        self._runs.flush(run_id)  # a run not in the spool has no points, as in MLflow
         points = [
             Metric(metric_key, stored(v) if v == v else v, t, step, run_id=run_id)
             for step, t, v in metric_history(self.root, run_id, metric_key)

@@ -37,6 +37,7 @@ from formula_foundry.sync.payloads import (
     PayloadChecker,
     check_time,
     end_status,
+    end_time,
     run_start_problem,
 )
 from formula_foundry.sync.scan import SegmentFile
@@ -196,7 +197,7 @@ class _Builder:
         run.tags = {**created, **run.tags}
 
     def run_end(self, ev: Event) -> None:
-        self.run.status, self.run.end_time = end_status(ev), ev.t
+        self.run.status, self.run.end_time = end_status(ev), end_time(ev)
 
 
 def _text(value: object) -> str:

@@ -347,9 +347,9 @@ class MlflowSink(IdentityTags):
         self._call(f"delete tag {quoted(key)} of run {run_id}", attempt)
 
     def set_status(self, run_id: str, status: str, end_time: int | None) -> None:
-        if status == "RUNNING":
+        if status == "RUNNING" or end_time is None:  # reopened, or ended without a time
             self._call(
-                f"reopen run {run_id}", lambda: self._client.update_run(run_id, status=status)
+                f"set run {run_id} {status}", lambda: self._client.update_run(run_id, status=status)
             )
             return
         self._call(

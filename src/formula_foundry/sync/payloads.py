@@ -75,6 +75,12 @@ def end_status(ev: Event) -> str:
     return status
 
 
+def end_time(ev: Event) -> int | None:
+    """The end time a ``run_end`` sets: its ``t``, or none at all when it says
+    ``"end_time": null`` (MLflow's ``update_run`` with a status leaves it unset)."""
+    return None if "end_time" in ev.data and ev.data["end_time"] is None else ev.t
+
+
 def run_start_problem(ev: Event) -> str | None:
     """Why a ``run_start`` event cannot create (or reopen) its run; None if it can.
 

@@ -17,8 +17,7 @@ After each commit the segment's progress moves to the end of the last event it c
 run's record in the state (status, end time, last sign of life) is saved as soon as the
 destination acknowledged a status, and before any segment progress that covers it: a pass
 that dies later never forgets a run's end (which later passes would not read again).
-Invalid records, reserved tags and param conflicts go to the quarantine report; the run goes
-on.
+Invalid records, reserved tags and param conflicts are quarantined; the run goes on.
 """
 
 from __future__ import annotations
@@ -37,6 +36,7 @@ from formula_foundry.sync.payloads import (
     check_time,
     conflict_reason,
     end_status,
+    end_time,
     run_start_problem,
 )
 from formula_foundry.sync.report import Progress, ProgressFn
@@ -241,10 +241,10 @@ class Replayer:
             if len(cur.batch.refs) >= _REFS_PER_BATCH:
                 self._flush(cur)
         elif kind == K_RUN_END:
-            status = end_status(ev)
+            status, end = end_status(ev), end_time(ev)
             self._flush(cur)
-            self.cx.call(lambda: self.sink.set_status(ctx.run_id, status, ev.t))
-            ctx.status, ctx.end_time, cur.done = status, ev.t, True
+            self.cx.call(lambda: self.sink.set_status(ctx.run_id, status, end))
+            ctx.status, ctx.end_time, cur.done = status, end, True
             # Saved before the progress past the run_end: no later pass reads it again.
             self._save_run(ctx)
             self._advance(cur, ev)
