@@ -109,24 +109,40 @@ def _shorten(value: Any) -> Any:
 
 def diff(a: Any, b: Any, names: tuple[str, str] = ("direct", "synced")) -> str:
     """A unified diff of two dumps (long strings shortened, with their lengths)."""
-    lines = [pprint.pformat(_shorten(x), width=100).splitlines() for x in (a, b)]
-    return "\n".join(difflib.unified_diff(*lines, *names, lineterm="", n=4))
+    left, right = (pprint.pformat(_shorten(x), width=100).splitlines() for x in (a, b))
+    return "\n".join(difflib.unified_diff(left, right, names[0], names[1], lineterm="", n=4))
+
+
+def store_problem(direct_db: Path, synced_db: Path, **kw: Any) -> str | None:
+    """How the two stores differ (``dump`` with ``kw``), or None if they hold the same."""
+    a, b = dump(direct_db, **kw), dump(synced_db, **kw)
+    if a == b:
+        return None
+    return "the stores differ (- straight into SQLite, + through the spool):\n" + diff(a, b)
+
+
+def output_problem(direct: str, spooled: str) -> str | None:
+    """How two scripts' outputs differ, or None if they printed the same lines."""
+    a, b = direct.splitlines(), spooled.splitlines()
+    if a == b:
+        return None
+    return "the scripts printed different lines (- direct, + spool):\n" + "\n".join(
+        difflib.unified_diff(a, b, "direct", "spool", lineterm="", n=2)
+    )
 
 
 def assert_same(direct_db: Path, synced_db: Path, **kw: Any) -> dict[str, Any]:
     """Assert the two stores hold the same (``dump`` with ``kw``); return the dump."""
-    a, b = dump(direct_db, **kw), dump(synced_db, **kw)
-    assert a == b, "the stores differ (- straight into SQLite, + through the spool):\n" + diff(a, b)
-    return a
+    problem = store_problem(direct_db, synced_db, **kw)
+    assert problem is None, problem
+    return dump(synced_db, **kw)
 
 
 def assert_same_output(direct: str, spooled: str) -> list[str]:
     """Assert two scripts printed the same lines; return them."""
-    a, b = direct.splitlines(), spooled.splitlines()
-    assert a == b, "the scripts printed different lines (- direct, + spool):\n" + "\n".join(
-        difflib.unified_diff(a, b, "direct", "spool", lineterm="", n=2)
-    )
-    return a
+    problem = output_problem(direct, spooled)
+    assert problem is None, problem
+    return direct.splitlines()
 
 
 # What scripts paste at their top to print each call's outcome: the exception's class and

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
 import sys
 import textwrap
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -132,12 +133,203 @@ def run_both(
         return fd.result(), fs.result()
 
 
+# -- a fork server: children that start with MLflow already imported ------------------------------
+
+_ZYGOTE = r"""
+import atexit, json, os, runpy, signal, sys, threading, time, traceback
+
+# What every child imports first: MLflow's client and SQLite store, the spool plugin, the
+# sync. Imported once here; each child is a fork of this process, as fresh as a new one.
+import mlflow
+import mlflow.store.tracking.sqlalchemy_store
+import formula_foundry.dropin.store
+import formula_foundry.sync.cli
+try:
+    import git  # MLflow reads the script's git commit with GitPython: a second per process
+except ImportError:
+    pass
+
+W = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+
+
+def child(req):
+    os.setpgid(0, 0)
+    code = 1
+    try:
+        os.chdir(req["cwd"])
+        os.environ.clear()
+        os.environ.update(req["env"])
+        for fd, path, flags in ((0, os.devnull, os.O_RDONLY), (1, req["out"], W),
+                                (2, req["err"], W)):
+            opened = os.open(path, flags, 0o644)
+            os.dup2(opened, fd)
+            os.close(opened)
+        sys.argv = list(req["argv"])
+        sys.path[0] = req["cwd"]
+        if req.get("module"):
+            runpy.run_module(req["module"], run_name="__main__", alter_sys=True)
+        else:
+            runpy.run_path(req["argv"][0], run_name="__main__")
+        code = 0
+    except SystemExit as exc:
+        if exc.code is None or isinstance(exc.code, int):
+            code = exc.code or 0
+        else:
+            print(exc.code, file=sys.stderr)
+    except BaseException:
+        traceback.print_exc()
+    # What the interpreter does at exit, in its order: wait for non-daemon threads, run the
+    # atexit handlers (MLflow ends its active run there), flush stdio. Then leave without
+    # tearing down two thousand modules one by one (seconds, and nothing a script sees).
+    threading._shutdown()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:
+            pass
+    os._exit(code)
+
+
+def wait(pid, timeout):
+    deadline = time.monotonic() + timeout
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status), False
+        if time.monotonic() > deadline:
+            os.killpg(pid, signal.SIGKILL)
+            _, status = os.waitpid(pid, 0)
+            return os.waitstatus_to_exitcode(status), True
+        time.sleep(0.005)
+
+
+def reply(obj):
+    sys.stdout.write(json.dumps(obj) + "\n")
+    sys.stdout.flush()
+
+
+reply({"threads": threading.active_count()})
+while True:
+    line = sys.stdin.readline()
+    if not line:
+        break
+    req = json.loads(line)
+    if "wait" in req:
+        rc, timed_out = wait(req["wait"], req["timeout"])
+        reply({"rc": rc, "timed_out": timed_out})
+        continue
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:
+        child(req)
+    reply({"pid": pid})
+"""
+
+
+@dataclass
+class _Child:
+    argv: list[str]
+    pid: int
+    out: Path
+    err: Path
+
+
+class Zygote:
+    """A Python process that imported MLflow, the plugin and the sync once and forks a child
+    for each script (or ``ff-sync``) to run: a child is a new process with its own
+    environment, folder, argv and stdio, that exits as a script does (atexit handlers run),
+    without paying MLflow's import again (seconds on a busy machine, per process)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self._n = 0
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", _ZYGOTE],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=(folder / "zygote.err").open("w"),
+            cwd=folder,
+            env=child_env(),
+            text=True,
+        )
+        ready = self._ask(None)
+        # A fork copies only the forking thread: the zygote must have no other.
+        assert ready == {"threads": 1}, ready
+
+    def _ask(self, request: Mapping[str, object] | None) -> dict[str, object]:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        if request is not None:
+            self.proc.stdin.write(json.dumps(request) + "\n")
+            self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            err = (self.folder / "zygote.err").read_text()
+            raise AssertionError(f"the zygote died:\n{err}")
+        answer: dict[str, object] = json.loads(line)
+        return answer
+
+    def start(
+        self, argv: Sequence[str], cwd: Path, env: Mapping[str, str], module: str | None = None
+    ) -> _Child:
+        self._n += 1
+        out, err = self.folder / f"{self._n}.out", self.folder / f"{self._n}.err"
+        request = {
+            "argv": list(argv),
+            "cwd": str(cwd),
+            "env": dict(env),
+            "out": str(out),
+            "err": str(err),
+            "module": module,
+        }
+        pid = self._ask(request)["pid"]
+        assert isinstance(pid, int)
+        return _Child(list(argv), pid, out, err)
+
+    def wait(self, child: _Child, timeout: float) -> subprocess.CompletedProcess[str]:
+        answer = self._ask({"wait": child.pid, "timeout": timeout})
+        rc = answer["rc"]
+        assert isinstance(rc, int)
+        out = child.out.read_text(encoding="utf-8", errors="replace")
+        err = child.err.read_text(encoding="utf-8", errors="replace")
+        if answer["timed_out"]:
+            raise AssertionError(f"{child.argv} took more than {timeout} s:\n{out}\n{err}")
+        return subprocess.CompletedProcess(child.argv, rc, out, err)
+
+    def close(self) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        assert self.proc.stdout is not None
+        self.proc.stdout.close()
+
+
+@pytest.fixture(scope="session")
+def zygote(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Zygote]:
+    """One fork server for the session's drop-in scripts."""
+    z = Zygote(tmp_path_factory.mktemp("zygote"))
+    try:
+        yield z
+    finally:
+        z.close()
+
+
 @dataclass
 class Ways:
     """One script, two ways, under ``root``: ``direct/`` logs into ``direct/direct.db``;
-    ``spooled/`` logs into ``spooled/spool``, which ``sync`` replays into ``synced.db``."""
+    ``spooled/`` logs into ``spooled/spool``, which ``sync`` replays into ``synced.db``.
+
+    With a ``zygote`` the scripts and ``ff-sync`` run as its forked children; without, as
+    new Python processes (``run_script``, ``ff_sync``)."""
 
     root: Path
+    zygote: Zygote | None = None
+    timeout: float = 300
 
     def __post_init__(self) -> None:
         self.direct.mkdir(parents=True, exist_ok=True)
@@ -179,25 +371,66 @@ class Ways:
         check: bool = True,
     ) -> tuple[subprocess.CompletedProcess[str], subprocess.CompletedProcess[str]]:
         """Run ``code`` both ways at once; returns (direct, spooled)."""
-        return run_both(
-            code,
-            self.direct,
-            self.spooled,
-            env,
-            env_spooled=env_spooled,
-            args=args,
-            check=check,
-        )
+        if self.zygote is None:
+            return run_both(
+                code,
+                self.direct,
+                self.spooled,
+                env,
+                env_spooled=env_spooled,
+                args=args,
+                check=check,
+                timeout=self.timeout,
+            )
+        z = self.zygote
+        children = []
+        for cwd, uri, extra in (
+            (self.direct, direct_uri(self.direct), env),
+            (self.spooled, spool_uri(self.spooled), env if env_spooled is None else env_spooled),
+        ):
+            (cwd / SCRIPT).write_text(textwrap.dedent(code), encoding="utf-8")
+            child = child_env({"MLFLOW_TRACKING_URI": uri, **(extra or {})})
+            children.append(z.start([SCRIPT, *args], cwd, child))
+        done = [z.wait(c, self.timeout) for c in children]
+        for way, proc in zip(("direct", "spooled"), done, strict=True):
+            if check and proc.returncode != 0:
+                raise AssertionError(
+                    f"{way} script failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+                )
+        return done[0], done[1]
 
     def sync(self, *args: str) -> subprocess.CompletedProcess[str]:
         """ff-sync the spool into ``synced.db``."""
-        return ff_sync(self.spool, self.synced_db, *args, cwd=self.root)
+        if self.zygote is None:
+            return ff_sync(self.spool, self.synced_db, *args, cwd=self.root)
+        env = child_env(
+            {"FF_SPOOL_ROOT": str(self.spool), "MLFLOW_TRACKING_URI": f"sqlite:///{self.synced_db}"}
+        )
+        child = self.zygote.start(["ff-sync", *args], self.root, env, module="formula_foundry.sync")
+        proc = self.zygote.wait(child, self.timeout)
+        if proc.returncode != 0:
+            raise AssertionError(
+                f"ff-sync {args} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+            )
+        return proc
 
 
 @pytest.fixture
 def ways(dropin_dirs: tuple[Path, Path]) -> Ways:
-    """The two ways under this test's tmp_path (``direct`` and ``spooled`` as dropin_dirs)."""
+    """The two ways under this test's tmp_path (``direct`` and ``spooled`` as dropin_dirs), as
+    new Python processes (``python script.py``, ``python -m formula_foundry.sync``); each
+    store is created by the process that first opens it (unless ``start_from``)."""
     return Ways(dropin_dirs[0].parent)
+
+
+@pytest.fixture
+def forked_ways(dropin_dirs: tuple[Path, Path], zygote: Zygote, empty_store: Path) -> Ways:
+    """As ``ways``, but the scripts and ff-sync run as children of the session's zygote, and
+    both stores start as copies of ``empty_store``: a second or two per script instead of
+    MLflow's import and migration in every process (tens of seconds on a busy machine)."""
+    w = Ways(dropin_dirs[0].parent, zygote)
+    w.start_from(empty_store)
+    return w
 
 
 @pytest.fixture(scope="session")

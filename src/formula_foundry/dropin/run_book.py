@@ -570,7 +570,12 @@ def _valid_key(key: object, what: str, run_id: str) -> str:
 
 
 def _checked_tags(tags: dict[str, str], run_id: str) -> dict[str, str]:
-    return dict(_checked_tags_list(tags.items(), run_id))
+    # A new run's tags: MLflow's stores take any value there and keep its text.
+    return dict(
+        _checked_tags_list(
+            ((k, v if isinstance(v, str) else str(v)) for k, v in tags.items()), run_id
+        )
+    )
 
 
 def _checked_tags_list(tags: Iterable[tuple[object, object]], run_id: str) -> list[tuple[str, str]]:
