@@ -212,3 +212,30 @@ def test_sigterm_records_a_killed_end_event(ff_project: Path) -> None:
     assert evs[-1].kind == "run_end"
     assert evs[-1].data["status"] == "KILLED"
     assert time.time() * 1000 - evs[-1].t < 60_000
+
+
+def test_sigterm_inside_a_spool_write_and_a_second_sigterm_still_end_the_run(
+    ff_project: Path,
+) -> None:
+    # The signal lands while the main thread holds the writer's lock (in the middle of a log
+    # call), then again (Slurm signals every process, the recipe's shell forwards one more):
+    # the run still gets its end event and the process dies of SIGTERM, instead of hanging.
+    spool = ff_project / "data" / "runs"
+    code = """
+        import os, signal
+        from formula_foundry.tracking import get_tracker
+        run = get_tracker().start_run(run_id="locked")
+        run.log_metric("x", 1.0)
+        with run._writer._lock:
+            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGTERM)
+        import time
+        time.sleep(60)
+    """
+    proc = _child(code, _env(spool), ff_project)
+    proc.communicate(timeout=30)
+    assert proc.returncode == -signal.SIGTERM
+    ((_, evs),) = _events(spool, "locked")
+    assert [(e.kind, e.data.get("status")) for e in evs if e.kind == "run_end"] == [
+        ("run_end", "KILLED")
+    ]

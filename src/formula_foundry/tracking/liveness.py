@@ -40,30 +40,54 @@ def start_heartbeat(interval_s: float, beat: Callable[[], None]) -> None:
         _thread.start()
 
 
+# SIGTERM handling: 0 none yet, 1 the runs are being ended, 2 they are: die.
+_term_stage = 0
+
+
 def install_sigterm(end_all: Callable[[], None]) -> None:
     """On SIGTERM, end active runs KILLED, then die of SIGTERM as the default would.
 
     Only installed from the main thread and only when SIGTERM still has its default action,
     so an application's own handler is never replaced.
+
+    The runs are ended by a short-lived thread, not by the handler: the signal may land while
+    the main thread is inside a spool write, holding that writer's lock — the handler runs on
+    top of it and could never take the lock. The handler returns at once, the write finishes,
+    the thread writes the end events, then signals the main thread again, and the handler lets
+    the process die of SIGTERM. A second SIGTERM meanwhile (Slurm signals every process of the
+    job, and the recipe's shell forwards one more) is ignored.
     """
     global _sigterm_installed
     if _sigterm_installed or threading.current_thread() is not threading.main_thread():
         return
     if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
         return
+    main = threading.main_thread().ident
 
-    def handler(signum: int, frame: FrameType | None) -> Any:
+    def finish() -> None:
+        global _term_stage
         with contextlib.suppress(Exception):
             end_all()
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        os.kill(os.getpid(), signal.SIGTERM)
+        _term_stage = 2
+        if main is not None:
+            signal.pthread_kill(main, signal.SIGTERM)
+
+    def handler(signum: int, frame: FrameType | None) -> Any:
+        global _term_stage
+        if _term_stage == 0:
+            _term_stage = 1
+            threading.Thread(target=finish, name="ff-sigterm", daemon=True).start()
+        elif _term_stage == 2:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
 
     signal.signal(signal.SIGTERM, handler)
     _sigterm_installed = True
 
 
 def _after_fork_in_child() -> None:
-    global _thread, _lock
+    global _thread, _lock, _term_stage
+    _term_stage = 0
     # Threads do not survive fork; the child starts its own heartbeat on its next run.
     _thread = None
     _lock = threading.Lock()
