@@ -69,6 +69,16 @@ RAY_TRIAL_ID = re.compile(r"_[0-9a-f]{5}_(\d{5})\b")
 RAY_RANDOM_METRICS = {"trial_id": "the trial's random id, a metric only when float() parses it"}
 
 
+def _needs(module: str, reason: str) -> None:
+    """Skip unless ``module`` is installed, without importing it into the test process: Ray
+    and torch change ``sys.path`` and process state that later tests (in this process) see."""
+    import importlib.util
+
+    # Only the top-level package: looking for a submodule would import its parent.
+    if importlib.util.find_spec(module.split(".")[0]) is None:
+        pytest.skip(reason)
+
+
 # -- comparison ---------------------------------------------------------------------------------
 
 
@@ -142,7 +152,7 @@ def _system_steps(run: dict[str, Any]) -> dict[str, list[int]]:
 
 
 def test_system_metrics_monitor(ways: Ways, empty_store: Path) -> None:
-    pytest.importorskip("psutil", reason=f"MLflow's system metrics need psutil: {EXTRA}")
+    _needs("psutil", reason=f"MLflow's system metrics need psutil: {EXTRA}")
     prepared(ways, empty_store)
     run_both(SYSTEM_METRICS, ways.direct, ways.spooled, timeout=TIMEOUT)
     ways.sync()
@@ -228,7 +238,7 @@ trainer.fit(Tiny(), data, data)
 
 
 def test_lightning_mlflow_logger(ways: Ways, empty_store: Path) -> None:
-    pytest.importorskip("lightning", reason=f"PyTorch Lightning is not installed: {EXTRA}")
+    _needs("lightning", reason=f"PyTorch Lightning is not installed: {EXTRA}")
     prepared(ways, empty_store)
     run_both(LIGHTNING, ways.direct, ways.spooled, timeout=TIMEOUT)
     ways.sync()
@@ -299,8 +309,8 @@ HF_ENV = {
 
 
 def test_transformers_mlflow_callback(ways: Ways, empty_store: Path) -> None:
-    pytest.importorskip("transformers", reason=f"transformers is not installed: {EXTRA_HF}")
-    pytest.importorskip("accelerate", reason=f"transformers' Trainer needs accelerate: {EXTRA_HF}")
+    _needs("transformers", reason=f"transformers is not installed: {EXTRA_HF}")
+    _needs("accelerate", reason=f"transformers' Trainer needs accelerate: {EXTRA_HF}")
     prepared(ways, empty_store)
     run_both(TRANSFORMERS, ways.direct, ways.spooled, HF_ENV, timeout=TIMEOUT)
     ways.sync()
@@ -398,7 +408,7 @@ def ray_envs() -> Iterator[tuple[dict[str, str], dict[str, str]]]:
 def test_ray_tune_mlflow_logger_callback(
     ways: Ways, empty_store: Path, ray_envs: tuple[dict[str, str], dict[str, str]]
 ) -> None:
-    pytest.importorskip("ray.tune", reason=f"Ray Tune is not installed: {EXTRA}")
+    _needs("ray.tune", reason=f"Ray Tune is not installed: {EXTRA}")
     prepared(ways, empty_store)
     env_direct, env_spooled = ray_envs
     run_both(

@@ -306,7 +306,7 @@ def test_ff_run_id_continues_one_run_across_processes(spool: Path, tmp_path: Pat
 
 def test_delete_tag_follows_mlflow_and_replays_in_order(spool: Path, tmp_path: Path) -> None:
     c = client(spool)
-    run_id = c.create_run("0", run_name="tags").info.run_id
+    run_id = c.create_run("0", run_name="tags", tags={"mlflow.user": "me"}).info.run_id
     c.set_tag(run_id, "a", "1")
     c.delete_tag(run_id, "a")
     c.set_tag(run_id, "b", "1")
@@ -315,8 +315,12 @@ def test_delete_tag_follows_mlflow_and_replays_in_order(spool: Path, tmp_path: P
     with pytest.raises(MlflowException) as missing:
         c.delete_tag(run_id, "never")
     assert missing.value.error_code == "RESOURCE_DOES_NOT_EXIST"
+    # The tags the sync writes from the run's start cannot be deleted in a spool.
     with pytest.raises(MlflowException, match="reserved"):
         c.delete_tag(run_id, "mlflow.user")
+    with pytest.raises(MlflowException) as absent:  # never set on this run: as MLflow says
+        c.delete_tag(run_id, "mlflow.source.name")
+    assert absent.value.error_code == "RESOURCE_DOES_NOT_EXIST"
     c.set_terminated(run_id)
     assert "a" not in c.get_run(run_id).data.tags
     db = tmp_path / "out.db"
