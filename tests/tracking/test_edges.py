@@ -143,9 +143,9 @@ def test_ff_run_id_names_one_run_a_second_top_level_run_is_an_error(ff_project: 
     assert out["runs"] == ["job-7"]
     assert out["error"] == (
         "FF_RUN_ID=job-7 names one run, and this process (or the one it was forked from) "
-        "already started it; a second top-level start_run would merge into it. For a sweep, "
-        "pass run_id= to each start_run (or unset FF_RUN_ID); a worker logs into the run with "
-        "attach_run(os.environ['FF_RUN_ID'])"
+        "already started it; a second top-level run would merge into it. For a sweep, give "
+        "each run its own id (tracker: run_id= in start_run) or unset FF_RUN_ID; a worker logs "
+        "into the run with attach_run(os.environ['FF_RUN_ID'])"
     )
     params = [p["d"] for p in payloads(run_events(spool, "job-7"), "params")]
     assert params == [{"lr": "0.1"}]  # the second point never reached the run

@@ -20,9 +20,11 @@ uses (a whole-store dump would hold every metric of every run at once).
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -154,11 +156,27 @@ def _refs(client: Any, run_id: str) -> dict[str, Any]:
             (pending if item.is_dir else files).append(item.path)
     if not files:
         return refs
-    with tempfile.TemporaryDirectory(prefix="ff-snapshot-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="ff-snapshot-") as tmp, _no_progress_bars():
         for path in sorted(files):
             local = client.download_artifacts(run_id, path, tmp)
             refs[path] = json.loads(Path(local).read_text(encoding="utf-8"))
     return refs
+
+
+@contextlib.contextmanager
+def _no_progress_bars() -> Iterator[None]:
+    """MLflow draws a progress bar on stderr for every download where tqdm is installed;
+    ``ff-sync verify`` prints its report and nothing else."""
+    name = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+    old = os.environ.get(name)
+    os.environ[name] = "false"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
 
 
 # -- streaming reads for ``ff-sync verify`` ---------------------------------------------------
