@@ -123,37 +123,28 @@ def test_a_scheduler_that_does_not_answer_leaves_the_silence_rule(
         os.chmod(fake / "squeue", 0o755)
         config = _config(tmp_path, 3600)
         env_path = f"{fake}:{os.environ['PATH']}"
-        done = subprocess.run(
-            [sys.executable, "-m", "formula_foundry.sync"],
-            cwd=tmp_path,
-            env=_env(
-                slurm,
-                spool,
-                FF_CONFIG=str(config),
-                MLFLOW_TRACKING_URI=f"sqlite:///{db}",
-                PATH=env_path,
-            ),
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
+
+        def sync_with_fake_squeue() -> subprocess.CompletedProcess[str]:
+            return subprocess.run(
+                [sys.executable, "-m", "formula_foundry.sync"],
+                cwd=tmp_path,
+                env=_env(
+                    slurm,
+                    spool,
+                    FF_CONFIG=str(config),
+                    MLFLOW_TRACKING_URI=f"sqlite:///{db}",
+                    PATH=env_path,
+                ),
+                capture_output=True,
+                text=True,
+                timeout=300,
+            )
+
+        done = sync_with_fake_squeue()
         assert done.returncode == 0, done.stderr
         assert _runs(db) == {"silent": ("RUNNING", None)}
         # The second (idle) pass asks again, gets no answer, says so, and keeps the run open.
-        again = subprocess.run(
-            [sys.executable, "-m", "formula_foundry.sync"],
-            cwd=tmp_path,
-            env=_env(
-                slurm,
-                spool,
-                FF_CONFIG=str(config),
-                MLFLOW_TRACKING_URI=f"sqlite:///{db}",
-                PATH=env_path,
-            ),
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
+        again = sync_with_fake_squeue()
         assert "squeue did not answer" in again.stderr
         assert _runs(db) == {"silent": ("RUNNING", None)}
     finally:

@@ -23,12 +23,12 @@ from typing import Final
 import orjson
 
 from formula_foundry.errors import ValidationError
+from formula_foundry.tracking.events import MAX_EXPERIMENT_NAME_LENGTH, check_name
 from formula_foundry.tracking.spool_writer import now_ms
 
 DEFAULT_ID: Final = "0"
 DEFAULT_NAME: Final = "Default"
 RECORDS: Final = ".experiments"
-MAX_NAME_LENGTH: Final = 500  # mlflow/utils/validation.py
 
 
 @dataclass(frozen=True)
@@ -47,19 +47,6 @@ def experiment_id(name: str) -> str:
     return str((int.from_bytes(digest[:8], "big") >> 4) | 1)
 
 
-def check_name(name: object) -> str:
-    if not isinstance(name, str) or not name.strip():
-        raise ValidationError(f"experiment name must be a non-empty str, got {name!r}")
-    if len(name) > MAX_NAME_LENGTH:
-        raise ValidationError(
-            f"experiment name {name[:40]!r}... is {len(name)} characters "
-            f"(MLflow allows at most {MAX_NAME_LENGTH})"
-        )
-    if "\x00" in name:
-        raise ValidationError(f"experiment name {name!r} contains a NUL character")
-    return name
-
-
 class ExperimentBook:
     """The experiments of one spool root: recorded names, cached per process."""
 
@@ -70,7 +57,7 @@ class ExperimentBook:
 
     def create(self, name: str) -> tuple[Experiment, bool]:
         """Record ``name``; return it and whether this call created it (False: it existed)."""
-        name = check_name(name)
+        name = check_name("experiment name", name, MAX_EXPERIMENT_NAME_LENGTH)
         exp_id = experiment_id(name)
         found = self.by_id(exp_id)
         if found is not None:

@@ -40,9 +40,11 @@ from formula_foundry.tracking.events import (
     K_TAG_DELETE,
     K_TAGS,
     MAX_PARAM_VALUE_LENGTH,
+    MAX_RUN_NAME_LENGTH,
     MAX_TAG_VALUE_LENGTH,
     SOURCE_TYPES,
     check_key,
+    check_name,
     int64,
     metric_value,
     reserved_tag_reason,
@@ -67,7 +69,6 @@ PARENT_TAG: Final = "mlflow.parentRunId"
 USER_TAG: Final = "mlflow.user"
 SOURCE_NAME_TAG: Final = "mlflow.source.name"
 SOURCE_TYPE_TAG: Final = "mlflow.source.type"
-MAX_RUN_NAME_LENGTH: Final = 250
 _NAN_STORED: Final = 0.0  # MLflow stores NaN as 0 with a flag, and compares that
 _MAX: Final = sys.float_info.max
 _dumps = orjson.dumps
@@ -550,16 +551,7 @@ def _default_source() -> str:
 
 
 def _run_name(name: object) -> str:
-    if not isinstance(name, str) or not name.strip():
-        raise ValidationError(f"run name must be a non-empty str, got {name!r}")
-    if len(name) > MAX_RUN_NAME_LENGTH:
-        raise ValidationError(
-            f"run name {name[:40]!r}... is {len(name)} characters "
-            f"(MLflow allows at most {MAX_RUN_NAME_LENGTH})"
-        )
-    if "\x00" in name:
-        raise ValidationError(f"run name {name!r} contains a NUL character")
-    return utf8_text(name)
+    return check_name("run name", name, MAX_RUN_NAME_LENGTH)
 
 
 def _valid_key(key: object, what: str, run_id: str) -> str:

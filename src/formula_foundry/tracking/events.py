@@ -191,6 +191,34 @@ def check_key(key: object, what: str, run: str) -> str:
     return key
 
 
+# MLflow's limits on names (experiments: mlflow/utils/validation.py; runs: the 250-character
+# ``runs.name`` column, which PostgreSQL and MySQL enforce).
+MAX_EXPERIMENT_NAME_LENGTH: Final = 500
+MAX_RUN_NAME_LENGTH: Final = 250
+
+
+def check_name(field: str, value: object, limit: int) -> str:
+    """An experiment or run name (``field`` names it in errors): a non-empty str MLflow can
+    store as it is."""
+    if not isinstance(value, str) or not value.strip():
+        raise ValidationError(f"{field} must be a non-empty str, got {value!r}")
+    if len(value) > limit:
+        raise ValidationError(
+            f"{field} {value[:40]!r}... is {len(value)} characters (MLflow allows at most {limit})"
+        )
+    if "\x00" in value:
+        raise ValidationError(f"{field} {value!r} contains a NUL character")
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise ValidationError(
+                f"{field} {value!r} is not valid Unicode text (lone surrogate "
+                f"{value[exc.start]!r} at index {exc.start}; decode bytes before passing them)"
+            ) from None
+    return value
+
+
 def string_value(value: object, key: str, what: str, limit: int, run: str) -> str:
     """MLflow stores params and tags as ``str(value)``; reject what it would truncate."""
     if type(value) is str:

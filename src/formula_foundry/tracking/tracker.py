@@ -39,9 +39,12 @@ from formula_foundry.tracking.events import (
     K_RUN_END,
     K_RUN_START,
     K_TAGS,
+    MAX_EXPERIMENT_NAME_LENGTH,
     MAX_PARAM_VALUE_LENGTH,
+    MAX_RUN_NAME_LENGTH,
     MAX_TAG_VALUE_LENGTH,
     check_key,
+    check_name,
     int64,
     metric_value,
     reserved_tag_reason,
@@ -82,10 +85,6 @@ _FLOAT_TYPE = frozenset({float})
 # Keys that passed the tag rules too (not reserved for the sync): the tag path's own cache,
 # since a metric or param may well be named ``ff.x``.
 _tag_keys: set[str] = set()
-# MLflow's limits on names (experiments: mlflow/utils/validation.py; runs: the 250-character
-# ``runs.name`` column, which PostgreSQL and MySQL enforce).
-MAX_EXPERIMENT_NAME_LENGTH = 500
-MAX_RUN_NAME_LENGTH = 250
 # The logical path of an artifact reference becomes the document ``<path>.json`` (ff-sync).
 _REF_DOC_SUFFIX = ".json"
 _NAME_MAX = 255
@@ -108,27 +107,6 @@ def _valid_tag_key(key: object, run: str) -> str:
     if len(_tag_keys) < _KEY_CACHE_LIMIT:
         _tag_keys.add(checked)
     return checked
-
-
-def _check_name(field: str, value: object, limit: int) -> str:
-    """An experiment or run name: a non-empty str MLflow can store as it is."""
-    if not isinstance(value, str) or not value.strip():
-        raise ValidationError(f"{field} must be a non-empty str, got {value!r}")
-    if len(value) > limit:
-        raise ValidationError(
-            f"{field} {value[:40]!r}... is {len(value)} characters (MLflow allows at most {limit})"
-        )
-    if "\x00" in value:
-        raise ValidationError(f"{field} {value!r} contains a NUL character")
-    if not value.isascii():
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError as exc:
-            raise ValidationError(
-                f"{field} {value!r} is not valid Unicode text (lone surrogate "
-                f"{value[exc.start]!r} at index {exc.start}; decode bytes before passing them)"
-            ) from None
-    return value
 
 
 @runtime_checkable
@@ -615,9 +593,9 @@ class Tracker:
             experiment = experiment_name
         else:
             experiment = parent.experiment_name if parent else self.settings.default_experiment
-        _check_name("experiment_name", experiment, MAX_EXPERIMENT_NAME_LENGTH)
+        check_name("experiment_name", experiment, MAX_EXPERIMENT_NAME_LENGTH)
         if run_name is not None:
-            _check_name("run_name", run_name, MAX_RUN_NAME_LENGTH)
+            check_name("run_name", run_name, MAX_RUN_NAME_LENGTH)
         env_run_id = run_id is None and parent is None and os.environ.get("FF_RUN_ID")
         if env_run_id:
             run_id = take_ff_run_id(env_run_id)
