@@ -26,4 +26,8 @@ fi
 .venv/bin/ruff check src tests tools
 .venv/bin/ruff format --check src tests tools
 .venv/bin/mypy
-exec .venv/bin/python -m pytest "$@"
+# Two pytest-xdist workers by default (FF_TEST_WORKERS=0 for one process): most tests wait on
+# subprocesses, services and the scheduler, so two workers halve the wall time even on 2 cores.
+# Each worker starts its own PostgreSQL cluster and mlflow server; the Slurm tests share one
+# worker (xdist_group "slurm") and so one cluster.
+exec .venv/bin/python -m pytest -n "${FF_TEST_WORKERS:-2}" --dist loadgroup "$@"

@@ -6,7 +6,8 @@ anything in ``/etc``: a ``munged`` of our own (its own key and socket), ``slurmc
 client command finds it through ``SLURM_CONF``). When the session ends, the jobs are cancelled,
 the daemons stopped by the pids in their pid files, and any process still carrying this
 cluster's ``SLURM_CONF`` (a job's orphan) killed by pid. Without the packages, or without root
-(``slurmd`` launches jobs as their users), the tests are skipped with the reason.
+(``slurmd`` launches jobs as their users), the tests are skipped with the reason, or fail
+where ``FF_REQUIRE_SLURM=1`` (``.ci/run`` sets it: CI must really run them).
 
 :class:`Slurm` wraps the commands the tests use (``sbatch``, ``scontrol``, ``scancel``) with
 deadlines: every wait fails with ``scontrol show job`` and the daemons' log tails.
@@ -378,6 +379,8 @@ def _pids_of(conf: Path) -> list[int]:
 def slurm() -> Iterator[Slurm]:
     """One throw-away single-node Slurm per session; skipped when it cannot run here."""
     reason = missing()
+    if reason and os.environ.get("FF_REQUIRE_SLURM") == "1":
+        pytest.fail(f"FF_REQUIRE_SLURM=1 but {reason}", pytrace=False)
     if reason:
         pytest.skip(reason)
     cluster = Slurm()

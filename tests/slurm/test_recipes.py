@@ -33,7 +33,8 @@ from formula_foundry.tracking.spool_reader import Event, SegmentReader
 from tests.conftest import CONFIG_ENV_VARS, REPO_ROOT
 from tests.slurm.conftest import Slurm, SlurmError, tail
 
-pytestmark = pytest.mark.slurm
+# One cluster per session: every Slurm test runs on the same pytest-xdist worker.
+pytestmark = [pytest.mark.slurm, pytest.mark.xdist_group("slurm")]
 
 RECIPE = REPO_ROOT / "docs" / "recipes" / "slurm-job.sbatch"
 PYTHON = sys.executable

@@ -13,7 +13,8 @@ import pytest
 
 from tests.slurm.conftest import Slurm
 
-pytestmark = pytest.mark.slurm
+# One cluster per session: every Slurm test runs on the same pytest-xdist worker.
+pytestmark = [pytest.mark.slurm, pytest.mark.xdist_group("slurm")]
 
 # A run that is killed outright: no end event ever reaches the spool.
 DIES = """
