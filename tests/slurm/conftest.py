@@ -77,7 +77,14 @@ Waittime=0
 NodeName={host} NodeAddr=127.0.0.1 CPUs={cpus} State=UNKNOWN
 # The tests' jobs mostly sleep: up to 4 of them share a core, so the long time-limit jobs run
 # beside the others (no gang scheduling: shared cores are not time-sliced).
-PartitionName=main Nodes={host} Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:4
+PartitionName=main Nodes={host} Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:4 \
+PriorityTier=1 PreemptMode=OFF
+# Preemption: a job of `urgent` (the higher tier) requeues the `scavenger` jobs whose cores it
+# needs, as a cluster's high-priority partition does; jobs of `main` are never preempted.
+PreemptType=preempt/partition_prio
+PreemptMode=REQUEUE
+PartitionName=scavenger Nodes={host} MaxTime=INFINITE State=UP PriorityTier=1 PreemptMode=REQUEUE
+PartitionName=urgent Nodes={host} MaxTime=INFINITE State=UP PriorityTier=2 PreemptMode=OFF
 """
 
 

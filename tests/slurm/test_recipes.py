@@ -18,6 +18,7 @@ module starts (the partition lets jobs share cores) and checked by the last test
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -41,6 +42,9 @@ PYTHON = sys.executable
 VENV_BIN = str(Path(sys.executable).parent)
 JOB_TIMEOUT_S = 120.0  # a short job, from submission to its end
 TIME_LIMIT_TIMEOUT_S = 240.0  # --time=1: Slurm checks limits every 30 s, then KillWait
+# The reason a run gets on SIGTERM early in a job with the recipe's --time=04:00:00 (a job
+# already requeued when the tracker asks shows its whole limit again).
+FOUR_HOURS_LEFT = r"SIGTERM in Slurm job %s, (?:4:00:00|3:5\d:\d\d) of its time limit left"
 SYNC_TIMEOUT_S = 120.0  # the watcher's first pass imports MLflow and creates the store
 SILENCE_S = 20.0  # sync.stale_after_s of the dead-run test's project
 
@@ -242,6 +246,9 @@ class Project:
 
     def ends(self, run_id: str) -> list[str]:
         return [e.data["status"] for _, e in self.events(run_id) if e.kind == "run_end"]
+
+    def reasons(self, run_id: str) -> list[str | None]:
+        return [e.data.get("reason") for _, e in self.events(run_id) if e.kind == "run_end"]
 
     # -- the sync and the store ------------------------------------------------------------
 
@@ -456,6 +463,9 @@ def test_requeued_job_continues_one_run(slurm: Slurm, site: Project) -> None:
     assert run["name"] == f"job-{job}"
     assert run["tags"]["slurm.restart_count"] == "1"
     assert run["params"] == {"steps_per_execution": "4"}
+    # The first execution ended on the requeue's SIGTERM; the reason went with that end.
+    assert re.fullmatch(FOUR_HOURS_LEFT % job, str(site.reasons(run_id)[0])), site.reasons(run_id)
+    assert "ff.sync.end_reason" not in run["tags"]
 
 
 def test_scancel_ends_run_killed(slurm: Slurm, site: Project) -> None:
@@ -469,6 +479,10 @@ def test_scancel_ends_run_killed(slurm: Slurm, site: Project) -> None:
     run = site.wait_run(run_id, "KILLED", job)
     assert steps(run) == list(range(5))
     assert run["end_time"] is not None
+    # The reason: the signal, the job and what was left of the recipe's --time=04:00:00.
+    (reason,) = site.reasons(run_id)
+    assert re.fullmatch(FOUR_HOURS_LEFT % job, str(reason)), reason
+    assert run["tags"]["ff.sync.end_reason"] == reason
 
 
 def test_batch_shell_waits_for_the_end_event(slurm: Slurm, site: Project) -> None:
@@ -557,11 +571,22 @@ def test_multi_task_step_ranks_attach_to_one_run(slurm: Slurm, site: Project) ->
     assert site.ends(run_id) == ["FINISHED"]
 
 
-def _check_time_limit_run(site: Project, job: str) -> None:
+def _check_time_limit_run(site: Project, job: str, left_s: tuple[int, int] | None) -> None:
+    """The run ended KILLED with every returned call synced; its reason names the job and
+    how much of its 1-minute limit was left when SIGTERM came (``left_s``, seconds), or that
+    the limit was reached (``None``)."""
     run_id = f"coupon-sweep-{job}"
     out = site.output(job)
     assert_ends(site, run_id, job, ["KILLED"])
     run = site.wait_run(run_id, "KILLED", job)
+    (reason,) = site.reasons(run_id)
+    if left_s is None:
+        assert reason == f"SIGTERM in Slurm job {job}, its time limit reached"
+    else:
+        left = rf"SIGTERM in Slurm job {job}, 0:(\d\d) of its time limit left"
+        found = re.fullmatch(left, str(reason))
+        assert found and left_s[0] <= int(found[1]) <= left_s[1], reason
+    assert run["tags"]["ff.sync.end_reason"] == reason
     # Every call that returned is synced; nothing is missing in between.
     returned = returned_steps(out)
     synced = steps(run)
@@ -578,7 +603,7 @@ def test_time_limit_notice_ends_run_killed(
     job = long_jobs.notice
     state = slurm.wait_state(job, ("FAILED", "TIMEOUT", "COMPLETED"), TIME_LIMIT_TIMEOUT_S)
     assert (state, slurm.job(job)["ExitCode"]) == ("FAILED", "143:0")
-    _check_time_limit_run(site, job)
+    _check_time_limit_run(site, job, (1, 50))  # the notice: at most 50 s left
 
 
 def test_jobs_dead_without_end_event_stay_open_until_stale(slurm: Slurm, silent: Project) -> None:
@@ -639,4 +664,42 @@ def test_time_limit_reached_ends_run_killed(
     job = long_jobs.limit
     state = slurm.wait_state(job, ("FAILED", "TIMEOUT", "COMPLETED"), TIME_LIMIT_TIMEOUT_S)
     assert state == "TIMEOUT"
-    _check_time_limit_run(site, job)
+    _check_time_limit_run(site, job, None)
+
+
+def test_preempted_job_continues_one_run(slurm: Slurm, site: Project) -> None:
+    """Preemption: a job of the preemptable partition `scavenger` holds the whole node; a job of
+    `urgent` (a higher PriorityTier) needs a core, so Slurm requeues the first job (SIGTERM;
+    the recipe's --requeue). Its run ends KILLED with the reason; requeued, the job continues
+    the one run to FINISHED with every step. Last in the module: the exclusive job waits for
+    the node to be free of the other tests' jobs."""
+    job = site.submit(
+        "--partition=scavenger", "--exclusive", args=("--steps", "4", "--then", "hold-once")
+    )
+    run_id = f"coupon-sweep-{job}"
+    site.wait_mark(f"{job}-0.ready", job, timeout=TIME_LIMIT_TIMEOUT_S)
+    urgent = slurm.sbatch(
+        "--partition=urgent",
+        f"--output={site.root / 'urgent-%j.out'}",
+        "--wrap=sleep 1",
+        cwd=site.root,
+    )
+    slurm.wait_state(urgent, "COMPLETED", JOB_TIMEOUT_S)
+    assert slurm.wait_state(job, "PENDING", JOB_TIMEOUT_S) == "PENDING"
+    assert slurm.job(job).get("Reason") in ("BeginTime", "Priority", "Resources", "None"), (
+        slurm.job(job)
+    )
+    assert_ends(site, run_id, job, ["KILLED"])
+    (reason,) = site.reasons(run_id)
+    assert re.fullmatch(FOUR_HOURS_LEFT % job, str(reason)), reason
+    run = site.wait_run(run_id, "KILLED", job)
+    assert steps(run) == [0, 1, 2, 3]
+    assert run["tags"]["ff.sync.end_reason"] == reason
+
+    slurm.run("scontrol", "update", f"JobId={job}", "StartTime=now")
+    slurm.wait_state(job, "COMPLETED", JOB_TIMEOUT_S)
+    assert slurm.job(job)["Restarts"] == "1"
+    assert site.ends(run_id) == ["KILLED", "FINISHED"]
+    run = site.wait_run(run_id, "FINISHED", job)
+    assert steps(run) == list(range(8))
+    assert "ff.sync.end_reason" not in run["tags"]

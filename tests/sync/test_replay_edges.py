@@ -97,6 +97,40 @@ def _pass(
     return sync_once(s, progress=progress, replay=replay)
 
 
+def test_a_run_end_reason_becomes_the_end_reason_tag(project: Project) -> None:
+    # The tracker gives a reason on SIGTERM ("SIGTERM in Slurm job 12, 0:38 of its time limit
+    # left") and to run.end(reason=...); the sync sets it as ff.sync.end_reason with the
+    # status, the tag the sync uses for the runs it ends itself. verify leaves ff.sync.* out.
+    project.configure()
+    _segment(
+        project.spool_root,
+        "why-0001",
+        4_000_000_000_000,
+        [_start("why"), {"k": "run_end", "status": "KILLED", "reason": "SIGTERM in job 12"}],
+    )
+    cwd = os.getcwd()
+    os.chdir(project.root)
+    try:
+        assert _pass(project).exit_code == 0
+        run = project.snapshot()["runs"]["why-0001"]
+        assert run["status"] == "KILLED"
+        assert run["tags"]["ff.sync.end_reason"] == "SIGTERM in job 12"
+        assert _verify(project)[0] == 0
+        assert _pass(project, replay=True).exit_code == 0  # replayed: the same tag, once
+        assert project.snapshot()["runs"]["why-0001"] == run
+        # Requeued: a new process resumes the run and finishes it. The reason went with the
+        # end it explained; a FINISHED run must not read "SIGTERM".
+        resumed = [_start("why", resume=True), {"k": "run_end", "status": "FINISHED"}]
+        _segment(project.spool_root, "why-0001", 4_000_000_100_000, resumed)
+        assert _pass(project).exit_code == 0
+        run = project.snapshot()["runs"]["why-0001"]
+        assert run["status"] == "FINISHED"
+        assert "ff.sync.end_reason" not in run["tags"]
+        assert _verify(project)[0] == 0
+    finally:
+        os.chdir(cwd)
+
+
 # -- 1. a pass that dies after a run's end keeps its end status ------------------------------
 
 
@@ -384,6 +418,14 @@ CASES = st.one_of(
     st.tuples(st.just("artifact_ref"), st.just("digest"), NOT_STR),
     st.tuples(st.just("artifact_ref"), st.just("store"), st.one_of(NOT_STR, st.just(""))),
     st.tuples(st.just("run_end"), st.just("status"), BAD_STATUS),
+    st.tuples(
+        st.just("run_end"),
+        st.just("reason"),
+        # reason: null is no reason, not damage
+        st.one_of(
+            NOT_STR.filter(lambda v: v is not None), HUGE, st.sampled_from(["", " ", "a\x00"])
+        ),
+    ),
     st.tuples(st.just("run_start"), st.just("experiment"), st.one_of(NOT_STR, st.just(" "))),
     st.tuples(st.just("run_start"), st.just("name"), st.one_of(NOT_STR, st.just(""))),
     st.tuples(

@@ -37,7 +37,7 @@ def _child(code: str, env: dict[str, str], cwd: Path) -> subprocess.Popen[bytes]
 
 
 def _env(spool: Path, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("FF_", "MLFLOW_"))}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("FF_", "MLFLOW_", "SLURM_"))}
     env.update(FF_SPOOL_ROOT=str(spool), **extra)
     return env
 
@@ -211,7 +211,46 @@ def test_sigterm_records_a_killed_end_event(ff_project: Path) -> None:
     ((_, evs),) = _events(spool, "term")
     assert evs[-1].kind == "run_end"
     assert evs[-1].data["status"] == "KILLED"
+    assert evs[-1].data["reason"] == "SIGTERM"  # outside a Slurm job: the signal alone
     assert time.time() * 1000 - evs[-1].t < 60_000
+
+
+def test_sigterm_in_a_slurm_job_names_the_job_when_squeue_cannot_answer(
+    ff_project: Path, tmp_path: Path
+) -> None:
+    # SLURM_JOB_ID set but no squeue on PATH (a node without Slurm's client commands): the
+    # reason names the job and leaves the time left out instead of delaying the end event.
+    # tests/slurm/test_recipes.py checks the reason with a real squeue.
+    spool = ff_project / "data" / "runs"
+    code = """
+        import time
+        from formula_foundry.tracking import get_tracker
+        with get_tracker().start_run(run_id="in-job"):
+            print("ready", flush=True)
+            time.sleep(60)
+    """
+    empty = tmp_path / "bin"
+    empty.mkdir()
+    proc = _child(code, _env(spool, SLURM_JOB_ID="4242", PATH=str(empty)), ff_project)
+    assert proc.stdout is not None
+    assert proc.stdout.readline().strip() == b"ready"
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=30)
+    ((_, evs),) = _events(spool, "in-job")
+    assert (evs[-1].kind, evs[-1].data["status"]) == ("run_end", "KILLED")
+    assert evs[-1].data["reason"] == "SIGTERM in Slurm job 4242"
+
+
+def test_end_with_a_reason_records_it_and_a_bad_reason_is_refused(ff_project: Path) -> None:
+    spool = ff_project / "data" / "runs"
+    run = get_tracker().start_run(run_id="why")
+    for bad in ("", 3, "x" * 8001, "a\x00b"):
+        with pytest.raises(ValidationError, match="run why: end reason"):
+            run.end("FAILED", reason=bad)  # type: ignore[arg-type]
+    run.end("FAILED", reason="loss diverged at step 812")
+    ((_, evs),) = _events(spool, "why")
+    ends = [(e.data["status"], e.data.get("reason")) for e in evs if e.kind == "run_end"]
+    assert ends == [("FAILED", "loss diverged at step 812")]
 
 
 def test_sigterm_inside_a_spool_write_and_a_second_sigterm_still_end_the_run(

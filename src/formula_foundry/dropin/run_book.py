@@ -297,7 +297,9 @@ class RunBook:
             live.writer.append(self._run_start(state, t, resume=True))
             state.status, state.end_time = "RUNNING", None
 
-    def end(self, run_id: str, status: str, end_time: int | None) -> None:
+    def end(
+        self, run_id: str, status: str, end_time: int | None, reason: str | None = None
+    ) -> None:
         if status not in END_STATUSES:
             raise ValidationError(
                 f"run {run_id}: a spool run can be set to RUNNING, FINISHED, FAILED or KILLED, "
@@ -309,6 +311,8 @@ class RunBook:
             record["end_time"] = None  # MLflow's update_run(status=...) sets no end time
         else:
             record["t"] = int64(end_time, "end_time", "<run>", run_id, minimum=1)
+        if reason is not None:
+            record["reason"] = reason
         with live.lock:
             live.writer.append(record)
             live.state.status, live.state.end_time = (
@@ -345,12 +349,12 @@ class RunBook:
         if live is not None:
             live.writer.flush()
 
-    def end_all(self, status: str) -> None:
+    def end_all(self, status: str, reason: str | None = None) -> None:
         """End every run this process created or resumed and has not ended (SIGTERM)."""
         for live in list(self._live.values()):
             if live.state.status == "RUNNING" and live.state.opened_here:
                 try:
-                    self.end(live.state.run_id, status, now_ms())
+                    self.end(live.state.run_id, status, now_ms(), reason)
                 except Exception:  # one failing run must not keep the others open
                     continue
 
@@ -494,7 +498,7 @@ class RunBook:
         with self._lock:
             self._live[live.state.run_id] = live
         start_heartbeat(self.heartbeat_s, self._beat)
-        install_sigterm(lambda: self.end_all("KILLED"))
+        install_sigterm(lambda reason: self.end_all("KILLED", reason))
 
     def _beat(self) -> None:
         for live in list(self._live.values()):

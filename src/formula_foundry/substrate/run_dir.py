@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import secrets
 import time
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Final, overload
 
+from formula_foundry.ids import RUN_ID_MAX_LENGTH, run_id_problem
 from formula_foundry.substrate import canonical_json
 from formula_foundry.substrate.atomic import fsync_dir, write_all
 from formula_foundry.substrate.determinism import DeterminismConfig
@@ -52,24 +52,16 @@ __all__ = [
 
 _log = logging.getLogger(__name__)
 
-RUN_ID_MAX_LENGTH: Final = 128
-_RUN_ID_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _CREATE_ATTEMPTS: Final = 8
 
 
 def validate_run_id(run_id: object) -> str:
-    """Return ``run_id`` if it is a safe single directory name, else raise :class:`InvalidRunId`."""
-    if not isinstance(run_id, str):
-        raise InvalidRunId(f"invalid run id {run_id!r}: expected a str")
-    if not 1 <= len(run_id) <= RUN_ID_MAX_LENGTH:
-        raise InvalidRunId(
-            f"invalid run id {run_id!r}: length must be 1..{RUN_ID_MAX_LENGTH} characters"
-        )
-    if _RUN_ID_RE.fullmatch(run_id) is None or ".." in run_id:
-        raise InvalidRunId(
-            f"invalid run id {run_id!r}: use letters, digits, '.', '_' and '-', start with a "
-            "letter or digit, and no '..'"
-        )
+    """Return ``run_id`` if it is a valid run id (the rule: :mod:`formula_foundry.ids`), a safe
+    single directory name, else raise :class:`InvalidRunId`."""
+    problem = run_id_problem(run_id)
+    if problem is not None:
+        raise InvalidRunId(problem)
+    assert isinstance(run_id, str)
     return run_id
 
 

@@ -40,6 +40,7 @@ from pathlib import Path
 
 from formula_foundry.config import Settings, load_settings, resolve_store_uri
 from formula_foundry.errors import ConfigError, MlflowMissing, SyncError, SyncLocked
+from formula_foundry.ids import is_run_id
 from formula_foundry.redact import redact_uri
 from formula_foundry.sync.destination_id import (
     SPOOL_TAG,
@@ -56,7 +57,7 @@ from formula_foundry.sync.parallel import replay_parallel, workers_for
 from formula_foundry.sync.quarantine_log import QuarantineLog
 from formula_foundry.sync.report import ProgressFn, SyncReport
 from formula_foundry.sync.retry import RetryPolicy
-from formula_foundry.sync.runs import RUN_UUID_RE, RunResolver, SyncContext
+from formula_foundry.sync.runs import RunResolver, SyncContext
 from formula_foundry.sync.scan import SegmentFile, scan_spool_report
 from formula_foundry.sync.scheduler import Verdict, ask
 from formula_foundry.sync.sink import IdentityUnavailable, Sink
@@ -192,7 +193,7 @@ def _pass(
     # Named on every pass, never followed nor fatal; their runs are not judged dead meanwhile.
     report.unreadable += [s.describe() for s in scan.skipped]
     unscanned = scan.skipped_runs
-    odd = sorted({f.run_uuid for f in files if not RUN_UUID_RE.fullmatch(f.run_uuid)})
+    odd = sorted({f.run_uuid for f in files if not is_run_id(f.run_uuid)})
     if odd:
         files = [f for f in files if f.run_uuid not in odd]
         report.warnings += [

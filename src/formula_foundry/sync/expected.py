@@ -32,13 +32,13 @@ from dataclasses import dataclass, field
 
 from formula_foundry.errors import SpoolError
 from formula_foundry.sync.payloads import (
-    END_STATUSES,
     InvalidRecord,
     PayloadChecker,
     check_time,
+    end_reason,
     end_status,
     end_time,
-    run_start_problem,
+    run_spec,
 )
 from formula_foundry.sync.scan import SegmentFile
 from formula_foundry.sync.sink import ArtifactRef
@@ -52,12 +52,10 @@ from formula_foundry.tracking.events import (
     K_TAGS,
     MAX_PARAM_VALUE_LENGTH,
     MAX_TAG_VALUE_LENGTH,
-    source_type,
-    system_tags,
 )
 from formula_foundry.tracking.spool_reader import Event, SegmentReader
 
-__all__ = ["END_STATUSES", "ExpectedRun", "Point", "expected_run", "metric_value"]
+__all__ = ["ExpectedRun", "Point", "expected_run", "metric_value"]
 
 MetricValue = float | str  # a float, or "NaN" (so that NaN compares equal to NaN)
 Point = tuple[int, int, MetricValue]  # step, timestamp ms, value
@@ -165,38 +163,20 @@ class _Builder:
 
     def run_start(self, ev: Event) -> None:
         run = self.run
-        problem = run_start_problem(ev)
-        if problem is not None:
-            raise InvalidRecord(problem)
+        spec = run_spec(run.uuid, ev)  # the replay's own reading: invalid for both or neither
         if run.started:
             if run.status != "RUNNING" and ev.data.get("resume") is not False:
                 run.status, run.end_time = "RUNNING", None  # a resumed run runs again
             return
-        d = ev.data
-        experiment, name, parent = d.get("experiment"), d.get("name"), d.get("parent")
-        assert isinstance(experiment, str) and isinstance(name, str)
         run.started = True
-        run.experiment, run.name, run.start_time = experiment, name, ev.t
-        run.parent_uuid = parent if isinstance(parent, str) else None
+        run.experiment, run.name, run.start_time = spec.experiment, spec.name, spec.start_time
+        run.parent_uuid = spec.parent_uuid
         # The tags create_run writes; tag events logged before the run_start do not exist
         # for the destination yet, so these go first and events override them in order.
-        system = {
-            "mlflow.user": _text(d.get("user")),
-            "mlflow.source.name": _text(d.get("source")),
-            "mlflow.source.type": source_type(d),
-        }
-        kept = system_tags(d)
-        created = {
-            "ff.run_uuid": run.uuid,
-            "ff.host": _text(d.get("host")),
-            **{k: v for k, v in system.items() if k in kept},
-            "mlflow.runName": name,
-        }
-        if run.parent_uuid:
-            created["ff.parent_run_uuid"] = run.parent_uuid
-        run.tags = {**created, **run.tags}
+        run.tags = {**spec.creation_tags(), **run.tags}
 
     def run_end(self, ev: Event) -> None:
+        end_reason(ev)  # a malformed reason makes the run_end invalid, as in the replay
         self.run.status, self.run.end_time = end_status(ev), end_time(ev)
 
 

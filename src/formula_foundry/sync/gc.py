@@ -34,9 +34,9 @@ from pathlib import Path
 
 from formula_foundry.config import Settings
 from formula_foundry.errors import SyncLocked
+from formula_foundry.ids import is_run_id
 from formula_foundry.redact import redact_uri
 from formula_foundry.sync.destination_id import destination_problem
-from formula_foundry.sync.runs import RUN_UUID_RE
 from formula_foundry.sync.scan import SegmentFile, scan_spool
 from formula_foundry.sync.sync_state import DESTINATION_FILE, LOCK_FILE, STATE_FILE, SyncState
 from formula_foundry.tracking.spool_writer import is_segment_name
@@ -209,7 +209,7 @@ def collect_garbage(
             )
         for run_uuid in sorted(by_run):
             run_dir = settings.spool_root / run_uuid
-            files = _snapshot(run_dir) if RUN_UUID_RE.fullmatch(run_uuid) else None
+            files = _snapshot(run_dir) if is_run_id(run_uuid) else None
             if (
                 run_uuid not in ended
                 or not files

@@ -265,21 +265,7 @@ class MlflowSink(IdentityTags):
         exp_id = self._experiment_id(spec.experiment, create=True)
         if exp_id is None:  # pragma: no cover - create=True returns an id or raises
             raise DestinationRejected(f"experiment {spec.experiment!r} could not be created")
-        system = {
-            "mlflow.user": spec.user,
-            "mlflow.source.name": spec.source,
-            "mlflow.source.type": spec.source_type,
-        }
-        tags = {
-            "ff.run_uuid": spec.run_uuid,
-            "ff.host": spec.host,
-            **{k: v for k, v in system.items() if k in spec.system_tags},
-            "mlflow.runName": spec.name,
-        }
-        if spec.parent_uuid:
-            tags["ff.parent_run_uuid"] = spec.parent_uuid
-        if spec.parent_run_id:
-            tags["mlflow.parentRunId"] = spec.parent_run_id
+        tags = spec.creation_tags()
         run = self._call(
             f"create run {spec.run_uuid}",
             lambda: self._client.create_run(

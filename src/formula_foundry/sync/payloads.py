@@ -24,21 +24,25 @@ import re
 from typing import Final
 
 from formula_foundry.errors import ValidationError
+from formula_foundry.ids import is_run_id
 from formula_foundry.substrate.errors import InvalidLogicalPath
 from formula_foundry.substrate.logical_path import validate_logical_path
-from formula_foundry.sync.runs import RUN_UUID_RE
-from formula_foundry.sync.sink import ArtifactRef, MetricRow
+from formula_foundry.sync.sink import ArtifactRef, MetricRow, RunSpec
 from formula_foundry.tracking.events import (
+    END_STATUSES,
     INT64_MAX,
     INT64_MIN,
+    MAX_TAG_VALUE_LENGTH,
     check_key,
+    check_name,
     decode_metric_value,
     reserved_tag_reason,
+    source_type,
+    system_tags,
 )
 from formula_foundry.tracking.spool_reader import Event
 
 _DIGEST: Final = re.compile(r"sha256:[0-9a-f]{64}")
-END_STATUSES: Final = frozenset({"FINISHED", "FAILED", "KILLED"})
 _SHOWN: Final = 60  # characters of a bad value shown in a reason
 
 
@@ -81,12 +85,22 @@ def end_time(ev: Event) -> int | None:
     return None if "end_time" in ev.data and ev.data["end_time"] is None else ev.t
 
 
-def run_start_problem(ev: Event) -> str | None:
-    """Why a ``run_start`` event cannot create (or reopen) its run; None if it can.
+def end_reason(ev: Event) -> str | None:
+    """The reason a ``run_end`` gives (a text the sync sets as ``ff.sync.end_reason``), if any."""
+    reason = ev.data.get("reason")
+    if reason is None:
+        return None
+    try:
+        return check_name("run_end reason", reason, MAX_TAG_VALUE_LENGTH)
+    except ValidationError as exc:
+        raise InvalidRecord(str(exc)) from None
 
-    The same rule as the resolver's (:mod:`formula_foundry.sync.runs`), which creates the
-    run from the first valid one.
-    """
+
+def run_spec(run_uuid: str, ev: Event) -> RunSpec:
+    """The run a ``run_start`` creates: the one reading of a ``run_start``, shared by the
+    replay (which creates the run from the first valid one, :mod:`formula_foundry.sync.runs`),
+    a resume, and ``verify``'s expected state. Raises :class:`InvalidRecord` if it cannot
+    create (or reopen) a run."""
     d = ev.data
     experiment, name, parent = d.get("experiment"), d.get("name"), d.get("parent")
     if (
@@ -95,9 +109,34 @@ def run_start_problem(ev: Event) -> str | None:
         or ev.t <= 0
         or not isinstance(name, str)
         or not name.strip()
-        or (parent is not None and (type(parent) is not str or not RUN_UUID_RE.fullmatch(parent)))
+        or (parent is not None and not is_run_id(parent))
     ):
-        return "run_start lacks a valid experiment, name or time"
+        raise InvalidRecord("run_start lacks a valid experiment, name or time")
+
+    def text(key: str) -> str:
+        value = d.get(key)
+        return value if isinstance(value, str) and value else "unknown"
+
+    return RunSpec(
+        run_uuid=run_uuid,
+        experiment=experiment,
+        name=name,
+        start_time=ev.t,
+        user=text("user"),
+        host=text("host"),
+        source=text("source"),
+        parent_uuid=parent,
+        source_type=source_type(d),
+        system_tags=system_tags(d),
+    )
+
+
+def run_start_problem(ev: Event) -> str | None:
+    """Why a ``run_start`` event cannot create (or reopen) its run; None if it can."""
+    try:
+        run_spec("", ev)
+    except InvalidRecord as exc:
+        return str(exc)
     return None
 
 

@@ -35,6 +35,7 @@ from formula_foundry.sync.payloads import (
     PayloadChecker,
     check_time,
     conflict_reason,
+    end_reason,
     end_status,
     end_time,
     run_start_problem,
@@ -42,15 +43,11 @@ from formula_foundry.sync.payloads import (
 from formula_foundry.sync.report import Progress, ProgressFn
 from formula_foundry.sync.runs import RunContext, RunResolver, SyncContext
 from formula_foundry.sync.scan import SegmentFile, unreadable_reason
-from formula_foundry.sync.sink import (
-    DestinationRejected,
-    ParamConflict,
-    RecordRejected,
-    RunMissing,
-)
-from formula_foundry.sync.stale import revive
+from formula_foundry.sync.sink import DestinationRejected, ParamConflict, RecordRejected, RunMissing
+from formula_foundry.sync.stale import reopen, revive
 from formula_foundry.sync.sync_state import RunRecord, SegmentProgress
 from formula_foundry.tracking.events import (
+    END_REASON_TAG,
     INT64_MAX,
     INT64_MIN,
     K_ARTIFACT_REF,
@@ -241,8 +238,11 @@ class Replayer:
             if len(cur.batch.refs) >= _REFS_PER_BATCH:
                 self._flush(cur)
         elif kind == K_RUN_END:
-            status, end = end_status(ev), end_time(ev)
+            status, end, why = end_status(ev), end_time(ev), end_reason(ev)
             self._flush(cur)
+            if why is not None:  # before the status, as when the sync ends a run (stale.py)
+                tag = [(END_REASON_TAG, why)]
+                self.cx.call(partial(self.sink.log_batch, ctx.run_id, [], [], tag))
             self.cx.call(lambda: self.sink.set_status(ctx.run_id, status, end))
             ctx.status, ctx.end_time, cur.done = status, end, True
             # Saved before the progress past the run_end: no later pass reads it again.
@@ -267,7 +267,7 @@ class Replayer:
                 # own first start ("resume": false), read again when everything is resent,
                 # reopens nothing; a start without the flag (hand-written spools) does.
                 self._flush(cur)
-                self.cx.call(lambda: self.sink.set_status(ctx.run_id, "RUNNING", None))
+                reopen(self.sink, ctx.run_id, self.cx.policy)
                 ctx.status = "RUNNING"
                 self._save_run(ctx)
             self._advance(cur, ev)

@@ -16,16 +16,16 @@ is linked as soon as its parent is created.
 from __future__ import annotations
 
 import dataclasses
-import re
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Final, TypeVar
+from typing import Final, TypeVar
 
 from formula_foundry.errors import SpoolCorrupt, SpoolError, UnsupportedSpoolVersion
+from formula_foundry.sync.payloads import InvalidRecord, run_spec
 from formula_foundry.sync.quarantine_log import QuarantineLog
 from formula_foundry.sync.report import SyncReport
 from formula_foundry.sync.retry import RetryPolicy
@@ -36,11 +36,10 @@ from formula_foundry.sync.sync_state import (
     SegmentProgress,
     SyncState,
 )
-from formula_foundry.tracking.events import K_RUN_START, source_type, system_tags
+from formula_foundry.tracking.events import K_RUN_START
 from formula_foundry.tracking.spool_reader import Event, Problem, SegmentReader
 
 T = TypeVar("T")
-RUN_UUID_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,249}")
 _RAW_LIMIT: Final = 200
 
 
@@ -363,28 +362,7 @@ class RunResolver:
 
 
 def _spec(uuid: str, ev: Event) -> RunSpec | None:
-    d: dict[str, Any] = ev.data
-    experiment, name, parent = d.get("experiment"), d.get("name"), d.get("parent")
-    if not isinstance(experiment, str) or not experiment.strip() or ev.t <= 0:
+    try:
+        return run_spec(uuid, ev)
+    except InvalidRecord:
         return None
-    if not isinstance(name, str) or not name.strip():
-        return None
-    if parent is not None and (not isinstance(parent, str) or not RUN_UUID_RE.fullmatch(parent)):
-        return None
-
-    def text(key: str) -> str:
-        value = d.get(key)
-        return value if isinstance(value, str) and value else "unknown"
-
-    return RunSpec(
-        run_uuid=uuid,
-        experiment=experiment,
-        name=name,
-        start_time=ev.t,
-        user=text("user"),
-        host=text("host"),
-        source=text("source"),
-        parent_uuid=parent,
-        source_type=source_type(d),
-        system_tags=system_tags(d),
-    )

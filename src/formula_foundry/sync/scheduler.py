@@ -9,8 +9,9 @@ be judged: where ``squeue`` answers on the sync host, one query per pass covers 
   time its last sign of life, with the job's state as the tag ``ff.sync.end_reason``.
 * The job is pending (a requeued job waiting to start again), running, suspended or
   completing: the run stays open however long it is silent.
-* The scheduler does not know the job (purged from its memory), does not answer, or is not
-  installed here: the silence rule (:mod:`formula_foundry.sync.stale`) decides, as before.
+* The scheduler does not know the job (purged from its memory) or names a state not listed
+  here, does not answer, or is not installed here: the silence rule
+  (:mod:`formula_foundry.sync.stale`) decides, as before.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ from typing import Final
 from formula_foundry.sync.sync_state import RunRecord
 from formula_foundry.tracking.scheduler import SLURM
 
-END_REASON_TAG: Final = "ff.sync.end_reason"
 ENDED: Final = frozenset(
     {
         "BOOT_FAIL",
@@ -36,6 +36,26 @@ ENDED: Final = frozenset(
         "OUT_OF_MEMORY",
         "PREEMPTED",
         "TIMEOUT",
+    }
+)
+# Alive: the job may still write to the run (a requeued job waits in PENDING, REQUEUE_HOLD or
+# SPECIAL_EXIT). A state in neither set (a newer Slurm's) keeps no run open: silence decides.
+ALIVE: Final = frozenset(
+    {
+        "COMPLETING",
+        "CONFIGURING",
+        "PENDING",
+        "REQUEUED",
+        "REQUEUE_FED",
+        "REQUEUE_HOLD",
+        "RESIZING",
+        "RESV_DEL_HOLD",
+        "RUNNING",
+        "SIGNALING",
+        "SPECIAL_EXIT",
+        "STAGE_OUT",
+        "STOPPED",
+        "SUSPENDED",
     }
 )
 _TIMEOUT_S: Final = 15.0
@@ -96,6 +116,6 @@ def ask(live: Collection[RunRecord], jobs: dict[str, str]) -> Verdict:
         state = states.get(job_id)
         if state in ENDED:
             verdict.ended[run_uuid] = f"slurm job {job_id} {state}"
-        elif state is not None:
+        elif state in ALIVE:
             verdict.alive.add(run_uuid)
     return verdict

@@ -60,6 +60,26 @@ class RunSpec:
     # Which of mlflow.user / mlflow.source.name / mlflow.source.type the run gets.
     system_tags: frozenset[str] = frozenset(CREATION_SYSTEM_TAGS)
 
+    def creation_tags(self) -> dict[str, str]:
+        """The tags the run is created with (``verify`` expects the same), in this order;
+        tag events of the run override them."""
+        system = {
+            "mlflow.user": self.user,
+            "mlflow.source.name": self.source,
+            "mlflow.source.type": self.source_type,
+        }
+        tags = {
+            "ff.run_uuid": self.run_uuid,
+            "ff.host": self.host,
+            **{k: v for k, v in system.items() if k in self.system_tags},
+            "mlflow.runName": self.name,
+        }
+        if self.parent_uuid:
+            tags["ff.parent_run_uuid"] = self.parent_uuid
+        if self.parent_run_id:
+            tags["mlflow.parentRunId"] = self.parent_run_id
+        return tags
+
 
 @dataclass(frozen=True, slots=True)
 class RemoteRun:

@@ -30,9 +30,9 @@ from functools import partial
 
 from formula_foundry.sync.report import SyncReport
 from formula_foundry.sync.retry import RetryPolicy
-from formula_foundry.sync.scheduler import END_REASON_TAG
 from formula_foundry.sync.sink import DestinationRejected, RunMissing, Sink
 from formula_foundry.sync.sync_state import RunRecord, SyncState
+from formula_foundry.tracking.events import END_REASON_TAG
 
 KILLED = "KILLED"
 
@@ -53,8 +53,15 @@ def revive(sink: Sink, state: SyncState, run: RunRecord, policy: RetryPolicy) ->
     """New events for a run the sync ended as dead: make it RUNNING again; True if it was."""
     if run.status != KILLED or not state.is_stale_ended(run.run_uuid, run.last_t):
         return False
-    policy.call(partial(sink.set_status, run.run_id, "RUNNING", None))
+    reopen(sink, run.run_id, policy)
     return True
+
+
+def reopen(sink: Sink, run_id: str, policy: RetryPolicy) -> None:
+    """Make an ended run RUNNING again. The reason it ended with (``ff.sync.end_reason``) went
+    with that end: a requeued job's run that then finishes must not read "SIGTERM"."""
+    policy.call(partial(sink.delete_tag, run_id, END_REASON_TAG))
+    policy.call(partial(sink.set_status, run_id, "RUNNING", None))
 
 
 def end_stale(

@@ -34,21 +34,21 @@ from typing import TYPE_CHECKING, Any, Final
 
 from formula_foundry.config import Settings
 from formula_foundry.errors import EXIT_OK, EXIT_PARTIAL, MlflowMissing, SpoolError
+from formula_foundry.ids import is_run_id
 from formula_foundry.redact import redact_uri
 from formula_foundry.sync.engine import check_destination
 from formula_foundry.sync.expected import (
-    END_STATUSES,
     ExpectedRun,
     Point,
     expected_run,
     metric_value,
 )
-from formula_foundry.sync.runs import RUN_UUID_RE
 from formula_foundry.sync.scan import SegmentFile, Skipped, scan_spool_report, unreadable_reason
 from formula_foundry.sync.sink import RunMissing
 from formula_foundry.sync.status import StateView
 from formula_foundry.sync.store_access import INSTALL_HINT
 from formula_foundry.sync.sync_state import destination_key
+from formula_foundry.tracking.events import END_STATUSES
 from formula_foundry.tracking.spool_reader import read_header
 
 if TYPE_CHECKING:
@@ -170,7 +170,7 @@ def _runs(
     for seg in files:
         by_run.setdefault(seg.run_uuid, []).append(seg)
     for uuid in sorted(by_run):
-        if RUN_UUID_RE.fullmatch(uuid):
+        if is_run_id(uuid):
             yield uuid, by_run[uuid]
 
 

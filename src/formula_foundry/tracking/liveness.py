@@ -16,6 +16,8 @@ from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
+from formula_foundry.tracking.scheduler import sigterm_reason
+
 _lock = threading.Lock()
 _thread: threading.Thread | None = None
 _stop = threading.Event()
@@ -44,8 +46,10 @@ def start_heartbeat(interval_s: float, beat: Callable[[], None]) -> None:
 _term_stage = 0
 
 
-def install_sigterm(end_all: Callable[[], None]) -> None:
+def install_sigterm(end_all: Callable[[str], None]) -> None:
     """On SIGTERM, end active runs KILLED, then die of SIGTERM as the default would.
+
+    ``end_all`` gets the reason the runs end with (``scheduler.sigterm_reason``).
 
     Only installed from the main thread and only when SIGTERM still has its default action,
     so an application's own handler is never replaced.
@@ -66,8 +70,11 @@ def install_sigterm(end_all: Callable[[], None]) -> None:
 
     def finish() -> None:
         global _term_stage
+        reason = "SIGTERM"
         with contextlib.suppress(Exception):
-            end_all()
+            reason = sigterm_reason()
+        with contextlib.suppress(Exception):
+            end_all(reason)
         _term_stage = 2
         if main is not None:
             signal.pthread_kill(main, signal.SIGTERM)

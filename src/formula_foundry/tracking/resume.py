@@ -9,7 +9,6 @@ param at log time, as one process does) with one linear scan of its segments.
 from __future__ import annotations
 
 import os
-import re
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,11 +18,11 @@ from typing import Final
 import orjson
 
 from formula_foundry.errors import FormulaFoundryError, RunStateError, ValidationError
+from formula_foundry.ids import run_id_problem
 from formula_foundry.tracking.events import K_ARTIFACT_REF, K_PARAMS, K_RUN_START, checksum_ok
 from formula_foundry.tracking.spool_reader import Event, SegmentReader
 from formula_foundry.tracking.spool_writer import is_segment_name, segment_started_ms
 
-_RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}")
 # run_start is the first event after the header; a few lines are enough to find it.
 _HEAD_EVENTS = 8
 _CHUNK: Final = 1 << 20
@@ -47,13 +46,11 @@ class RunOrigin:
 
 
 def check_run_id(run_id: object) -> str:
-    """A run id names a folder under the spool root: letters, digits, ``_ . -``, ≤ 128."""
-    if not isinstance(run_id, str) or not _RUN_ID.fullmatch(run_id):
-        raise ValidationError(
-            f"run id {run_id!r} is not valid: use 1-128 letters, digits, '_', '.' or '-', "
-            "starting with a letter or digit"
-        )
-    return run_id
+    """A run id names a folder under the spool root (the rule: :mod:`formula_foundry.ids`)."""
+    problem = run_id_problem(run_id)
+    if problem is not None:
+        raise ValidationError(problem)
+    return run_id  # type: ignore[return-value]
 
 
 # FF_RUN_ID names one run: the process's first top-level run (tracker or MLflow drop-in) takes

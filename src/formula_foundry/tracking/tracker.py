@@ -29,6 +29,7 @@ from formula_foundry.errors import (
     ValidationError,
 )
 from formula_foundry.tracking.events import (
+    END_STATUSES,
     FORMAT_VERSION,
     INT64_MAX,
     INT64_MIN,
@@ -466,12 +467,18 @@ class Run:
 
     # -- lifecycle -------------------------------------------------------------------------
 
-    def end(self, status: str = "FINISHED") -> None:
-        """End the run with ``status`` (FINISHED, FAILED or KILLED). Ending twice is an error."""
-        if status not in ("FINISHED", "FAILED", "KILLED"):
+    def end(self, status: str = "FINISHED", *, reason: str | None = None) -> None:
+        """End the run with ``status`` (FINISHED, FAILED or KILLED). Ending twice is an error.
+
+        ``reason``: why it ended, in a few words; ``ff-sync`` sets it as the run's tag
+        ``ff.sync.end_reason``. A SIGTERM ends active runs KILLED with a reason of its own.
+        """
+        if status not in END_STATUSES:
             raise ValidationError(
                 f"run {self.run_id}: end status must be FINISHED, FAILED or KILLED, got {status!r}"
             )
+        if reason is not None:
+            check_name(f"run {self.run_id}: end reason", reason, MAX_TAG_VALUE_LENGTH)
         if isinstance(self._writer, _EndedWriter):
             raise RunStateError(f"run {self.run_id} has already ended ({self.status})")
         writer = self._writer
@@ -481,7 +488,10 @@ class Run:
             self._writer = _EndedWriter(self.run_id, "detached")
             self._tracker._forget(self)
             return
-        writer.append({"v": _V, "s": 0, "t": now_ms(), "k": K_RUN_END, "status": status})
+        record: dict[str, Any] = {"v": _V, "s": 0, "t": now_ms(), "k": K_RUN_END, "status": status}
+        if reason is not None:
+            record["reason"] = reason
+        writer.append(record)
         writer.close()
         self.status = status
         self._writer = _EndedWriter(self.run_id, status)
@@ -726,7 +736,7 @@ class Tracker:
             self._active[id(run)] = run
         if not self.settings.disabled:
             start_heartbeat(self.settings.heartbeat_s, self._beat)
-            install_sigterm(lambda: self.end_all("KILLED"))
+            install_sigterm(lambda reason: self.end_all("KILLED", reason=reason))
 
     def _beat(self) -> None:
         with self._active_lock:
@@ -743,13 +753,13 @@ class Tracker:
         with self._active_lock:
             self._active.pop(id(run), None)
 
-    def end_all(self, status: str = "FINISHED") -> None:
+    def end_all(self, status: str = "FINISHED", *, reason: str | None = None) -> None:
         """End every run still active in this process (children first)."""
         with self._active_lock:
             runs = list(self._active.values())
         for run in reversed(runs):
             with contextlib.suppress(RunStateError):
-                run.end(status)
+                run.end(status, reason=reason)
 
 
 def _initial_tags(
