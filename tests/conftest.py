@@ -24,6 +24,38 @@ CONFIG_ENV_VARS = (
 )
 
 
+# The fast tier (marker ``fast``; ``./tools/test.sh --fast``, under 2 minutes here): the
+# tracker, the substrate, the replay engine against an in-memory destination
+# (tests/memory_sink.py), and one quick file per remaining part (CLI, watch, status,
+# quarantine, gc, verify, the REST path, the MLflow drop-in). Every module of src/ runs in it;
+# the full suite stays the CI gate.
+FAST: tuple[str, ...] = (
+    "tests/tracking/",
+    "tests/substrate/",
+    "tests/test_ids.py",
+    "tests/test_redact.py",
+    "tests/test_docs_cli.py",
+    "tests/sync/test_engine_memory.py",
+    "tests/sync/test_scheduler.py",
+    "tests/sync/test_watch.py",
+    "tests/sync/test_architecture.py",
+    "tests/sync/test_store_access.py",
+    "tests/sync/test_cli.py",
+    "tests/sync/test_status.py",
+    "tests/sync/test_rest_batch.py",
+    "tests/sync/test_quarantine.py",
+    "tests/sync/test_gc_lagging.py",
+    "tests/sync/test_verify.py::test_a_clean_sync_verifies",
+    "tests/dropin/test_store.py",
+)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.nodeid.startswith(FAST):
+            item.add_marker(pytest.mark.fast)
+
+
 @pytest.fixture
 def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
     """Remove the configuration environment variables; returns ``monkeypatch`` to set some."""

@@ -5,9 +5,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
+say() { printf 'demo: %s\n' "$*"; }
 if [ ! -x .venv/bin/python ]; then
+  say "creating the virtualenv .venv with $("$PY" --version 2>&1)"
   "$PY" -m venv .venv
 fi
+say "installing formula-foundry with MLflow into .venv (about 2 minutes the first time; quiet)"
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet -e '.[tracking]'
+say "running tools/demo.py: tracker and unmodified MLflow code log to data/runs, ff-sync replays"
 exec .venv/bin/python tools/demo.py "$@"

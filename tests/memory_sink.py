@@ -1,0 +1,195 @@
+"""An in-memory destination for the fast tier: the replay engine without MLflow.
+
+:class:`MemorySink` implements :class:`formula_foundry.sync.Sink` with MLflow's semantics for
+each write as the sync relies on them (docs/sync.md, ../shared/guide/mlflow-facts.md): a
+metric point is stored once however often it is sent, a param is write-once (another value is
+a :class:`ParamConflict`), tags are last-write-wins, deleting an absent tag is done already,
+a terminal status sets the end time. It is not a model of MLflow for the contract tests (they
+run against real stores, tests/sync/): it is what lets the engine's own logic (batching,
+barriers, progress, crash recovery, stale runs) be tested in milliseconds.
+
+``fail_at``: the calls (1-based, counted over every write and read) that raise
+:class:`StoreUnavailable` instead of running — a store going down at that exact point. With
+``after=True`` the write is applied first and the acknowledgement is lost (the process died
+between the destination's commit and the sync state's), the harder of the two crash points.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from formula_foundry.errors import StoreUnavailable
+from formula_foundry.sync.sink import (
+    MLFLOW_LIMITS,
+    ArtifactRef,
+    BatchLimits,
+    MetricRow,
+    ParamConflict,
+    RemoteRun,
+    RunMissing,
+    RunSpec,
+)
+
+T = TypeVar("T")
+
+
+@dataclass
+class MemoryRun:
+    """One destination run, as MLflow would hold it."""
+
+    run_id: str
+    experiment: str
+    name: str
+    start_time: int
+    status: str = "RUNNING"
+    end_time: int | None = None
+    params: dict[str, str] = field(default_factory=dict)
+    tags: dict[str, str] = field(default_factory=dict)
+    # key -> {(step, timestamp, value)}: a point sent twice is stored once.
+    metrics: dict[str, set[tuple[int, int, float | str]]] = field(default_factory=dict)
+    refs: dict[str, dict[str, object]] = field(default_factory=dict)
+
+
+class MemorySink:
+    """A destination in a dict; thread-safe (the parallel pass shares one)."""
+
+    description = "memory://"
+
+    def __init__(
+        self,
+        limits: BatchLimits = MLFLOW_LIMITS,
+        fail_at: Collection[int] = (),
+        after: bool = False,
+    ) -> None:
+        self.limits = limits
+        self.runs: dict[str, MemoryRun] = {}
+        self.calls: list[str] = []
+        self._fail_at = set(fail_at)
+        self._after = after
+        self._ids = itertools.count(1)
+        self._lock = threading.RLock()
+
+    def factory(self) -> Callable[[object], MemorySink]:
+        """A ``sink_factory`` for :func:`formula_foundry.sync.sync_once` returning this sink."""
+        return lambda _settings: self
+
+    # -- the calls ----------------------------------------------------------------------
+
+    def _call(self, name: str, fn: Callable[[], T]) -> T:
+        with self._lock:
+            self.calls.append(name)
+            n = len(self.calls)
+            if n in self._fail_at and not self._after:
+                raise StoreUnavailable(f"memory sink: down at call {n} ({name})")
+            result = fn()
+            if n in self._fail_at:
+                raise StoreUnavailable(f"memory sink: acknowledgement of call {n} ({name}) lost")
+            return result
+
+    def _run(self, run_id: str) -> MemoryRun:
+        run = self.runs.get(run_id)
+        if run is None:
+            raise RunMissing(f"memory sink: no run {run_id}")
+        return run
+
+    def find_run(self, run_uuid: str, experiment: str | None) -> RemoteRun | None:
+        def find() -> RemoteRun | None:
+            found = [r for r in self.runs.values() if r.tags.get("ff.run_uuid") == run_uuid]
+            if not found:
+                return None
+            first = found[0]
+            others = tuple(r.run_id for r in found[1:])
+            return RemoteRun(first.run_id, first.experiment, first.status, others)
+
+        return self._call("find_run", find)
+
+    def create_run(self, spec: RunSpec) -> RemoteRun:
+        def create() -> RemoteRun:
+            run_id = f"m{next(self._ids):04d}"
+            run = MemoryRun(run_id, spec.experiment, spec.name, spec.start_time)
+            run.tags.update(spec.creation_tags())
+            self.runs[run_id] = run
+            return RemoteRun(run_id, spec.experiment, run.status)
+
+        return self._call("create_run", create)
+
+    def get_params(self, run_id: str) -> dict[str, str]:
+        return self._call("get_params", lambda: dict(self._run(run_id).params))
+
+    def log_batch(
+        self,
+        run_id: str,
+        metrics: Sequence[MetricRow],
+        params: Sequence[tuple[str, str]],
+        tags: Sequence[tuple[str, str]],
+    ) -> None:
+        lim = self.limits
+        assert len(metrics) <= lim.metrics and len(params) <= lim.params, "batch over limits"
+        assert len(tags) <= lim.tags and len(metrics) + len(params) + len(tags) <= lim.total
+
+        def write() -> None:
+            run = self._run(run_id)
+            for key, value in params:
+                old = run.params.get(key)
+                if old is not None and old != value:
+                    raise ParamConflict(f"param {key!r}: {old!r} != {value!r}")
+            # All or nothing, as one MLflow transaction.
+            run.params.update(params)
+            run.tags.update(tags)
+            for key, value, t, step in metrics:
+                v: float | str = "NaN" if value != value else value
+                run.metrics.setdefault(key, set()).add((step, t, v))
+
+        self._call("log_batch", write)
+
+    def log_artifact_ref(self, run_id: str, ref: ArtifactRef) -> None:
+        def write() -> None:
+            self._run(run_id).refs[ref.path] = ref.to_json()
+
+        self._call("log_artifact_ref", write)
+
+    def delete_tag(self, run_id: str, key: str) -> None:
+        self._call("delete_tag", lambda: self._run(run_id).tags.pop(key, None))
+
+    def set_status(self, run_id: str, status: str, end_time: int | None) -> None:
+        def write() -> None:
+            run = self._run(run_id)
+            run.status = status
+            run.end_time = None if status == "RUNNING" else end_time
+
+        self._call("set_status", write)
+
+    def close(self) -> None:
+        pass
+
+    # -- reading it back ----------------------------------------------------------------
+
+    def by_uuid(self) -> dict[str, MemoryRun]:
+        """The runs by their spool run id (``ff.run_uuid``); fails on a duplicate."""
+        out: dict[str, MemoryRun] = {}
+        for run in self.runs.values():
+            uuid = run.tags["ff.run_uuid"]
+            assert uuid not in out, f"two destination runs for spool run {uuid}"
+            out[uuid] = run
+        return out
+
+    def comparable(self) -> dict[str, Any]:
+        """Everything but the destination's own run ids, for comparing two sinks."""
+        return {
+            uuid: {
+                "experiment": r.experiment,
+                "name": r.name,
+                "start_time": r.start_time,
+                "status": r.status,
+                "end_time": r.end_time,
+                "params": dict(r.params),
+                "tags": dict(r.tags),
+                "metrics": {k: set(v) for k, v in r.metrics.items()},
+                "refs": dict(r.refs),
+            }
+            for uuid, r in self.by_uuid().items()
+        }
