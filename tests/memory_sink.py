@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from formula_foundry.errors import StoreUnavailable
-from formula_foundry.sync.sink import (
+from formula_foundry.sync.engine.sink import (
     MLFLOW_LIMITS,
     ArtifactRef,
     BatchLimits,

@@ -38,7 +38,7 @@ def test_checked_in_cli_reference_is_current(gen: ModuleType) -> None:
 
 
 def test_every_command_of_the_group_is_documented(gen: ModuleType) -> None:
-    from formula_foundry.sync.cli import main
+    from formula_foundry.sync.commands.cli import main
 
     assert isinstance(main, click.Group)
     text = gen.generate()
@@ -48,7 +48,7 @@ def test_every_command_of_the_group_is_documented(gen: ModuleType) -> None:
 
 def test_every_exit_code_constant_is_in_the_table(gen: ModuleType) -> None:
     import formula_foundry.errors as errors
-    import formula_foundry.sync.cli as cli
+    import formula_foundry.sync.commands.cli as cli
 
     text = gen.exit_code_table()
     for module in (errors, cli):

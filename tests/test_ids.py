@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from formula_foundry.errors import ValidationError
 from formula_foundry.ids import RUN_ID_MAX_LENGTH, is_run_id, run_id_problem
 from formula_foundry.substrate import InvalidRunId, validate_run_id
-from formula_foundry.sync.payloads import run_start_problem
+from formula_foundry.sync.engine.payloads import run_start_problem
 from formula_foundry.tracking.resume import check_run_id
 from formula_foundry.tracking.spool_reader import Event
 

@@ -11,7 +11,7 @@ from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 
 from formula_foundry.redact import redact_uri, uri_secrets
-from formula_foundry.sync.report import one_line
+from formula_foundry.sync.engine.report import one_line
 
 # Printable ASCII (every URI delimiter: / @ : ? # % & = ' " and space), a few control
 # characters, and non-ASCII letters and symbols.

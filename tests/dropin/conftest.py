@@ -143,7 +143,7 @@ import atexit, json, os, runpy, signal, sys, threading, time, traceback
 import mlflow
 import mlflow.store.tracking.sqlalchemy_store
 import formula_foundry.dropin.store
-import formula_foundry.sync.cli
+import formula_foundry.sync.commands.cli
 try:
     import git  # MLflow reads the script's git commit with GitPython: a second per process
 except ImportError:

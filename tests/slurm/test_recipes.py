@@ -291,7 +291,7 @@ class Project:
         from mlflow import MlflowClient
         from mlflow.entities import ViewType
 
-        from formula_foundry.sync.snapshot import _run
+        from formula_foundry.sync.mlflow.snapshot import _run
 
         if not self.db.exists():
             return None

@@ -2,7 +2,7 @@
 
 Spools are written by the real tracker in child processes (``Project.spool``); syncs run
 through the real command (``Project.ff_sync``) or the library (``Project.sync``); the MLflow
-state is read back with :func:`formula_foundry.sync.snapshot.snapshot`.
+state is read back with :func:`formula_foundry.sync.mlflow.snapshot.snapshot`.
 
 By default the store is SQLite. A test that also takes the ``destination`` fixture runs three
 times, its project's ``tracking.backend_store_uri`` pointing at:
@@ -38,7 +38,7 @@ from typing import Any
 import pytest
 
 from formula_foundry.sync import SyncReport, load_sync_settings, sync_once
-from formula_foundry.sync.sync_state import destination_key
+from formula_foundry.sync.engine.destination import destination_key
 from tests._services import (
     MlflowServer,
     PostgresCluster,
@@ -181,7 +181,7 @@ class Project:
         from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
         from mlflow.tracking._tracking_service.utils import _tracking_store_registry
 
-        from formula_foundry.sync.snapshot import snapshot
+        from formula_foundry.sync.mlflow.snapshot import snapshot
 
         uri = uri or self.uri
         _tracking_store_registry._get_store_with_resolved_uri.cache_clear()
@@ -199,7 +199,7 @@ def snapshot_of_runs(uri: str, run_uuids: list[str]) -> dict[str, Any]:
     from mlflow import MlflowClient
     from mlflow.entities import ViewType
 
-    from formula_foundry.sync import snapshot as snap_mod
+    from formula_foundry.sync.mlflow import snapshot as snap_mod
 
     client = MlflowClient(tracking_uri=uri)
     names: dict[str, str] = {}

@@ -4,8 +4,9 @@ The crash test needs dozens of passes killed at chosen moments; paying ``import 
 (about a second) for each would make it too slow. This process imports the sync and MLflow
 once, opens no store, then for each command read from stdin — a JSON object
 ``{"args": [...], "delay": seconds or null, "log": path}`` — forks a child that runs the real
-command-line entry point (``formula_foundry.sync.cli.main``, behind the same import hiding as
-``ff-sync``) with its output in ``log``, and SIGKILLs it after ``delay`` seconds if it is still
+command-line entry point (``formula_foundry.sync.commands.cli.main``, behind the same import
+hiding as ``ff-sync``) with its output in ``log``, and SIGKILLs it after ``delay`` seconds if it
+is still
 running. It answers one JSON line per
 command: ``{"killed": bool, "rc": int | null, "elapsed": seconds}``.
 """
@@ -18,16 +19,14 @@ import signal
 import sys
 import time
 
-from formula_foundry.sync.lean_imports import hide_unused_modules
+from formula_foundry.sync.mlflow.lean_imports import hide_unused_modules
 
 hide_unused_modules()  # as the ff-sync command does, before MLflow is imported
 
 import mlflow  # noqa: E402
 import mlflow.store.tracking.sqlalchemy_store  # noqa: E402, F401
 
-import formula_foundry.sync.mlflow_sink  # noqa: E402
-import formula_foundry.sync.replay  # noqa: E402, F401
-from formula_foundry.sync.cli import main  # noqa: E402
+from formula_foundry.sync.commands.cli import main  # noqa: E402
 
 
 def _child(args: list[str], log: str) -> None:

@@ -30,9 +30,10 @@ from hypothesis import strategies as st
 from formula_foundry.config import Settings, load_settings
 from formula_foundry.errors import ParamConflictError
 from formula_foundry.sync import sync_once
-from formula_foundry.sync.mlflow_sink import MlflowSink, open_sink
-from formula_foundry.sync.sink import BatchLimits
-from formula_foundry.sync.sql_bulk import (
+from formula_foundry.sync.engine.destination import destination_key
+from formula_foundry.sync.engine.sink import BatchLimits
+from formula_foundry.sync.mlflow.client_sink import MlflowSink, open_sink
+from formula_foundry.sync.mlflow.sql_bulk import (
     KNOWN_REVISIONS,
     BulkSink,
     as_flushed,
@@ -40,7 +41,6 @@ from formula_foundry.sync.sql_bulk import (
     open_bulk,
     sql_rows,
 )
-from formula_foundry.sync.sync_state import destination_key
 from formula_foundry.tracking.tracker import Tracker
 
 _ENV = ("FF_CONFIG", "FF_SPOOL_ROOT", "MLFLOW_TRACKING_URI", "FF_TRACKING_DISABLED")

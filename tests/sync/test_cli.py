@@ -11,7 +11,7 @@ import filelock
 import pytest
 from click.testing import CliRunner
 
-from formula_foundry.sync.cli import main
+from formula_foundry.sync.commands.cli import main
 
 from .conftest import Project
 
@@ -155,7 +155,7 @@ def test_without_mlflow_it_says_how_to_install_it_and_exits_2(project: Project) 
         """
         import sys
         sys.modules["mlflow"] = None  # as if MLflow were not installed
-        from formula_foundry.sync.cli import main
+        from formula_foundry.sync.commands.cli import main
         main(["--config", sys.argv[1]], prog_name="ff-sync")
         """,
         str(project.config),
@@ -216,7 +216,7 @@ def test_on_a_terminal_it_shows_progress_while_it_works(project: Project) -> Non
 def test_a_bug_is_one_line_and_exit_70_never_a_partial_success(
     project: Project, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import formula_foundry.sync.cli as cli
+    import formula_foundry.sync.commands.cli as cli
 
     def broken(*args: object, **kwargs: object) -> None:
         raise KeyError("surprise")

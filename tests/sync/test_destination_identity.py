@@ -20,8 +20,8 @@ from pathlib import Path
 import orjson
 import pytest
 
-from formula_foundry.sync.destination_id import destination_problem
-from formula_foundry.sync.sync_state import SCHEMA_VERSION, STATE_FILE
+from formula_foundry.sync.engine.destination_id import destination_problem
+from formula_foundry.sync.engine.sync_state import SCHEMA_VERSION, STATE_FILE
 
 from .conftest import Destination, Project
 

@@ -5,7 +5,7 @@ tracker, so the spool is the real thing; ``sync_once`` then replays it into a
 :class:`tests.memory_sink.MemorySink`. Two properties:
 
 * the engine's result (its fast metric path included) equals ``verify``'s reading of the same
-  spool (:func:`formula_foundry.sync.expected.expected_run`, the slow path), run by run;
+  spool (:func:`formula_foundry.sync.commands.expected.expected_run`, the slow path), run by run;
 * a destination going down at any call of the pass, before the write or after it (the
   acknowledgement lost), then a second pass, gives exactly the state of an undisturbed pass:
   nothing missing, nothing twice, statuses final. ``--replay`` afterwards changes nothing.
@@ -30,9 +30,9 @@ from hypothesis import strategies as st
 from formula_foundry.config import Settings, load_settings
 from formula_foundry.errors import EXIT_OK, StoreUnavailable
 from formula_foundry.sync import RetryPolicy, sync_once
-from formula_foundry.sync.expected import expected_run, metric_value
-from formula_foundry.sync.scan import scan_spool
-from formula_foundry.sync.sink import BatchLimits
+from formula_foundry.sync.commands.expected import expected_run, metric_value
+from formula_foundry.sync.engine.scan import scan_spool
+from formula_foundry.sync.engine.sink import BatchLimits
 from formula_foundry.tracking.tracker import Tracker
 from tests.memory_sink import MemorySink
 
@@ -69,7 +69,7 @@ def workdir(tmp_path: Path) -> Iterator[Path]:
 
 def _settings(root: Path, workers: int = 1) -> Settings:
     """``workers`` > 1: a server-like destination URI (never opened: the sink is in memory),
-    so the pass replays that many runs at once (formula_foundry.sync.parallel)."""
+    so the pass replays that many runs at once (formula_foundry.sync.engine.parallel)."""
     base = load_settings(None, start=root)
     uri = (
         f"sqlite:///{root / 'never-opened.db'}"

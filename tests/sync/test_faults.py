@@ -15,8 +15,13 @@ import pytest
 from formula_foundry.config import Settings
 from formula_foundry.errors import StoreUnavailable
 from formula_foundry.sync import RetryPolicy, RunSpec
-from formula_foundry.sync.mlflow_sink import MlflowSink
-from formula_foundry.sync.sink import ArtifactRef, DestinationRejected, ParamConflict, RemoteRun
+from formula_foundry.sync.engine.sink import (
+    ArtifactRef,
+    DestinationRejected,
+    ParamConflict,
+    RemoteRun,
+)
+from formula_foundry.sync.mlflow.client_sink import MlflowSink
 
 from .conftest import RICH_SPOOL, Destination, Project
 

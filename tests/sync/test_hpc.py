@@ -21,7 +21,7 @@ from typing import Any
 import orjson
 import pytest
 
-from formula_foundry.sync.gc import collect_garbage, default_archive
+from formula_foundry.sync.commands.gc import collect_garbage, default_archive
 from tests.sync.conftest import FF_SYNC, Destination, Project
 
 REPO = Path(__file__).resolve().parents[2]

@@ -1,6 +1,6 @@
 """The ``ff-sync`` command runs MLflow without pandas, SciPy and PyArrow, on every destination.
 
-``formula_foundry.sync.lean_imports`` hides them from the command's process (a sync host's
+``formula_foundry.sync.mlflow.lean_imports`` hides them from the command's process (a sync host's
 peak memory drops by ~75 MiB). These tests run the real entry point in a child process and
 check both halves of the bargain: the modules stay out, and the store ends up exactly as the
 spools say (``ff-sync verify``, itself run the lean way, and a comparison with a pass made
@@ -19,7 +19,7 @@ HIDDEN = ["pandas", "scipy", "pyarrow"]
 ENTRY = """
 import json, sys
 PRELOAD
-from formula_foundry.sync.cli import run
+from formula_foundry.sync.commands.cli import run
 
 codes = []
 for args in (["--config", sys.argv[1]], ["--config", sys.argv[1], "verify"]):
@@ -69,7 +69,7 @@ def test_a_module_already_loaded_is_not_half_hidden(project: Project) -> None:
 
 def test_a_hidden_module_says_why_and_how_to_load_it(project: Project) -> None:
     code = """
-    from formula_foundry.sync.lean_imports import hide_unused_modules
+    from formula_foundry.sync.mlflow.lean_imports import hide_unused_modules
     assert hide_unused_modules()
     try:
         import scipy.sparse

@@ -26,9 +26,9 @@ import pytest
 from formula_foundry.config import Settings
 from formula_foundry.errors import StoreUnavailable
 from formula_foundry.sync import Progress, SyncReport, load_sync_settings, sync_once
-from formula_foundry.sync.engine import mlflow_sink
-from formula_foundry.sync.parallel import workers_for
-from formula_foundry.sync.sink import Sink
+from formula_foundry.sync.engine.parallel import workers_for
+from formula_foundry.sync.engine.sink import Sink
+from formula_foundry.sync.engine.sync_pass import mlflow_sink
 from tests._services import create_database, free_port, postgres_cluster
 
 from .conftest import Project

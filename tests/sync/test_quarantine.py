@@ -181,7 +181,7 @@ def test_a_torn_last_line_waits_for_the_next_pass(
 
 
 def test_quarantine_report_survives_a_torn_line(tmp_path: Path) -> None:
-    from formula_foundry.sync.quarantine_log import QuarantineLog
+    from formula_foundry.sync.engine.quarantine_log import QuarantineLog
 
     path = tmp_path / "quarantine.jsonl"
     log = QuarantineLog(path)

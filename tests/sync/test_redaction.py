@@ -17,7 +17,7 @@ from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from formula_foundry.sync.cli import main
+from formula_foundry.sync.commands.cli import main
 
 from .conftest import CONFIG, Project
 

@@ -26,8 +26,8 @@ from hypothesis import strategies as st
 
 from formula_foundry.errors import StoreUnavailable
 from formula_foundry.sync import SyncReport, load_sync_settings, sync_once
-from formula_foundry.sync.cli import main
-from formula_foundry.sync.report import Progress
+from formula_foundry.sync.commands.cli import main
+from formula_foundry.sync.engine.report import Progress
 from formula_foundry.tracking.events import CHECKSUM_TAIL
 
 from .conftest import Project

@@ -1,6 +1,6 @@
 """``log_batch`` toward a server sends exactly the request MLflow's client would send.
 
-``formula_foundry.sync.rest_batch`` encodes the ``LogBatch`` JSON itself (orjson) instead of
+``formula_foundry.sync.mlflow.rest_batch`` encodes the ``LogBatch`` JSON itself (orjson) instead of
 going through protobuf. Two checks: for arbitrary batches, the server-side parse of our body
 is the very message MLflow's ``RestStore`` would have sent; and on the session's real
 ``mlflow server``, a batch sent both ways leaves identical runs, with MLflow's own refusals
@@ -17,9 +17,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from formula_foundry.sync.mlflow_sink import MlflowSink
-from formula_foundry.sync.rest_batch import log_batch_body
-from formula_foundry.sync.sink import DestinationRejected, MetricRow, ParamConflict
+from formula_foundry.sync.engine.sink import DestinationRejected, MetricRow, ParamConflict
+from formula_foundry.sync.mlflow.client_sink import MlflowSink
+from formula_foundry.sync.mlflow.rest_batch import log_batch_body
 from tests._keys import accepted_key
 
 from .conftest import HttpService

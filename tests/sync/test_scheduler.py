@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from formula_foundry.sync.scheduler import ALIVE, ENDED, ask, slurm_states
-from formula_foundry.sync.sync_state import RunRecord
+from formula_foundry.sync.engine.scheduler import ALIVE, ENDED, ask, slurm_states
+from formula_foundry.sync.engine.sync_state import RunRecord
 
 SQUEUE = """#!/bin/sh
 echo "$@" >> "{calls}"

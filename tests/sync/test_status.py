@@ -9,7 +9,7 @@ from typing import Any
 
 from click.testing import CliRunner
 
-from formula_foundry.sync.cli import main
+from formula_foundry.sync.commands.cli import main
 
 from .conftest import Project
 
@@ -173,7 +173,7 @@ def test_status_reads_no_destination_and_imports_no_mlflow(project: Project) -> 
         """
         import json, sys
         from click.testing import CliRunner
-        from formula_foundry.sync.cli import main
+        from formula_foundry.sync.commands.cli import main
         result = CliRunner().invoke(main, ["status", "--json"])
         mlflow = sorted(m for m in sys.modules if m.split(".")[0] == "mlflow")
         print(json.dumps([result.exit_code, mlflow]))

@@ -18,8 +18,8 @@ from typing import Any
 from click.testing import CliRunner
 
 from formula_foundry.redact import redact_uri
-from formula_foundry.sync.cli import main
-from formula_foundry.sync.status_table import search_filter, ui_of
+from formula_foundry.sync.commands.cli import main
+from formula_foundry.sync.commands.status_table import search_filter, ui_of
 from tests.dropin.conftest import ff_sync, run_script
 
 from .conftest import Destination, Project

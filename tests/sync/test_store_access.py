@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from formula_foundry.errors import EXIT_UNAVAILABLE, EXIT_USAGE, ConfigError, StoreUnavailable
-from formula_foundry.sync.store_access import access_error
+from formula_foundry.sync.mlflow.store_access import access_error
 
 URI = "postgresql://ff:hunter2@db.example:5432/mlflow"
 

@@ -16,9 +16,14 @@ from pathlib import Path
 
 import pytest
 
-from formula_foundry.sync.mlflow_sink import MlflowSink
-from formula_foundry.sync.report import one_line
-from formula_foundry.sync.sink import ArtifactRef, DestinationRejected, RecordRejected, RunSpec
+from formula_foundry.sync.engine.report import one_line
+from formula_foundry.sync.engine.sink import (
+    ArtifactRef,
+    DestinationRejected,
+    RecordRejected,
+    RunSpec,
+)
+from formula_foundry.sync.mlflow.client_sink import MlflowSink
 
 from .conftest import Project
 

@@ -9,7 +9,7 @@ import stat
 
 import orjson
 
-from formula_foundry.sync.sink import artifact_ref_file
+from formula_foundry.sync.engine.sink import artifact_ref_file
 from tests.tracking._helpers import segments
 
 from .conftest import RICH_SPOOL, Project, tree
@@ -90,7 +90,7 @@ def test_an_idle_pass_does_not_import_mlflow(project: Project) -> None:
     assert project.ff_sync().returncode == 0
     probe = """
     import sys
-    from formula_foundry.sync.cli import main
+    from formula_foundry.sync.commands.cli import main
     try:
         main(["--config", sys.argv[1]], prog_name="ff-sync")
     except SystemExit as exc:

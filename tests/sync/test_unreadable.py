@@ -61,7 +61,7 @@ def _unprivileged() -> list[str]:
 def _unprivileged_ok() -> bool:
     """Whether this interpreter runs as ``nobody`` (its files readable by that user)."""
     probe = subprocess.run(
-        [*_unprivileged(), PYTHON, "-c", "import formula_foundry.sync.cli"],
+        [*_unprivileged(), PYTHON, "-c", "import formula_foundry.sync.commands.cli"],
         capture_output=True,
         check=False,
     )

@@ -10,7 +10,7 @@ from typing import Any
 
 from click.testing import CliRunner
 
-from formula_foundry.sync.cli import main
+from formula_foundry.sync.commands.cli import main
 from formula_foundry.tracking.events import frame
 
 from .conftest import RICH_SPOOL, Project

@@ -12,8 +12,8 @@ import filelock
 
 from formula_foundry.errors import EXIT_OK
 from formula_foundry.sync import load_sync_settings
-from formula_foundry.sync.sync_state import LOCK_FILE
-from formula_foundry.sync.watch import watch
+from formula_foundry.sync.commands.watch import watch
+from formula_foundry.sync.engine.sync_state import LOCK_FILE
 
 from .conftest import Project
 

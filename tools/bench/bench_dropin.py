@@ -6,7 +6,7 @@ Usage::
     python tools/bench/bench_dropin.py [--repeat 3] [--blocks 5] [--calls 4000]
                                        [--sqlite-calls 60] [--batches 50] [--points 1000000]
                                        [--get-runs 10000] [--quick] [--no-profile]
-                                       [--dir DIR] [--json]
+                                       [--ablate ROUNDS] [--dir DIR] [--json]
 
 Each configuration runs in a fresh interpreter (this script spawns itself with ``--child``),
 once per round, ``--repeat`` rounds: building a spool store records PySpark as absent in
@@ -26,8 +26,9 @@ store. Registry: ``default`` (none set: MLflow resolves one for every client it 
 
 (a) fluent ``mlflow.log_metric(key, value, step=i)`` in an active run, µs per call;
 (b) fluent ``mlflow.log_metrics({10 keys}, step=i)``, µs per call; then its parts, timed in
-    the same child: the store's own ``log_batch`` of 1 and of 10 metrics, and one
-    registry-URI resolution (the fluent calls build two ``MlflowClient``, one each);
+    the same child: the store's own ``log_batch`` of 1 and of 10 metrics (a rising step per
+    call, as the fluent loops), and one registry-URI resolution (the fluent calls build two
+    ``MlflowClient``, one each);
 (c) ``MlflowClient.log_batch`` of 1,000 metrics (10 keys x 100 steps, Metric objects built
     untimed), µs per metric — noop and spool;
 (d) ``MlflowClient.get_run`` of an active run holding 100 points and (spool, in a child of
@@ -36,6 +37,11 @@ store. Registry: ``default`` (none set: MLflow resolves one for every client it 
     points for comparison; noop for reference.
 Then (unless ``--no-profile``) cProfile of the spool ``log_metric``, ``log_metrics`` and
 ``log_batch`` paths and of ``log_metric`` on the do-nothing store under MLflow's defaults.
+``--ablate ROUNDS``: in one child, fluent ``log_metric`` / ``log_metrics`` through the
+do-nothing store and through stripped copies of the spool write path (only the one
+``os.write``; + the line's framing; + the writer's lock and sequence; the whole store), in
+alternating blocks, best of ROUNDS: what each part the guarantees require costs inside a
+fluent call, against the goal's 10 %.
 ``--quick`` is a smoke run (one round, few calls, 20,000 points), not a measurement.
 
 Goals (issue 12): through ``spool:`` under MLflow's defaults, fluent ``log_metric`` and
@@ -208,16 +214,22 @@ def _parts(run_id: str, calls: int, blocks: int) -> dict[str, float]:
     from mlflow.tracking._tracking_service.utils import _get_store
 
     store = _get_store()
-    one = [Metric("loss", 0.5, T0, 0)]
-    ten = [Metric(f"layer{k}/loss", 0.5 + k, T0, 0) for k in range(KEYS)]
+    # A rising step per call, as the fluent loops log them (built untimed; offset past the
+    # fluent loops' steps and the warm-up's negative indices).
+    first = 2 * calls
+    ones = [[Metric("loss", 0.5, T0, first + i)] for i in range(2 * calls)]
+    tens = [
+        [Metric(f"layer{k}/loss", 0.5 + k, T0, first + i) for k in range(KEYS)]
+        for i in range(2 * calls)
+    ]
 
     def store_one(start: int, stop: int) -> None:
-        for _ in range(start, stop):
-            store.log_batch(run_id, one, [], [])
+        for i in range(start, stop):
+            store.log_batch(run_id, ones[calls + i], [], [])
 
     def store_ten(start: int, stop: int) -> None:
-        for _ in range(start, stop):
-            store.log_batch(run_id, ten, [], [])
+        for i in range(start, stop):
+            store.log_batch(run_id, tens[calls + i], [], [])
 
     def resolve(start: int, stop: int) -> None:
         for _ in range(start, stop):
@@ -316,6 +328,108 @@ def _get_run(calls: int, points: int, blocks: int) -> dict[str, float]:
     return fig
 
 
+def _ablate(calls: int, rounds: int) -> dict[str, Any]:
+    """Fluent ``log_metric`` / ``log_metrics`` through the do-nothing store and through
+    stripped copies of the spool store's write path, in one process (registry URI resolved, as
+    the spool store does), alternating blocks of ``calls``, best of ``rounds``: how much of what
+    a spool call adds is the one ``os.write``, the line's framing, the writer, the rest."""
+    import zlib
+
+    import mlflow
+    import orjson
+
+    from formula_foundry.dropin import store as spool_store
+    from formula_foundry.tracking.events import CHECKSUM_TAIL, METRIC_HEAD
+    from formula_foundry.tracking.spool_writer import SegmentWriter
+
+    cls = spool_store.SpoolStore
+    real = {"log_metric": cls.log_metric, "log_metrics": cls.log_batch}
+    metrics = {f"layer{k}/loss": 0.5 + k for k in range(KEYS)}
+    spool_uri = mlflow.get_tracking_uri()
+    # Lines of the real ones' length, written to a file outside the spool.
+    fd = os.open("ablate.jsonl", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    scratch = SegmentWriter(Path.cwd() / "ablate-spool", "ablate")
+    dumps, crc32, write = orjson.dumps, zlib.crc32, os.write
+    line1 = CHECKSUM_TAIL % (METRIC_HEAD % (99_999, T0, 99_999, b'"loss"', b"0.5"), 0)
+    head10 = b'{"v":1,"s":99999,"t":%d,"k":"metrics","step":99999,"d":%b' % (T0, dumps(metrics))
+    line10 = CHECKSUM_TAIL % (head10, 0)
+
+    def one_write(self: Any, run_id: str, metric: Any) -> None:
+        write(fd, line1)
+
+    def one_write10(self: Any, run_id: str, metrics: Any, params: Any, tags: Any) -> None:
+        write(fd, line10)
+
+    def framed(self: Any, run_id: str, m: Any) -> None:
+        # The fields as the spool store reads them (MLflow's Metric keeps them in _key, ...).
+        head = METRIC_HEAD % (
+            scratch.last_seq + 1,
+            m._timestamp,
+            m._step,
+            b'"loss"',
+            dumps(m._value),
+        )
+        write(fd, CHECKSUM_TAIL % (head, crc32(head)))
+
+    def writer(self: Any, run_id: str, m: Any) -> None:
+        scratch.append_metric(m._timestamp, m._step, b'"loss"', dumps(m._value))
+
+    def read_points(self: Any, run_id: str, metrics: Any, params: Any, tags: Any) -> None:
+        spool_store._one_group(metrics)
+        write(fd, line10)
+
+    def read_and_write(self: Any, run_id: str, metrics: Any, params: Any, tags: Any) -> None:
+        t, s, d = spool_store._one_group(metrics)  # type: ignore[misc]
+        scratch.append_metric_events([(t, s, dumps(d))])
+
+    variants: dict[str, dict[str, Any]] = {
+        "log_metric": {
+            "noop": None,
+            "one os.write": one_write,
+            "+ framing (value, head, crc)": framed,
+            "+ writer (lock, sequence)": writer,
+            "spool store": real["log_metric"],
+        },
+        "log_metrics": {
+            "noop": None,
+            "one os.write": one_write10,
+            "+ reading the 10 points": read_points,
+            "+ framing, writer": read_and_write,
+            "spool store": real["log_metrics"],
+        },
+    }
+    fig: dict[str, Any] = {}
+    with mlflow.start_run():
+        mlflow.log_metric("loss", 0.5)
+        mlflow.log_metrics(metrics)  # the keys are known, as in a training loop
+        mlflow.set_tracking_uri("noop://bench")
+        mlflow.MlflowClient()._tracking_client.store.create_run("0", "bench", T0, [], "noop")
+        step = 0
+        for kind, table in variants.items():
+            best = {name: float("inf") for name in table}
+            gc.collect()
+            for _ in range(rounds):
+                for name, method in table.items():
+                    mlflow.set_tracking_uri("noop://bench" if method is None else spool_uri)
+                    if method is not None:
+                        setattr(cls, "log_metric" if kind == "log_metric" else "log_batch", method)
+                    start = time.perf_counter()
+                    if kind == "log_metric":
+                        for i in range(step, step + calls):
+                            mlflow.log_metric("loss", 0.5, step=i)
+                    else:
+                        for i in range(step, step + calls):
+                            mlflow.log_metrics(metrics, step=i)
+                    best[name] = min(best[name], (time.perf_counter() - start) / calls * 1e6)
+                    step += calls
+            setattr(cls, "log_metric", real["log_metric"])  # noqa: B010 - a method, restored
+            setattr(cls, "log_batch", real["log_metrics"])  # noqa: B010
+            fig[kind] = best
+        mlflow.set_tracking_uri(spool_uri)
+    os.close(fd)
+    return fig
+
+
 def _top(stats: Any, total: float, sort: int, limit: int) -> list[str]:
     rows = sorted(stats.stats.items(), key=lambda item: item[1][sort], reverse=True)
     out = []
@@ -382,6 +496,8 @@ def child(cfg: dict[str, Any]) -> dict[str, Any]:
         mlflow.set_registry_uri(mlflow.get_tracking_uri())
     if "profile" in cfg:
         return _profile(cfg["profile"], cfg["calls"], cfg["limit"])
+    if "ablate" in cfg:
+        return _ablate(cfg["calls"], cfg["ablate"])
     fig: dict[str, Any] = {}
     blocks = cfg["blocks"]
     for task in cfg["tasks"]:  # in this order, one after the other, in this process
@@ -644,6 +760,16 @@ def estimates(fig: dict[str, dict[str, float]]) -> None:
     )
 
 
+def report_ablation(ablation: dict[str, Any]) -> None:
+    """Each stripped copy of the write path against the do-nothing store: how much of the
+    goal's 10 % the parts that the guarantees require (one write of one framed line) take."""
+    for kind, best in ablation.items():
+        base = best["noop"]
+        print(f"ablation: fluent {kind}, one process, alternating blocks (best), wall µs/call")
+        for name, us in best.items():
+            print(f"  {name:<30} {us:8.2f}  +{us - base:6.2f}  {us / base:6.3f} x noop+registry")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeat", type=int, default=3, help="rounds (fresh processes each)")
@@ -657,6 +783,14 @@ def main() -> int:
     parser.add_argument("--profile-calls", type=int, default=2_000)
     parser.add_argument("--profile-lines", type=int, default=12)
     parser.add_argument("--no-profile", action="store_true")
+    parser.add_argument(
+        "--ablate",
+        type=int,
+        default=0,
+        metavar="ROUNDS",
+        help="also time the fluent calls through stripped copies of the spool write path "
+        "(one child, alternating blocks, best of ROUNDS)",
+    )
     parser.add_argument("--quick", action="store_true", help="smoke run: 1 round, few calls")
     parser.add_argument("--dir", type=Path, default=None, help="parent of the temporary folder")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON too")
@@ -673,6 +807,7 @@ def main() -> int:
 
     raw: dict[str, list[float]] = {}
     profiles: dict[str, Any] = {}
+    ablation: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="ff-bench-dropin-", dir=args.dir) as tmp:
         folder = Path(tmp)
         for r in range(args.repeat):
@@ -680,6 +815,10 @@ def main() -> int:
                 print(f"round {r + 1}/{args.repeat}: {name}", file=sys.stderr, flush=True)
                 for key, value in run_child(folder, store, registry, task).items():
                     raw.setdefault(f"{name}.{key}", []).append(value)
+        if args.ablate:
+            print("ablation", file=sys.stderr, flush=True)
+            task = {"ablate": args.ablate, "calls": max(args.calls // 10, 50)}
+            ablation = run_child(folder, "spool", "default", task)
         if not args.no_profile:
             for label, store, kind in PROFILES:
                 print(f"profile: {label}", file=sys.stderr, flush=True)
@@ -692,8 +831,10 @@ def main() -> int:
 
     fig = {name: summary(values) for name, values in raw.items()}
     report(args, fig, profiles)
+    report_ablation(ablation)
     if args.json:
-        print(json.dumps({"figures": fig, "raw": raw, "profiles": profiles}, sort_keys=True))
+        out = {"figures": fig, "raw": raw, "profiles": profiles, "ablation": ablation}
+        print(json.dumps(out, sort_keys=True))
     return 0
 
 

@@ -80,7 +80,7 @@ def fresh_store(path: Path) -> str:
 
 def load_points(spool: Path) -> list[dict[str, Any]]:
     """The spooled runs as plain data (what a hand-written importer would hold)."""
-    from formula_foundry.sync.scan import scan_spool
+    from formula_foundry.sync.engine.scan import scan_spool
     from formula_foundry.tracking.spool_reader import Event, SegmentReader
 
     runs: dict[str, dict[str, Any]] = {}

@@ -46,10 +46,10 @@ for r in range(runs):
 BASELINE = """
 import sys
 if sys.argv[2] == "lean":
-    from formula_foundry.sync.lean_imports import hide_unused_modules
+    from formula_foundry.sync.mlflow.lean_imports import hide_unused_modules
     hide_unused_modules()
-from formula_foundry.sync.engine import load_sync_settings
-from formula_foundry.sync.mlflow_sink import open_sink
+from formula_foundry.sync.engine.sync_pass import load_sync_settings
+from formula_foundry.sync.mlflow.client_sink import open_sink
 open_sink(load_sync_settings(sys.argv[1])).close()
 """
 

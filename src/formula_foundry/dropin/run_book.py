@@ -21,11 +21,19 @@ import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final, Protocol
+from typing import Any, Final
 
 import orjson
 
 from formula_foundry.dropin.experiments import Experiment, ExperimentBook
+from formula_foundry.dropin.points import MetricRow, newer
+from formula_foundry.dropin.points import batch_latest as _batch_latest
+from formula_foundry.dropin.points import check_step as _step
+from formula_foundry.dropin.points import check_time as _time
+from formula_foundry.dropin.points import key_json as _key_json
+from formula_foundry.dropin.points import merge_pending as _merge_pending
+from formula_foundry.dropin.points import metric_groups as _metric_groups
+from formula_foundry.dropin.points import valid_key as _valid_key
 from formula_foundry.dropin.spool_runs import RunState, read_run
 from formula_foundry.errors import ParamConflictError, RunStateError, ValidationError
 from formula_foundry.tracking.events import (
@@ -43,7 +51,6 @@ from formula_foundry.tracking.events import (
     MAX_RUN_NAME_LENGTH,
     MAX_TAG_VALUE_LENGTH,
     SOURCE_TYPES,
-    check_key,
     check_name,
     int64,
     metric_value,
@@ -69,40 +76,7 @@ PARENT_TAG: Final = "mlflow.parentRunId"
 USER_TAG: Final = "mlflow.user"
 SOURCE_NAME_TAG: Final = "mlflow.source.name"
 SOURCE_TYPE_TAG: Final = "mlflow.source.type"
-_NAN_STORED: Final = 0.0  # MLflow stores NaN as 0 with a flag, and compares that
-_MAX: Final = sys.float_info.max
 _dumps = orjson.dumps
-_key_json: dict[str, bytes] = {}
-_KEY_CACHE_LIMIT: Final = 1 << 16
-
-Point = tuple[int, int, float]  # step, timestamp, value as given (NaN, ±inf kept)
-
-
-class MetricIn(Protocol):
-    """A metric point as MLflow passes it (``mlflow.entities.Metric``)."""
-
-    @property
-    def key(self) -> Any: ...
-    @property
-    def value(self) -> Any: ...
-    @property
-    def timestamp(self) -> Any: ...
-    @property
-    def step(self) -> Any: ...
-
-
-def stored(value: float) -> float:
-    """The value MLflow stores and compares for ``value`` (NaN → 0, ±inf → ±max float)."""
-    if value - value == 0.0:
-        return value
-    if value != value:
-        return _NAN_STORED
-    return _MAX if value > 0 else -_MAX
-
-
-def newer(a: Point, b: Point) -> bool:
-    """Whether point ``a`` replaces ``b`` as the latest (MLflow: step, time, stored value)."""
-    return (a[0], a[1], stored(a[2])) > (b[0], b[1], stored(b[2]))
 
 
 @dataclass
@@ -261,6 +235,9 @@ class RunBook:
         """The run's state: from memory if this process writes it, else read from the spool."""
         live = self._live.get(run_id)
         if live is not None:
+            if live.state.pending is not None:
+                with live.lock:
+                    _merge_pending(live.state)
             return live.state
         if not isinstance(run_id, str) or not run_id or "/" in run_id or run_id.startswith("."):
             return None
@@ -368,109 +345,123 @@ class RunBook:
             kj = _key_json[key]
         except (KeyError, TypeError):
             kj = _dumps(_valid_key(key, "metric", run_id))
-        if type(value) is float and value - value == 0.0:
-            v = value
+        if value.__class__ is float and value - value == 0.0:
+            v: float = value
             vj = _dumps(value)
         else:
-            spelled = metric_value(value, key, run_id)
-            vj = _dumps(spelled)
+            vj = _dumps(metric_value(value, key, run_id))
             v = float(value)  # type: ignore[arg-type]
-        s = (
+        s: int = (
             step
-            if type(step) is int and INT64_MIN <= step <= INT64_MAX
+            if step.__class__ is int and INT64_MIN <= step <= INT64_MAX
             else _step(step, key, run_id)
         )
-        t = (
+        t: int = (
             timestamp
-            if type(timestamp) is int and 0 <= timestamp <= INT64_MAX
+            if timestamp.__class__ is int and 0 <= timestamp <= INT64_MAX
             else _time(timestamp, key, run_id)
         )
-        point = (s, t, v)
         live = self._live.get(run_id) or self.live(run_id)
-        with live.lock:
-            live.writer.append_metric(t, s, kj, vj)
+        live.writer.append_metric(t, s, kj, vj)
+        # The writer serialises the write itself; the run's lock only guards the latest point
+        # (a maximum: updates commute, so they need not be atomic with the write). Explicit
+        # acquire/release: a ``with`` costs twice as much on this path.
+        lock = live.lock
+        lock.acquire()
+        try:
             latest = live.state.latest
             old = latest.get(key)
-            if old is None or s > old[0] or (s == old[0] and newer(point, old)):
-                latest[key] = point
+            if old is None or s > old[0] or (s == old[0] and newer((s, t, v), old)):
+                latest[key] = (s, t, v)
+        finally:
+            lock.release()
 
-    def log_metrics_at_once(self, run_id: str, metrics: Sequence[MetricIn]) -> bool:
-        """``log_metrics`` as the fluent API sends it — keys seen before, finite floats, one
-        step and time — as one event, built without the general path; False if it is not."""
+    def log_group(self, run_id: str, t: int, s: int, d: dict[str, float]) -> bool:
+        """``log_metrics`` as the fluent API sends it, as one event, without the general path's
+        per-point checks; False (nothing written) if it is not that: a run this process
+        already writes, keys checked before, finite values, ``t`` and ``s`` in range.
+
+        The caller gives ``t``, ``s`` as ``int`` and every value as ``float`` (exact types).
+        """
         live = self._live.get(run_id)
-        if live is None or not metrics:
-            return False
-        first = metrics[0]
-        t, s = first.timestamp, first.step
-        if not (
-            type(t) is int
-            and type(s) is int
-            and 0 <= t <= INT64_MAX
-            and INT64_MIN <= s <= INT64_MAX
+        if (
+            live is None
+            or not d.keys() <= _key_json.keys()
+            or not (0 <= t <= INT64_MAX and INT64_MIN <= s <= INT64_MAX)
         ):
             return False
-        d: dict[str, float] = {}
-        for m in metrics:
-            key, value = m.key, m.value
-            if (
-                m.timestamp != t
-                or m.step != s
-                or key.__class__ is not str
-                or key not in _key_json
-                or key in d
-                or type(value) is not float
-                or value - value != 0.0
-            ):
-                return False
-            d[key] = value
-        with live.lock:
-            live.writer.append({"v": _V, "s": 0, "t": t, "k": K_METRICS, "step": s, "d": d})
-            latest = live.state.latest
-            for key, value in d.items():
-                old = latest.get(key)
-                point = (s, t, value)
-                if old is None or s > old[0] or (s == old[0] and newer(point, old)):
-                    latest[key] = point
+        total = sum(d.values())  # finite only if every value is: NaN and ±inf need a spelling
+        if total - total != 0.0:
+            return False
+        try:
+            dj = _dumps(d)
+        except TypeError:  # a str subclass equal to a known key: the general path converts it
+            return False
+        live.writer.append_metric_events([(t, s, dj)])
+        # Training logs the same keys at a rising step: each group then supersedes the one
+        # before, and only the newest needs merging into the latest points, when they are read
+        # (merging every group key by key cost as much as its write).
+        lock = live.lock
+        lock.acquire()
+        try:
+            state = live.state
+            pending = state.pending
+            if pending is not None and not (s > pending[1] and d.keys() >= pending[2].keys()):
+                _merge_pending(state)
+            state.pending = (t, s, d)
+        finally:
+            lock.release()
         return True
 
     def log_batch(
         self,
         run_id: str,
-        metrics: Sequence[MetricIn],
+        metrics: Sequence[MetricRow],
         params: list[tuple[object, object]],
         tags: list[tuple[object, object]],
     ) -> None:
         """A whole batch, checked before anything is written, then written in one write.
 
-        As in MLflow, the values are checked before the run is looked up.
+        ``metrics``: (key, value, timestamp, step) of each point. As in MLflow, the values are
+        checked before the run is looked up.
         """
         checked_params = _checked_params(params, run_id)
         checked_tags = _checked_tags_list(tags, run_id)
-        points: list[tuple[str, Point]] = []
-        metric_events = _metric_events(metrics, run_id, points) if metrics else []
+        groups, rising = _metric_groups(metrics, run_id) if metrics else ([], True)
         live = self._live.get(run_id) or self.live(run_id)
         state = live.state
         new_params = self._params(state, checked_params)
-        records: list[dict[str, Any]] = []
-        if new_params:
-            records.append({"v": _V, "s": 0, "t": now_ms(), "k": K_PARAMS, "d": new_params})
-        records.extend(metric_events)
-        if checked_tags:
-            records.append({"v": _V, "s": 0, "t": now_ms(), "k": K_TAGS, "d": dict(checked_tags)})
-        if not records:
-            return
-        with live.lock:
-            live.writer.append_many(records)
-            state.params.update(new_params)
-            latest = state.latest
-            for key, point in points:
-                old = latest.get(key)
-                if old is None or newer(point, old):
-                    latest[key] = point
-            for key, value in checked_tags:
-                state.tags[key] = value
-                if key == RUN_NAME_TAG:
-                    state.name = value
+        if not new_params and not checked_tags:
+            if not groups:
+                return
+            # Metrics only (MlflowClient.log_batch): the events are framed without the records.
+            live.writer.append_metric_events([(t, s, _dumps(d)) for t, s, d in groups])
+        else:
+            records: list[dict[str, Any]] = []
+            if new_params:
+                records.append({"v": _V, "s": 0, "t": now_ms(), "k": K_PARAMS, "d": new_params})
+            records.extend(
+                {"v": _V, "s": 0, "t": t, "k": K_METRICS, "step": s, "d": d} for t, s, d in groups
+            )
+            if checked_tags:
+                records.append(
+                    {"v": _V, "s": 0, "t": now_ms(), "k": K_TAGS, "d": dict(checked_tags)}
+                )
+            with live.lock:
+                live.writer.append_many(records)
+                state.params.update(new_params)
+                for key, value in checked_tags:
+                    state.tags[key] = value
+                    if key == RUN_NAME_TAG:
+                        state.name = value
+        if groups:
+            points = _batch_latest(groups, rising)
+            with live.lock:
+                latest = state.latest
+                for key, point in points.items():
+                    old = latest.get(key)
+                    if old is None or newer(point, old):
+                        latest[key] = point
 
     def _params(self, state: RunState, params: list[tuple[str, str]]) -> dict[str, str]:
         run_id = state.run_id
@@ -558,13 +549,6 @@ def _run_name(name: object) -> str:
     return check_name("run name", name, MAX_RUN_NAME_LENGTH)
 
 
-def _valid_key(key: object, what: str, run_id: str) -> str:
-    checked = check_key(key, what, run_id)
-    if len(_key_json) < _KEY_CACHE_LIMIT:
-        _key_json[checked] = _dumps(checked)
-    return checked
-
-
 def _checked_tags(tags: dict[str, str], run_id: str) -> dict[str, str]:
     # A new run's tags: MLflow's stores take any value there and keep its text.
     return dict(
@@ -584,15 +568,6 @@ def _checked_tags_list(tags: Iterable[tuple[object, object]], run_id: str) -> li
         text = _store_text(value, k, run_id)
         out.append((k, string_value(text, k, "tag", MAX_TAG_VALUE_LENGTH, run_id)))
     return out
-
-
-def _step(step: object, key: str, run_id: str) -> int:
-    # MLflow's store refuses a missing step or time (its clients always fill them in).
-    return int64(step, "step", key, run_id)
-
-
-def _time(timestamp: object, key: str, run_id: str) -> int:
-    return int64(timestamp, "timestamp", key, run_id, minimum=0)
 
 
 def _checked_params(params: Iterable[tuple[object, object]], run_id: str) -> list[tuple[str, str]]:
@@ -624,35 +599,3 @@ def _store_text(value: object, key: str, run_id: str) -> str:
         f"run {run_id}: {key!r} value {value!r} is a {type(value).__name__}, not str "
         "(mlflow.log_param/set_tag convert values with str(); build Param/RunTag with text)"
     )
-
-
-def _metric_events(
-    metrics: Sequence[MetricIn], run_id: str, points: list[tuple[str, Point]]
-) -> list[dict[str, Any]]:
-    """The metrics events of a batch: consecutive points of one (time, step) share an event
-    (one event per ``log_metrics`` call); a key seen again starts a new one."""
-    events: list[dict[str, Any]] = []
-    current: dict[str, float | str] | None = None
-    at: tuple[int, int] | None = None
-    for m in metrics:
-        key, value, timestamp, step = m.key, m.value, m.timestamp, m.step
-        k = key if key.__class__ is str and key in _key_json else _valid_key(key, "metric", run_id)
-        if type(value) is float and value - value == 0.0:
-            spelled: float | str = value
-            v = value
-        else:
-            spelled = metric_value(value, k, run_id)
-            v = float(value)
-        s = step if type(step) is int and INT64_MIN <= step <= INT64_MAX else _step(step, k, run_id)
-        t = (
-            timestamp
-            if type(timestamp) is int and 0 <= timestamp <= INT64_MAX
-            else _time(timestamp, k, run_id)
-        )
-        if current is None or at != (t, s) or k in current:
-            current = {}
-            at = (t, s)
-            events.append({"v": _V, "s": 0, "t": t, "k": K_METRICS, "step": s, "d": current})
-        current[k] = spelled
-        points.append((k, (s, t, v)))
-    return events

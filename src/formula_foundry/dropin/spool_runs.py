@@ -1,6 +1,6 @@
 """Read a run back from the spool: what MLflow will hold for it after ``ff-sync``.
 
-The answer is :func:`formula_foundry.sync.expected.expected_run` — the very reference
+The answer is :func:`formula_foundry.sync.commands.expected.expected_run` — the very reference
 ``ff-sync verify`` checks the destination against — so the drop-in's reads on the node and the
 synced run agree rule for rule (write-once params, last tag wins, one row per distinct metric
 point, damaged records skipped). Only the identity tags the sync adds (``ff.*``) are left out:
@@ -15,8 +15,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from formula_foundry.sync.expected import ExpectedRun, expected_run
-from formula_foundry.sync.scan import scan_run
+from formula_foundry.sync.commands.expected import ExpectedRun, expected_run
+from formula_foundry.sync.engine.scan import scan_run
 from formula_foundry.tracking.events import RESERVED_TAG_PREFIX
 
 Point = tuple[int, int, float]  # step, timestamp ms, value (NaN and ±inf as logged)
@@ -37,6 +37,10 @@ class RunState:
     params: dict[str, str] = field(default_factory=dict)
     tags: dict[str, str] = field(default_factory=dict)
     latest: dict[str, Point] = field(default_factory=dict)
+    # The newest ``log_metrics`` group (time, step, {key: value}), not yet merged into
+    # ``latest``: a group that supersedes it replaces it without touching ``latest`` key by key.
+    # Readers see ``latest`` after RunBook.get() merged it.
+    pending: tuple[int, int, dict[str, float]] | None = None
     started: bool = True  # a valid run_start was found (a run can be resumed or logged into)
     opened_here: bool = False  # this process created or resumed it: it ends it at SIGTERM
 

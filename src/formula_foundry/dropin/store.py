@@ -42,7 +42,8 @@ from mlflow.utils.search_utils import SearchExperimentsUtils, SearchUtils
 
 from formula_foundry.dropin.experiments import Experiment as SpoolExperiment
 from formula_foundry.dropin.experiments import ExperimentBook, experiment_id
-from formula_foundry.dropin.run_book import RunBook, stored
+from formula_foundry.dropin.points import stored
+from formula_foundry.dropin.run_book import RunBook
 from formula_foundry.dropin.spool_runs import RunState, metric_history, run_ids
 from formula_foundry.dropin.spool_uri import canonical_uri, spool_root
 from formula_foundry.errors import (
@@ -126,6 +127,57 @@ def _resolve_registry(uri: str) -> None:
         current = get_tracking_uri()
         if isinstance(current, str) and current.startswith("spool:"):
             setattr(registry, "_registry_uri", current)  # noqa: B010 - typed None in MLflow
+
+
+def _fields_layout() -> type[Metric] | None:
+    """MLflow's ``Metric`` if its ``key``, ``value``, ``timestamp``, ``step`` are plain
+    properties over ``_key``, ``_value``, ``_timestamp``, ``_step`` (then the write paths read
+    those directly: four property calls cost as much as the rest of checking a point); None if
+    this MLflow's differs (then the properties are used)."""
+    probe = Metric(object(), object(), object(), object())  # type: ignore[arg-type]
+    for name in ("key", "value", "timestamp", "step"):
+        if not isinstance(Metric.__dict__.get(name), property):
+            return None
+        if getattr(probe, name) is not getattr(probe, f"_{name}", None):
+            return None
+    return Metric
+
+
+_METRIC: Final = _fields_layout()
+
+
+def _rows(metrics: list[Metric]) -> list[tuple[object, object, object, object]]:
+    cls = _METRIC
+    return [
+        (m._key, m._value, m._timestamp, m._step)
+        if m.__class__ is cls
+        else (m.key, m.value, m.timestamp, m.step)
+        for m in metrics
+    ]
+
+
+def _one_group(metrics: list[Metric]) -> tuple[int, int, dict[str, float]] | None:
+    """The points as ``log_metrics`` sends them — one timestamp and one step, distinct keys,
+    float values — as (time, step, {key: value}); None otherwise."""
+    cls = _METRIC
+    first = metrics[0]
+    if first.__class__ is not cls:
+        return None
+    t, s = first._timestamp, first._step
+    if t.__class__ is not int or s.__class__ is not int:
+        return None
+    d: dict[str, float] = {}
+    for m in metrics:
+        value, mt, ms = m._value, m._timestamp, m._step
+        if m.__class__ is not cls or value.__class__ is not float:
+            return None
+        # log_metrics gives every point the same two objects; compare only other ints
+        if mt is not t and (mt.__class__ is not int or mt != t):
+            return None
+        if ms is not s and (ms.__class__ is not int or ms != s):
+            return None
+        d[m._key] = value
+    return (t, s, d) if len(d) == len(metrics) else None
 
 
 class SpoolStore(AbstractStore):
@@ -339,29 +391,40 @@ class SpoolStore(AbstractStore):
 
     # -- writes ----------------------------------------------------------------------------
 
-    @_mlflow_errors
-    @_mlflow_errors
-    def log_metric(self, run_id: str, metric: Metric) -> None:
-        m = metric
-        self._runs.log_metric(run_id, m.key, m.value, m.timestamp, m.step)
+    # The write paths catch our errors themselves: the decorator's call through *args and
+    # **kwargs would cost as much as a quarter of the store's work per log_metric.
 
-    @_mlflow_errors
+    def log_metric(self, run_id: str, metric: Metric) -> None:
+        try:
+            if metric.__class__ is _METRIC:
+                self._runs.log_metric(
+                    run_id, metric._key, metric._value, metric._timestamp, metric._step
+                )
+            else:
+                m = metric
+                self._runs.log_metric(run_id, m.key, m.value, m.timestamp, m.step)
+        except FormulaFoundryError as exc:
+            raise _error(exc) from None
+
     def log_batch(
         self, run_id: str, metrics: list[Metric], params: list[Param], tags: list[RunTag]
     ) -> None:
-        if not params and not tags:
-            if len(metrics) == 1:
-                m = metrics[0]
-                self._runs.log_metric(run_id, m.key, m.value, m.timestamp, m.step)
-                return
-            if self._runs.log_metrics_at_once(run_id, metrics):
-                return
-        self._runs.log_batch(
-            run_id,
-            metrics,
-            [(p.key, p.value) for p in params],
-            [(t.key, t.value) for t in tags],
-        )
+        try:
+            if not params and not tags and metrics:
+                if len(metrics) == 1:
+                    self.log_metric(run_id, metrics[0])
+                    return
+                group = _one_group(metrics)
+                if group is not None and self._runs.log_group(run_id, *group):
+                    return
+            self._runs.log_batch(
+                run_id,
+                _rows(metrics),
+                [(p.key, p.value) for p in params],
+                [(t.key, t.value) for t in tags],
+            )
+        except FormulaFoundryError as exc:
+            raise _error(exc) from None
 
     def log_batch_async(
         self, run_id: str, metrics: list[Metric], params: list[Param], tags: list[RunTag]

@@ -10,10 +10,10 @@ Importing this package does not import MLflow; a pass imports it only when there
 something to send. See docs/sync.md.
 """
 
-from formula_foundry.sync.engine import check_destination, load_sync_settings, sync_once
-from formula_foundry.sync.report import Progress, SyncReport
-from formula_foundry.sync.retry import RetryPolicy
-from formula_foundry.sync.sink import (
+from formula_foundry.sync.engine.destination import destination_key
+from formula_foundry.sync.engine.report import Progress, SyncReport
+from formula_foundry.sync.engine.retry import RetryPolicy
+from formula_foundry.sync.engine.sink import (
     ArtifactRef,
     BatchLimits,
     DestinationRejected,
@@ -23,7 +23,7 @@ from formula_foundry.sync.sink import (
     RunSpec,
     Sink,
 )
-from formula_foundry.sync.sync_state import destination_key
+from formula_foundry.sync.engine.sync_pass import check_destination, load_sync_settings, sync_once
 
 __all__ = [
     "ArtifactRef",

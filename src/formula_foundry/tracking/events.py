@@ -64,7 +64,7 @@ MAX_KEY_LENGTH: Final = 250
 MAX_PARAM_VALUE_LENGTH: Final = 6000
 MAX_TAG_VALUE_LENGTH: Final = 8000
 # Why a run ended: a run_end's "reason", or the scheduler's word when the sync ends a run
-# itself (sync/scheduler.py). Under ff.sync.*, which verify leaves out of its comparison.
+# itself (sync/engine/scheduler.py). Under ff.sync.*, which verify leaves out of its comparison.
 END_REASON_TAG: Final = "ff.sync.end_reason"
 INT64_MIN: Final = -(2**63)
 INT64_MAX: Final = 2**63 - 1

@@ -12,6 +12,7 @@ import contextlib
 import os
 import signal
 import threading
+import time
 from collections.abc import Callable
 from types import FrameType
 from typing import Any
@@ -76,8 +77,14 @@ def install_sigterm(end_all: Callable[[str], None]) -> None:
         with contextlib.suppress(Exception):
             end_all(reason)
         _term_stage = 2
-        if main is not None:
-            signal.pthread_kill(main, signal.SIGTERM)
+        # A signal that lands just before the main thread blocks (time.sleep, a join) is
+        # handled only when that call returns; signal again until the handler has run.
+        while main is not None:
+            try:
+                signal.pthread_kill(main, signal.SIGTERM)
+            except (ProcessLookupError, OSError):
+                return  # the main thread is gone: the interpreter is exiting anyway
+            time.sleep(0.2)
 
     def handler(signum: int, frame: FrameType | None) -> Any:
         global _term_stage

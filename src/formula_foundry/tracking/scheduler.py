@@ -1,8 +1,9 @@
 """Which batch job a process belongs to, read once from the scheduler's environment.
 
 A run's ``run_start`` records it (``"job": "slurm:<SLURM_JOB_ID>"``), so ``ff-sync`` can ask the
-scheduler whether the job behind an open run has ended (:mod:`formula_foundry.sync.scheduler`)
-instead of waiting for the run to go silent. ``SLURM_JOB_ID`` is the job's own id, distinct per
+scheduler whether the job behind an open run has ended
+(:mod:`formula_foundry.sync.engine.scheduler`) instead of waiting for the run to go silent.
+``SLURM_JOB_ID`` is the job's own id, distinct per
 array task, and kept across requeues.
 """
 

@@ -698,7 +698,7 @@ class Tracker:
         }
         job = job_from_env()
         if job is not None:
-            start["job"] = job  # ff-sync asks the scheduler about it (sync/scheduler.py)
+            start["job"] = job  # ff-sync asks the scheduler about it (sync/engine/scheduler.py)
         writer.append(start)
         if checked:
             writer.append({"v": _V, "s": 0, "t": now_ms(), "k": K_TAGS, "d": checked})

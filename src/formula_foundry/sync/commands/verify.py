@@ -1,0 +1,358 @@
+"""``ff-sync verify``: does the destination hold exactly what the spools say?
+
+Run by run, the state expected from the spools (:mod:`formula_foundry.sync.commands.expected`) is
+compared with what the destination holds (:class:`formula_foundry.sync.mlflow.snapshot.StoreReader`,
+the one module here that imports MLflow). Every difference is reported: a missing or
+duplicated run, missing or extra metric points, params and tags that are missing, extra or
+different, a wrong experiment, start time, status or end time, missing or different artifact
+reference documents.
+
+What the replay legitimately leaves out or changes is not a difference: records it
+quarantines (the same reader and payload checks decide), the value of a param whose
+conflict is in the quarantine log, tags MLflow adds itself (``mlflow.*`` other than
+``mlflow.runName`` and ``mlflow.parentRunId``), and KILLED for a run the sync ended because
+it went silent (``stale_ended`` in the sync state).
+
+What verify cannot read is a difference too, never an abort: a run folder or segment that
+cannot be read (``unreadable``, "permission denied"), a run folder or segment that is a
+symbolic link (``symlink``; the sync never follows one) or no regular file
+(``not_regular``). The rest of such a run is compared as usual: the sync skipped the same
+paths. A segment the replay quarantines whole — broken header, unknown format, a header
+naming another run (a copied file) — is expected to be absent; a run made only of such
+segments is expected not to exist at all.
+
+It streams: one run's expected and stored data at a time. Kinds and JSON keys are
+documented in docs/operations.md.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Final
+
+from formula_foundry.config import Settings
+from formula_foundry.errors import EXIT_OK, EXIT_PARTIAL, MlflowMissing, SpoolError
+from formula_foundry.ids import is_run_id
+from formula_foundry.redact import redact_uri
+from formula_foundry.sync.commands.expected import (
+    ExpectedRun,
+    Point,
+    expected_run,
+    metric_value,
+)
+from formula_foundry.sync.commands.status import StateView
+from formula_foundry.sync.engine.destination import INSTALL_HINT, destination_key
+from formula_foundry.sync.engine.scan import (
+    SegmentFile,
+    Skipped,
+    scan_spool_report,
+    unreadable_reason,
+)
+from formula_foundry.sync.engine.sink import RunMissing
+from formula_foundry.sync.engine.sync_pass import check_destination
+from formula_foundry.tracking.events import END_STATUSES
+from formula_foundry.tracking.spool_reader import read_header
+
+if TYPE_CHECKING:
+    from formula_foundry.sync.mlflow.snapshot import StoredRun, StoreReader
+
+SHOWN_POINTS: Final = 10  # metric points listed per difference; ``count`` has them all
+CHECKED_SYSTEM_TAGS: Final = frozenset({"mlflow.runName", "mlflow.parentRunId"})
+JSON_VERSION: Final = 1
+
+
+@dataclass(frozen=True, slots=True)
+class Difference:
+    """One way the destination differs from the spools."""
+
+    run: str
+    kind: str
+    message: str
+    key: str | None = None
+    expected: Any = None
+    actual: Any = None
+    count: int = 1
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "run": self.run,
+            "kind": self.kind,
+            "key": self.key,
+            "expected": self.expected,
+            "actual": self.actual,
+            "count": self.count,
+            "message": self.message,
+        }
+
+
+@dataclass
+class VerifyReport:
+    """The outcome of ``ff-sync verify`` for one destination."""
+
+    destination: str
+    runs_checked: int = 0
+    differences: list[Difference] = field(default_factory=list)
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_PARTIAL if self.differences else EXIT_OK
+
+    def summary(self) -> str:
+        if not self.differences:
+            return f"ff-sync: verify: OK: {self.runs_checked} runs match -> {self.destination}"
+        runs = len({d.run for d in self.differences})
+        return (
+            f"ff-sync: verify: {len(self.differences)} differences in {runs} of "
+            f"{self.runs_checked} runs -> {self.destination}"
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "version": JSON_VERSION,
+            "destination": self.destination,
+            "ok": not self.differences,
+            "runs_checked": self.runs_checked,
+            "runs_differing": len({d.run for d in self.differences}),
+            "differences": [d.to_json() for d in self.differences],
+        }
+
+
+DifferenceFn = Callable[[Difference], None]
+
+
+def verify(settings: Settings, *, on_difference: DifferenceFn | None = None) -> VerifyReport:
+    """Compare the configured destination with the spools (see the module docstring).
+
+    Raises :class:`~formula_foundry.errors.StoreUnavailable` (exit 75) when the destination
+    cannot be read, :class:`ConfigError`/:class:`MlflowMissing` (exit 2).
+    """
+    uri = settings.backend_store_uri
+    check_destination(uri)
+    if importlib.util.find_spec("mlflow") is None:
+        raise MlflowMissing(f"MLflow is not installed on this host; run: {INSTALL_HINT}")
+    from formula_foundry.sync.mlflow.snapshot import StoreReader
+
+    report = VerifyReport(redact_uri(uri))
+    view = StateView(settings.sync_state_dir / destination_key(uri))
+    reader = StoreReader(uri)
+    checker = _RunChecker(reader, reader.index(), view)
+
+    def add(diff: Difference) -> None:
+        report.differences.append(diff)
+        if on_difference is not None:
+            on_difference(diff)
+
+    scan = scan_spool_report(settings.spool_root)
+    skipped: dict[str | None, list[Skipped]] = {}
+    for skip in scan.skipped:
+        skipped.setdefault(skip.run_uuid, []).append(skip)
+    for skip in skipped.pop(None, []):
+        add(Difference("", skip.kind, f"spool root {skip.path}: {skip.reason}; nothing checked"))
+    for uuid, segments in _runs(scan.segments, skipped):
+        report.runs_checked += 1
+        folder = settings.spool_root / uuid
+        for skip in skipped.get(uuid, []):
+            add(Difference(uuid, skip.kind, f"run {uuid}: {skip.path}: {skip.reason}"))
+        if any(skip.path == folder for skip in skipped.get(uuid, [])):
+            continue  # the whole run folder: nothing to compare with
+        usable = _usable_segments(uuid, segments, add)
+        if not usable and uuid not in checker.index:
+            continue  # nothing of the run can reach the destination; the reasons are reported
+        for diff in checker.check(expected_run(uuid, usable, checker.refused)):
+            add(diff)
+    return report
+
+
+def _runs(
+    files: list[SegmentFile], skipped: dict[str | None, list[Skipped]]
+) -> Iterator[tuple[str, list[SegmentFile]]]:
+    """The segments of each run (those of runs with skipped paths only included), by run id;
+    folders that are no run skipped."""
+    by_run: dict[str, list[SegmentFile]] = {uuid: [] for uuid in skipped if uuid is not None}
+    for seg in files:
+        by_run.setdefault(seg.run_uuid, []).append(seg)
+    for uuid in sorted(by_run):
+        if is_run_id(uuid):
+            yield uuid, by_run[uuid]
+
+
+def _usable_segments(
+    uuid: str, segments: list[SegmentFile], add: DifferenceFn
+) -> list[SegmentFile]:
+    """The segments the replay reads: not unreadable (reported), not quarantined whole."""
+    usable: list[SegmentFile] = []
+    for seg in segments:
+        try:
+            header = read_header(seg.path)
+        except SpoolError:
+            continue  # broken header, unknown format: quarantined whole by the replay
+        except OSError as exc:
+            why = unreadable_reason(exc)
+            add(Difference(uuid, "unreadable", f"run {uuid}: {seg.path}: {why}"))
+            continue
+        if header is None or header.get("run") == uuid:
+            usable.append(seg)  # (no complete header yet: nothing of it is expected)
+        # else: a copied segment, quarantined whole by the replay
+    return usable
+
+
+class _RunChecker:
+    def __init__(self, reader: StoreReader, index: dict[str, list[str]], view: StateView) -> None:
+        self.reader, self.index, self.view = reader, index, view
+        quarantined = list(view.quarantine())
+        self.conflicted = {
+            str(q.get("run")) for q in quarantined if q.get("kind") == "param_conflict"
+        }
+        # Records the destination can never take (see sink.RecordRejected): not expected there.
+        self.refused = {
+            (str(q.get("file")), _int(q.get("offset")))
+            for q in quarantined
+            # a refused record carries its bytes; a refused run (kind refused too) does not,
+            # and its records are expected once the run is accepted again
+            if q.get("kind") == "refused" and q.get("raw")
+        }
+
+    def check(self, exp: ExpectedRun) -> Iterator[Difference]:
+        uuid = exp.uuid
+        ids = self.index.get(uuid, [])
+        if not ids:
+            why = "" if exp.started else " (its segments hold no valid run_start yet)"
+            yield Difference(uuid, "missing_run", f"run {uuid} is not in the destination{why}")
+            return
+        if len(ids) > 1:
+            yield Difference(
+                uuid,
+                "duplicate_run",
+                f"run {uuid} has {len(ids)} runs in the destination: {', '.join(ids)}",
+                actual=ids,
+                count=len(ids),
+            )
+        try:
+            stored = self.reader.run(ids[0])
+        except RunMissing:  # deleted for good since the index was read
+            yield Difference(uuid, "missing_run", f"run {uuid} is not in the destination")
+            return
+        yield from self._info(exp, stored)
+        yield from self._params(exp, stored)
+        yield from self._tags(exp, stored)
+        yield from self._metrics(exp, stored)
+        yield from self._refs(exp, stored)
+
+    def _info(self, exp: ExpectedRun, stored: StoredRun) -> Iterator[Difference]:
+        uuid = exp.uuid
+        if stored.lifecycle_stage != "active":
+            yield _diff(uuid, "deleted_run", None, "active", stored.lifecycle_stage)
+        if exp.started and stored.experiment != exp.experiment:
+            yield _diff(uuid, "experiment_mismatch", None, exp.experiment, stored.experiment)
+        if exp.started and stored.start_time != exp.start_time:
+            yield _diff(uuid, "start_time_mismatch", None, exp.start_time, stored.start_time)
+        status, end_time = exp.status, exp.end_time
+        known = self.view.runs.get(uuid)
+        if status == "RUNNING" and known is not None and known.stale_ended:
+            status, end_time = "KILLED", known.last_t  # ended by the sync: legitimately KILLED
+        if stored.status != status:
+            yield _diff(uuid, "status_mismatch", None, status, stored.status)
+        elif status in END_STATUSES and stored.end_time != end_time:
+            yield _diff(uuid, "end_time_mismatch", None, end_time, stored.end_time)
+
+    def _params(self, exp: ExpectedRun, stored: StoredRun) -> Iterator[Difference]:
+        actual: dict[str, str] = stored.params
+        for key in sorted(exp.params.keys() | actual.keys()):
+            want, got = exp.params.get(key), actual.get(key)
+            if want == got:
+                continue
+            if (
+                want is not None
+                and got is not None
+                and exp.uuid in self.conflicted
+                and got in exp.param_values.get(key, set())
+            ):
+                continue  # a quarantined conflict: whichever value was synced first stays
+            yield _diff(exp.uuid, _kind("param", want, got), key, want, got)
+
+    def _tags(self, exp: ExpectedRun, stored: StoredRun) -> Iterator[Difference]:
+        want = dict(exp.tags)
+        if exp.parent_uuid and exp.parent_uuid in self.index:
+            want["mlflow.parentRunId"] = self.index[exp.parent_uuid][0]
+        actual: dict[str, str] = stored.tags
+        for key in sorted(want.keys() | actual.keys()):
+            w, g = want.get(key), actual.get(key)
+            if w == g:
+                continue
+            if w is None and (not exp.started or _system_tag(key)):
+                continue
+            yield _diff(exp.uuid, _kind("tag", w, g), key, w, g)
+
+    def _metrics(self, exp: ExpectedRun, stored: StoredRun) -> Iterator[Difference]:
+        for key in sorted(exp.metrics.keys() | stored.metric_keys):
+            want = exp.metrics.get(key, set())
+            got = {
+                (step, t, metric_value(v))
+                for step, t, v in self.reader.metric_points(stored.run_id, key)
+            }
+            for kind, points in (("missing", want - got), ("extra", got - want)):
+                if points:
+                    yield _points(exp.uuid, kind, key, points)
+
+    def _refs(self, exp: ExpectedRun, stored: StoredRun) -> Iterator[Difference]:
+        actual: dict[str, Any] = self.reader.artifact_refs(stored.run_id)
+        for path in sorted(exp.refs.keys() | actual.keys()):
+            w, g = exp.refs.get(path), actual.get(path)
+            if w != g:
+                yield _diff(exp.uuid, _kind("artifact_ref", w, g), path, w, g)
+
+
+def _system_tag(key: str) -> bool:
+    # ff.sync.*: what the sync itself notes on a run, e.g. why it ended a dead run.
+    return (key.startswith("mlflow.") and key not in CHECKED_SYSTEM_TAGS) or key.startswith(
+        "ff.sync."
+    )
+
+
+def _kind(what: str, want: object, got: object) -> str:
+    if got is None:
+        return f"missing_{what}"
+    if want is None:
+        return f"extra_{what}"
+    return f"{what}_mismatch"
+
+
+_MESSAGES: Final = {
+    "deleted_run": "the run is deleted in the destination",
+    "experiment_mismatch": "experiment is {actual!r}, the spool says {expected!r}",
+    "start_time_mismatch": "start time is {actual}, the spool says {expected}",
+    "status_mismatch": "status is {actual}, the spool says {expected}",
+    "end_time_mismatch": "end time is {actual}, the spool says {expected}",
+    "missing_param": "param {key!r} = {expected!r} is missing",
+    "extra_param": "param {key!r} = {actual!r} is not in the spool",
+    "param_mismatch": "param {key!r} is {actual!r}, the spool says {expected!r}",
+    "missing_tag": "tag {key!r} = {expected!r} is missing",
+    "extra_tag": "tag {key!r} = {actual!r} is not in the spool",
+    "tag_mismatch": "tag {key!r} is {actual!r}, the spool says {expected!r}",
+    "missing_artifact_ref": "artifact reference {key!r} is missing",
+    "extra_artifact_ref": "artifact reference {key!r} is not in the spool",
+    "artifact_ref_mismatch": "artifact reference {key!r} differs from the spool",
+}
+
+
+def _diff(run: str, kind: str, key: str | None, expected: Any, actual: Any) -> Difference:
+    message = _MESSAGES[kind].format(key=key, expected=expected, actual=actual)
+    return Difference(run, kind, f"run {run}: {message}", key, expected, actual)
+
+
+def _points(run: str, kind: str, key: str, points: set[Point]) -> Difference:
+    ordered = sorted(points, key=lambda p: (p[0], p[1], str(p[2])))
+    shown = [[s, t, v] for s, t, v in ordered[:SHOWN_POINTS]]
+    listed = ", ".join(f"(step {s}, t {t}, {v!r})" for s, t, v in shown)
+    more = f" and {len(ordered) - SHOWN_POINTS} more" if len(ordered) > SHOWN_POINTS else ""
+    where = "missing from the destination" if kind == "missing" else "not in the spool"
+    message = f"run {run}: metric {key!r}: {len(ordered)} points {where}: {listed}{more}"
+    if kind == "missing":
+        return Difference(run, "missing_metric_points", message, key, shown, None, len(ordered))
+    return Difference(run, "extra_metric_points", message, key, None, shown, len(ordered))
+
+
+def _int(value: object) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else -1

@@ -1,0 +1,190 @@
+"""What the replay engine needs from a destination, and what a destination may answer.
+
+The engine (:mod:`formula_foundry.sync.engine.replayer`) talks to a :class:`Sink`; the MLflow client
+adapter (:mod:`formula_foundry.sync.mlflow.client_sink`) is the one implementation today. A bulk SQL
+path for metrics or a parallel HTTP path plugs in by implementing the same protocol (its
+``limits`` may allow larger batches). The types here are plain values, so this module
+imports nothing heavy.
+
+Every call a sink accepts must be idempotent: the engine re-sends whatever it had not yet
+recorded as acknowledged when a pass was interrupted. A sink reports failures with:
+
+* :class:`~formula_foundry.errors.StoreUnavailable` — the destination is down, locked or
+  overloaded; the engine retries with backoff, then stops the pass (exit 75).
+* :class:`ParamConflict` — a param already has another value in the destination.
+* :class:`RunMissing` — the destination no longer has the run the engine mapped.
+* :class:`DestinationRejected` — any other refusal; it concerns one run, which is left where
+  it was while the others go on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Final, Protocol
+
+from formula_foundry.errors import EXIT_PARTIAL, SyncError
+from formula_foundry.tracking.events import CREATION_SYSTEM_TAGS
+
+# (key, value, timestamp ms, step): one metric point, as the spool recorded it.
+MetricRow = tuple[str, float, int, int]
+
+
+@dataclass(frozen=True, slots=True)
+class BatchLimits:
+    """The most one ``log_batch`` call may carry (MLflow's REST limits by default)."""
+
+    metrics: int = 1000
+    params: int = 100
+    tags: int = 100
+    total: int = 1000
+
+
+MLFLOW_LIMITS: Final = BatchLimits()
+
+
+@dataclass(frozen=True, slots=True)
+class RunSpec:
+    """Everything needed to create the destination run of one spooled run."""
+
+    run_uuid: str
+    experiment: str
+    name: str
+    start_time: int
+    user: str
+    host: str
+    source: str
+    parent_uuid: str | None = None
+    parent_run_id: str | None = None
+    source_type: str = "LOCAL"
+    # Which of mlflow.user / mlflow.source.name / mlflow.source.type the run gets.
+    system_tags: frozenset[str] = frozenset(CREATION_SYSTEM_TAGS)
+
+    def creation_tags(self) -> dict[str, str]:
+        """The tags the run is created with (``verify`` expects the same), in this order;
+        tag events of the run override them."""
+        system = {
+            "mlflow.user": self.user,
+            "mlflow.source.name": self.source,
+            "mlflow.source.type": self.source_type,
+        }
+        tags = {
+            "ff.run_uuid": self.run_uuid,
+            "ff.host": self.host,
+            **{k: v for k, v in system.items() if k in self.system_tags},
+            "mlflow.runName": self.name,
+        }
+        if self.parent_uuid:
+            tags["ff.parent_run_uuid"] = self.parent_uuid
+        if self.parent_run_id:
+            tags["mlflow.parentRunId"] = self.parent_run_id
+        return tags
+
+
+@dataclass(frozen=True, slots=True)
+class RemoteRun:
+    """A run as the destination knows it. ``duplicates`` lists other runs with the same tag."""
+
+    run_id: str
+    experiment_id: str
+    status: str
+    duplicates: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class ArtifactRef:
+    """An artifact reference: the object stays in the artifact store, MLflow gets this."""
+
+    path: str
+    digest: str
+    size: int
+    store: str
+    t: int
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "kind": "formula-foundry/artifact-ref",
+            "version": 1,
+            "logical_path": self.path,
+            "digest": self.digest,
+            "size_bytes": self.size,
+            "store_root": self.store,
+            "logged_at_ms": self.t,
+        }
+
+
+ARTIFACT_REF_DIR: Final = "ff_artifact_refs"
+
+
+def artifact_ref_file(logical_path: str) -> str:
+    """Where the JSON of a reference lives among the run's artifacts."""
+    return f"{ARTIFACT_REF_DIR}/{logical_path}.json"
+
+
+class DestinationRejected(SyncError):
+    """The destination refused a write for a reason retrying will not fix."""
+
+    exit_code = EXIT_PARTIAL
+
+
+class ParamConflict(DestinationRejected):
+    """A param of the batch already has another value in the destination."""
+
+
+class RunMissing(DestinationRejected):
+    """The destination has no run with the id the sync state maps the spooled run to."""
+
+
+class RecordRejected(DestinationRejected):
+    """The destination can never take this one record (e.g. an artifact document whose path
+    it cannot create): the record is quarantined with this reason and the run goes on."""
+
+
+class IdentityUnavailable(SyncError):
+    """This user may not read or tag the experiment that keeps the destination's identity (a
+    server with per-experiment permissions): the pass goes on without the identity checks."""
+
+
+class Sink(Protocol):
+    """A destination the engine replays into. ``description`` never contains a password."""
+
+    description: str
+    limits: BatchLimits
+
+    def find_run(self, run_uuid: str, experiment: str | None) -> RemoteRun | None:
+        """The run tagged ``ff.run_uuid = run_uuid`` (deleted ones too), or ``None``."""
+        ...
+
+    def create_run(self, spec: RunSpec) -> RemoteRun:
+        """Create the run (and its experiment if needed), tagged with ``spec.run_uuid``."""
+        ...
+
+    def get_params(self, run_id: str) -> dict[str, str]:
+        """The params the run already has."""
+        ...
+
+    def log_batch(
+        self,
+        run_id: str,
+        metrics: Sequence[MetricRow],
+        params: Sequence[tuple[str, str]],
+        tags: Sequence[tuple[str, str]],
+    ) -> None:
+        """Write one batch within ``limits``; returns once the destination committed it."""
+        ...
+
+    def log_artifact_ref(self, run_id: str, ref: ArtifactRef) -> None:
+        """Write the reference's small JSON document among the run's artifacts."""
+        ...
+
+    def delete_tag(self, run_id: str, key: str) -> None:
+        """Delete tag ``key`` of the run; a tag that is not there is already deleted."""
+        ...
+
+    def set_status(self, run_id: str, status: str, end_time: int | None) -> None:
+        """Set the run's status; a terminal status also sets its end time."""
+        ...
+
+    def close(self) -> None:
+        """Release connections."""
+        ...

@@ -1,0 +1,302 @@
+"""Bulk metric writes straight into MLflow's SQL schema (SQLite, PostgreSQL).
+
+MLflow's ``log_batch`` spends ~100 µs per metric in its ORM; an ``executemany`` of the same
+rows costs a few µs. :class:`BulkSink` wraps an :class:`MlflowSink`: runs, experiments,
+params, tags, statuses and artifacts still go through MLflow; only metrics are inserted here,
+each batch in one committed transaction that also maintains ``latest_metrics``.
+
+What MLflow's ``SqlAlchemyStore`` does for metrics (``_log_metrics_once``,
+``_update_latest_metrics_if_necessary``), and this module repeats, checked by
+``tests/sync/test_bulk_differential.py``:
+
+* the run must exist and be ``active`` (a FINISHED run accepts metrics, a deleted one not);
+* NaN is stored as ``value 0, is_nan true``, ±inf as ±1.7976931348623157e308;
+* a row already present (same primary key) is left alone, so replays are no-ops;
+* per key, ``latest_metrics`` holds the first point, in arrival order, whose
+  ``(step, timestamp, value)`` (stored value) is strictly greater than every earlier one.
+  Points already stored never beat it, so folding them in again changes nothing: the
+  result does not depend on how the points were cut into batches.
+
+The schema is MLflow's private business: the bulk path is used only when the store's
+``alembic_version`` is one this module was tested against; otherwise ``open_bulk`` returns
+the plain sink. Imports SQLAlchemy, not MLflow.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Final
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+
+from formula_foundry.errors import StoreUnavailable
+from formula_foundry.sync.engine.destination import BULK_SCHEMES
+from formula_foundry.sync.engine.sink import (
+    ArtifactRef,
+    BatchLimits,
+    MetricRow,
+    RemoteRun,
+    RunSpec,
+)
+
+if TYPE_CHECKING:  # client_sink imports this module when it opens a bulk sink
+    from formula_foundry.sync.mlflow.client_sink import MlflowSink
+
+# The schema heads this module was checked against (MLflow 3.17's). A store migrated by a
+# newer MLflow may have moved metrics elsewhere: it goes through log_batch instead.
+KNOWN_REVISIONS: Final = frozenset({"dc11669786a5"})
+# Params and tags keep MLflow's per-call limits: they still go through log_batch.
+BULK_LIMITS: Final = BatchLimits(metrics=20_000, params=100, tags=100, total=20_000)
+_KEYS_PER_QUERY: Final = 500  # MLflow's own chunk: bounded bind parameters on every database
+_DOUBLE_MAX: Final = 1.7976931348623157e308
+
+log = logging.getLogger(__name__)
+
+
+def _metric_table(name: str) -> sa.TableClause:
+    """``metrics`` and ``latest_metrics`` share these columns (the rest stay MLflow's)."""
+    return sa.table(
+        name,
+        sa.column("key", sa.String),
+        sa.column("value", sa.Float),
+        sa.column("timestamp", sa.BigInteger),
+        sa.column("step", sa.BigInteger),
+        sa.column("is_nan", sa.Boolean),
+        sa.column("run_uuid", sa.String),
+    )
+
+
+_METRICS = _metric_table("metrics")
+_LATEST = _metric_table("latest_metrics")
+_RUNS = sa.table("runs", sa.column("run_uuid", sa.String), sa.column("lifecycle_stage"))
+_SQLITE_INSERT: Final = (
+    "INSERT OR IGNORE INTO metrics (key, value, timestamp, step, is_nan, run_uuid) "
+    "VALUES (?, ?, ?, ?, ?, ?)"
+)
+
+# (key, stored value, timestamp, step, is_nan, run_uuid): one row of ``metrics``.
+SqlRow = tuple[str, float, int, int, bool, str]
+
+
+class _StoreRefusal(Exception):
+    """A refusal worded and coded as MLflow's store words it, for ``MlflowSink.classify``."""
+
+    def __init__(self, message: str, error_code: str) -> None:
+        super().__init__(message)
+        self.error_code = error_code
+
+
+def sql_rows(run_id: str, metrics: Sequence[MetricRow]) -> list[SqlRow]:
+    """The rows MLflow would store: NaN as 0 + is_nan, ±inf clamped to the largest double."""
+    rows: list[SqlRow] = []
+    append = rows.append
+    isinf = math.isinf
+    for key, value, t, step in metrics:
+        if value != value:
+            append((key, 0.0, t, step, True, run_id))
+        elif isinf(value):
+            append((key, _DOUBLE_MAX if value > 0 else -_DOUBLE_MAX, t, step, False, run_id))
+        else:
+            append((key, value, t, step, False, run_id))
+    return rows
+
+
+def fold_latest(
+    rows: Sequence[SqlRow], latest: dict[str, SqlRow]
+) -> tuple[dict[str, SqlRow], set[str]]:
+    """Fold ``rows`` into ``latest`` like MLflow (strictly greater replaces); changed keys."""
+    changed: set[str] = set()
+    for row in rows:
+        key = row[0]
+        cur = latest.get(key)
+        if cur is None or (row[3], row[2], row[1]) > (cur[3], cur[2], cur[1]):
+            latest[key] = row
+            changed.add(key)
+    return latest, changed
+
+
+def as_flushed(row: SqlRow, stored: SqlRow | None) -> SqlRow:
+    """The row MLflow's ORM leaves in the database when it moves ``stored`` to ``row``.
+
+    The ORM writes only the columns whose new value differs (``!=``) from the loaded one, so
+    an existing ``0.0`` replaced by ``-0.0`` stays ``0.0`` (PostgreSQL keeps the sign of
+    zero, SQLite does not: only the PostgreSQL differential test sees this).
+    """
+    if stored is None or row[1] != stored[1]:
+        return row
+    return (row[0], stored[1], *row[2:])
+
+
+class BulkSink:
+    """An :class:`MlflowSink` whose metrics are inserted in bulk (see the module docstring)."""
+
+    limits = BULK_LIMITS
+
+    def __init__(self, inner: MlflowSink, engine: Engine) -> None:
+        self.inner, self.engine = inner, engine
+        self.description = inner.description
+        self._sqlite = engine.dialect.name == "sqlite"
+
+    # -- everything but metrics: MLflow's client --------------------------------------------
+
+    def find_run(self, run_uuid: str, experiment: str | None) -> RemoteRun | None:
+        return self.inner.find_run(run_uuid, experiment)
+
+    def create_run(self, spec: RunSpec) -> RemoteRun:
+        return self.inner.create_run(spec)
+
+    def get_params(self, run_id: str) -> dict[str, str]:
+        return self.inner.get_params(run_id)
+
+    def log_artifact_ref(self, run_id: str, ref: ArtifactRef) -> None:
+        self.inner.log_artifact_ref(run_id, ref)
+
+    def delete_tag(self, run_id: str, key: str) -> None:
+        self.inner.delete_tag(run_id, key)
+
+    def set_status(self, run_id: str, status: str, end_time: int | None) -> None:
+        self.inner.set_status(run_id, status, end_time)
+
+    def identity_tags(self) -> dict[str, str]:
+        return self.inner.identity_tags()
+
+    def set_identity_tag(self, key: str, value: str) -> None:
+        self.inner.set_identity_tag(key, value)
+
+    def close(self) -> None:
+        self.inner.close()
+
+    # -- batches --------------------------------------------------------------------------
+
+    def log_batch(
+        self,
+        run_id: str,
+        metrics: Sequence[MetricRow],
+        params: Sequence[tuple[str, str]],
+        tags: Sequence[tuple[str, str]],
+    ) -> None:
+        # MLflow's order: params (a conflict stops the batch before any metric), metrics, tags.
+        if params:
+            self.inner.log_batch(run_id, (), params, ())
+        if metrics:
+            rows = sql_rows(run_id, metrics)
+            self.inner.call(
+                f"log a batch to run {run_id}", lambda: self._write_metrics(run_id, rows)
+            )
+        if tags:
+            self.inner.log_batch(run_id, (), (), tags)
+
+    def _write_metrics(self, run_id: str, rows: list[SqlRow]) -> None:
+        try:
+            self._write_metrics_once(run_id, rows)
+        except sa.exc.IntegrityError as exc:
+            # Another writer created one of the run's latest_metrics rows between our read and
+            # our insert (MLflow's store retries the same race): the retry reads it, compares.
+            raise StoreUnavailable(
+                f"{self.description}: a concurrent write to run {run_id} ({type(exc).__name__})"
+            ) from None
+
+    def _write_metrics_once(self, run_id: str, rows: list[SqlRow]) -> None:
+        with self.engine.begin() as conn:
+            self._check_run(conn, run_id)
+            if self._sqlite:
+                conn.exec_driver_sql(_SQLITE_INSERT, rows)
+            else:
+                self._insert_core(conn, rows)
+            stored = self._read_latest(conn, run_id, sorted({r[0] for r in rows}))
+            latest, changed = fold_latest(rows, dict(stored))
+            final = [as_flushed(latest[k], stored.get(k)) for k in sorted(changed)]
+            self._write_latest(conn, [r for r in final if r != stored.get(r[0])], set(stored))
+
+    @staticmethod
+    def _check_run(conn: Connection, run_id: str) -> None:
+        query = sa.select(_RUNS.c.lifecycle_stage).where(_RUNS.c.run_uuid == run_id)
+        stages = conn.execute(query).scalars().all()
+        if not stages:
+            raise _StoreRefusal(f"Run with id={run_id} not found", "RESOURCE_DOES_NOT_EXIST")
+        if stages[0] != "active":
+            raise _StoreRefusal(
+                f"The run {run_id} must be in the 'active' state. Current state is {stages[0]}.",
+                "INVALID_PARAMETER_VALUE",
+            )
+
+    @staticmethod
+    def _insert_core(conn: Connection, rows: list[SqlRow]) -> None:
+        from sqlalchemy.dialects.postgresql import insert
+
+        names = ("key", "value", "timestamp", "step", "is_nan", "run_uuid")
+        stmt = insert(_METRICS).on_conflict_do_nothing()
+        conn.execute(stmt, [dict(zip(names, row, strict=True)) for row in rows])
+
+    def _read_latest(self, conn: Connection, run_id: str, keys: list[str]) -> dict[str, SqlRow]:
+        found: dict[str, SqlRow] = {}
+        c = _LATEST.c
+        for i in range(0, len(keys), _KEYS_PER_QUERY):
+            query = (
+                sa.select(c.key, c.value, c.timestamp, c.step, c.is_nan)
+                .where(c.run_uuid == run_id, c.key.in_(keys[i : i + _KEYS_PER_QUERY]))
+                .order_by(c.key)
+            )
+            if not self._sqlite:
+                query = query.with_for_update()  # as MLflow: no concurrent writer in between
+            for key, value, t, step, is_nan in conn.execute(query):
+                found[key] = (key, value, t, step, bool(is_nan), run_id)
+        return found
+
+    @staticmethod
+    def _write_latest(conn: Connection, rows: list[SqlRow], known: set[str]) -> None:
+        # Sorted keys: rows are locked in the same order as MLflow locks them (no deadlock).
+        c = _LATEST.c
+        updates = [_latest_params(r) for r in rows if r[0] in known]
+        inserts = [_latest_params(r) for r in rows if r[0] not in known]
+        if updates:
+            stmt = (
+                sa.update(_LATEST)
+                .where(c.run_uuid == sa.bindparam("b_run_uuid"), c.key == sa.bindparam("b_key"))
+                .values(
+                    value=sa.bindparam("b_value"),
+                    timestamp=sa.bindparam("b_timestamp"),
+                    step=sa.bindparam("b_step"),
+                    is_nan=sa.bindparam("b_is_nan"),
+                )
+            )
+            conn.execute(stmt, updates)
+        if inserts:
+            conn.execute(sa.insert(_LATEST), [{k[2:]: v for k, v in p.items()} for p in inserts])
+
+
+def _latest_params(row: SqlRow) -> dict[str, Any]:
+    key, value, t, step, is_nan, run_id = row
+    return {
+        "b_key": key,
+        "b_value": value,
+        "b_timestamp": t,
+        "b_step": step,
+        "b_is_nan": is_nan,
+        "b_run_uuid": run_id,
+    }
+
+
+def schema_revision(engine: Engine) -> str | None:
+    """The store's alembic revision (``None``: no or several rows)."""
+    with engine.connect() as conn:
+        rows = conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalars().all()
+    return str(rows[0]) if len(rows) == 1 else None
+
+
+def open_bulk(inner: MlflowSink) -> MlflowSink | BulkSink:
+    """``inner`` with bulk metrics when its store's schema is a known one, else ``inner``."""
+    if inner.scheme not in BULK_SCHEMES:
+        return inner
+    store = inner.tracking_store()
+    engine = getattr(store, "engine", None)
+    if not isinstance(engine, Engine) or engine.dialect.name not in BULK_SCHEMES:
+        return inner
+    revision = inner.call("read the schema revision", lambda: schema_revision(engine))
+    if revision not in KNOWN_REVISIONS:
+        log.info("schema revision %s is not one the bulk path knows: using log_batch", revision)
+        return inner
+    return BulkSink(inner, engine)
