@@ -355,3 +355,22 @@ def test_a_job_resumed_with_the_tracker_stays_one_mlflow_run(project: Project) -
     shutil.rmtree(project.state_dir)
     assert project.sync().exit_code == 0
     assert project.snapshot() == snap
+
+
+def test_a_run_resumed_under_a_new_name_takes_that_name(project: Project) -> None:
+    # The handle says the new name; MLflow must too (it renames a run on its mlflow.runName
+    # tag), not silently keep the first start's name.
+    job = """
+    import sys
+    run = tracker.start_run(run_name=sys.argv[1], run_id="renamed-7")
+    print(run.run_name)
+    run.end()
+    """
+    assert project.spool(job, "first").strip() == "first"
+    assert project.sync().exit_code == 0
+    assert project.snapshot()["runs"]["renamed-7"]["name"] == "first"
+    assert project.spool(job, "second").strip() == "second"
+    assert project.sync().exit_code == 0
+    run = project.snapshot()["runs"]["renamed-7"]
+    assert (run["name"], run["tags"]["mlflow.runName"]) == ("second", "second")
+    assert project.ff_sync("verify").returncode == 0

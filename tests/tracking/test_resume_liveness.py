@@ -192,6 +192,38 @@ def test_heartbeat_marks_a_quiet_run_alive(ff_project: Path, write_config) -> No
     assert 3 <= len(beats) <= 10
 
 
+def test_a_quiet_buffered_run_reaches_the_file_at_each_heartbeat(
+    ff_project: Path, write_config
+) -> None:  # type: ignore[no-untyped-def]
+    # Buffered mode keeps events in memory; the heartbeat writes them (and itself), so a quiet
+    # run never looks dead to ff-sync and a kill loses at most one heartbeat interval.
+    text = (ff_project / "config" / "mlflow.yaml").read_text()
+    write_config(ff_project, text.replace("heartbeat_s: 60", "heartbeat_s: 0.2"))
+    spool = ff_project / "data" / "runs"
+    code = """
+        import time
+        from formula_foundry.tracking import get_tracker
+        run = get_tracker().start_run(run_id="quiet-buffered")
+        run.log_metric("x", 1.0)
+        print("logged", flush=True)
+        time.sleep(60)
+    """
+    env = _env(
+        spool, FF_CONFIG=str(ff_project / "config" / "mlflow.yaml"), FF_DURABILITY="buffered"
+    )
+    proc = _child(code, env, ff_project)
+    assert proc.stdout is not None and proc.stdout.readline().strip() == b"logged"
+    deadline = time.monotonic() + 20
+    kinds: list[str] = []
+    while time.monotonic() < deadline and "heartbeat" not in kinds:
+        time.sleep(0.1)
+        found = _events(spool, "quiet-buffered") if spool.exists() else []
+        kinds = [e.kind for _, evs in found for e in evs]
+    proc.kill()
+    proc.communicate(timeout=30)
+    assert kinds[:3] == ["segment", "run_start", "metrics"] and "heartbeat" in kinds, kinds
+
+
 def test_sigterm_records_a_killed_end_event(ff_project: Path) -> None:
     spool = ff_project / "data" / "runs"
     code = """
@@ -278,3 +310,65 @@ def test_sigterm_inside_a_spool_write_and_a_second_sigterm_still_end_the_run(
     assert [(e.kind, e.data.get("status")) for e in evs if e.kind == "run_end"] == [
         ("run_end", "KILLED")
     ]
+
+
+@pytest.mark.parametrize(
+    ("raise_", "status", "reason"),
+    [
+        (
+            "raise ValueError('diverged at step 3')",
+            "FAILED",
+            "uncaught ValueError: diverged at step 3",
+        ),
+        ("raise KeyboardInterrupt", "KILLED", "uncaught KeyboardInterrupt"),
+    ],
+)
+def test_an_uncaught_exception_outside_a_with_block_ends_the_run_failed(
+    ff_project: Path, raise_: str, status: str, reason: str
+) -> None:
+    # Without the hook the interpreter's exit would end the run FINISHED: a crash read as a
+    # success. The previous hook (here the default one) still prints the traceback.
+    spool = ff_project / "data" / "runs"
+    code = f"""
+        from formula_foundry.tracking import get_tracker
+        run = get_tracker().start_run(run_id="crash")
+        run.log_metric("x", 1.0)
+        {raise_}
+    """
+    proc = _child(code, _env(spool), ff_project)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode != 0
+    assert b"Traceback" in err
+    ((_, evs),) = _events(spool, "crash")
+    ends = [(e.data["status"], e.data.get("reason")) for e in evs if e.kind == "run_end"]
+    assert ends == [(status, reason)]
+
+
+def test_an_exception_hook_of_the_application_still_runs(ff_project: Path) -> None:
+    spool = ff_project / "data" / "runs"
+    code = """
+        import sys
+        sys.excepthook = lambda *a: print("app hook", a[0].__name__, flush=True)
+        from formula_foundry.tracking import get_tracker
+        get_tracker().start_run(run_id="hooked")
+        raise RuntimeError("x")
+    """
+    proc = _child(code, _env(spool), ff_project)
+    out, _ = proc.communicate(timeout=30)
+    assert out.strip() == b"app hook RuntimeError"
+    ((_, evs),) = _events(spool, "hooked")
+    assert [e.data["status"] for e in evs if e.kind == "run_end"] == ["FAILED"]
+
+
+def test_a_run_ended_by_another_thread_is_not_active_in_its_own(ff_project: Path) -> None:
+    import threading
+
+    tracker = get_tracker()
+    run = tracker.start_run(run_name="ended-elsewhere")
+    worker = threading.Thread(target=run.end)
+    worker.start()
+    worker.join()
+    assert tracker.active_run() is None
+    nxt = tracker.start_run(run_name="next")  # not refused as "still active"
+    assert nxt.parent_run_id is None  # and not nested under the ended run
+    nxt.end()

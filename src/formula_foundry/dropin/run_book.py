@@ -38,6 +38,7 @@ from formula_foundry.dropin.spool_runs import RunState, read_run
 from formula_foundry.errors import ParamConflictError, RunStateError, ValidationError
 from formula_foundry.tracking.events import (
     CREATION_SYSTEM_TAGS,
+    END_STATUSES,
     FORMAT_VERSION,
     INT64_MAX,
     INT64_MIN,
@@ -50,6 +51,7 @@ from formula_foundry.tracking.events import (
     MAX_PARAM_VALUE_LENGTH,
     MAX_RUN_NAME_LENGTH,
     MAX_TAG_VALUE_LENGTH,
+    RUN_NAME_TAG,
     SOURCE_TYPES,
     check_name,
     int64,
@@ -68,10 +70,8 @@ from formula_foundry.tracking.scheduler import job_from_env
 from formula_foundry.tracking.spool_writer import SegmentWriter, hostname, now_ms, utf8_text
 
 _V: Final = FORMAT_VERSION
-END_STATUSES: Final = frozenset({"FINISHED", "FAILED", "KILLED"})
 # Tags MLflow's clients put on a new run that the spool carries in run_start instead (the
 # sync writes them back from there, as it does for tracker runs).
-RUN_NAME_TAG: Final = "mlflow.runName"
 PARENT_TAG: Final = "mlflow.parentRunId"
 USER_TAG: Final = "mlflow.user"
 SOURCE_NAME_TAG: Final = "mlflow.source.name"
@@ -496,6 +496,7 @@ class RunBook:
             if live.state.status == "RUNNING":
                 with live.lock:
                     live.writer.append({"v": _V, "s": 0, "t": now_ms(), "k": "heartbeat"})
+                    live.writer.flush()  # buffered mode: the sign of life reaches the file now
 
     def _run_start(
         self,

@@ -111,6 +111,9 @@ def frame_metric(seq: int, t: int, step: int, key_json: bytes, value_json: bytes
 # attribute it. A user value for one of them would forge identity or lineage, so the tracker
 # refuses them and the sync quarantines them in old spools.
 RESERVED_TAG_PREFIX: Final = "ff."
+# The tag that names a run: set by a resume under a new name (tracker) or a rename (drop-in);
+# MLflow renames the run when it gets it.
+RUN_NAME_TAG: Final = "mlflow.runName"
 RESERVED_TAGS: Final = frozenset(
     {"mlflow.parentRunId", "mlflow.user", "mlflow.source.name", "mlflow.source.type"}
 )

@@ -11,10 +11,11 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
-from types import FrameType
+from types import FrameType, TracebackType
 from typing import Any
 
 from formula_foundry.tracking.scheduler import sigterm_reason
@@ -97,6 +98,41 @@ def install_sigterm(end_all: Callable[[str], None]) -> None:
 
     signal.signal(signal.SIGTERM, handler)
     _sigterm_installed = True
+
+
+_excepthook_installed = False
+
+
+def install_excepthook(end_all: Callable[[str, str], None]) -> None:
+    """An uncaught exception ends the process's active runs FAILED (``KeyboardInterrupt``:
+    KILLED), with the exception as the reason, before the previous hook prints it.
+
+    Without it the interpreter's exit would end them FINISHED: a crashed job whose runs read
+    as successes. Chains to whatever hook was installed; installed once per process.
+    """
+    global _excepthook_installed
+    if _excepthook_installed:
+        return
+    previous = sys.excepthook
+
+    def hook(exc_type: type[BaseException], exc: BaseException, tb: TracebackType | None) -> None:
+        status = "KILLED" if issubclass(exc_type, KeyboardInterrupt) else "FAILED"
+        with contextlib.suppress(Exception):
+            end_all(status, _exception_reason(exc_type, exc))
+        previous(exc_type, exc, tb)
+
+    sys.excepthook = hook
+    _excepthook_installed = True
+
+
+def _exception_reason(exc_type: type[BaseException], exc: BaseException) -> str:
+    try:
+        text = str(exc)
+    except Exception:  # a broken __str__ must not cost the end event
+        text = ""
+    reason = f"uncaught {exc_type.__name__}: {text}" if text else f"uncaught {exc_type.__name__}"
+    reason = reason.replace("\x00", "")[:2000]
+    return reason.encode("utf-8", "replace").decode("utf-8")
 
 
 def _after_fork_in_child() -> None:

@@ -44,6 +44,7 @@ from formula_foundry.tracking.events import (
     MAX_PARAM_VALUE_LENGTH,
     MAX_RUN_NAME_LENGTH,
     MAX_TAG_VALUE_LENGTH,
+    RUN_NAME_TAG,
     check_key,
     check_name,
     int64,
@@ -51,7 +52,11 @@ from formula_foundry.tracking.events import (
     reserved_tag_reason,
     string_value,
 )
-from formula_foundry.tracking.liveness import install_sigterm, start_heartbeat
+from formula_foundry.tracking.liveness import (
+    install_excepthook,
+    install_sigterm,
+    start_heartbeat,
+)
 from formula_foundry.tracking.resume import (
     Logged,
     check_run_id,
@@ -556,9 +561,13 @@ class Tracker:
         return self.settings.disabled
 
     def _stack(self) -> list[Run]:
+        """This thread's active runs, innermost last. A run ended by another thread (or by
+        SIGTERM) is still listed here; it is dropped on the next look, never taken as active."""
         stack: list[Run] | None = getattr(self._local, "stack", None)
         if stack is None:
             stack = self._local.stack = []
+        if stack and any(isinstance(r._writer, _EndedWriter) for r in stack):
+            stack[:] = [r for r in stack if not isinstance(r._writer, _EndedWriter)]
         return stack
 
     def active_run(self) -> Run | None:
@@ -641,6 +650,7 @@ class Tracker:
     ) -> Run:
         """The part of :meth:`start_run` after the names and ``FF_RUN_ID`` are settled."""
         origin = None
+        renamed = False
         resumed = run_id is not None and not self.settings.disabled
         if run_id is None:
             run_id = uuid.uuid4().hex
@@ -653,6 +663,7 @@ class Tracker:
                     f"run {run_id} belongs to experiment {origin.experiment!r}; cannot resume "
                     f"it in {experiment_name!r}"
                 )
+            renamed = run_name is not None and run_name != origin.run_name
             experiment, run_name = origin.experiment, run_name or origin.run_name
         if run_name is None:
             run_name = f"run-{run_id[:8]}"
@@ -663,6 +674,8 @@ class Tracker:
             _valid_tag_key(k, run_id): string_value(v, k, "tag", MAX_TAG_VALUE_LENGTH, run_id)
             for k, v in initial.items()
         }
+        if renamed:  # the run keeps its first start's name unless the tag changes it, as in MLflow
+            checked[RUN_NAME_TAG] = run_name
         writer: SegmentWriter | _NullWriter = (
             _NullWriter()
             if self.settings.disabled
@@ -737,6 +750,7 @@ class Tracker:
         if not self.settings.disabled:
             start_heartbeat(self.settings.heartbeat_s, self._beat)
             install_sigterm(lambda reason: self.end_all("KILLED", reason=reason))
+            install_excepthook(lambda status, reason: self.end_all(status, reason=reason))
 
     def _beat(self) -> None:
         with self._active_lock:
@@ -745,6 +759,9 @@ class Tracker:
             writer = run._writer
             if isinstance(writer, SegmentWriter):
                 writer.append({"v": _V, "s": 0, "t": now_ms(), "k": K_HEARTBEAT})
+                # Buffered mode: the sign of life (and what was logged before it) reaches the
+                # file now, or a quiet run would look dead to ff-sync until 64 KiB piled up.
+                writer.flush()
 
     def _forget(self, run: Run) -> None:
         stack = self._stack()
