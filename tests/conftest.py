@@ -39,6 +39,7 @@ FAST: tuple[str, ...] = (
     "tests/sync/test_engine_memory.py",
     "tests/sync/test_scheduler.py",
     "tests/sync/test_watch.py",
+    "tests/sync/test_run_context.py",
     "tests/test_architecture.py",
     "tests/sync/test_store_access.py",
     "tests/sync/test_cli.py",

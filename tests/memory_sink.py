@@ -2,11 +2,11 @@
 
 :class:`MemorySink` implements :class:`formula_foundry.sync.Sink` with MLflow's semantics for
 each write as the sync relies on them (docs/sync.md, ../shared/guide/mlflow-facts.md): a
-metric point is stored once however often it is sent, a param is write-once (another value is
-a :class:`ParamConflict`), tags are last-write-wins, deleting an absent tag is done already,
-a terminal status sets the end time. It is not a model of MLflow for the contract tests (they
-run against real stores, tests/sync/): it is what lets the engine's own logic (batching,
-barriers, progress, crash recovery, stale runs) be tested in milliseconds.
+metric point is stored once however often it is sent, a param is write-once (another value
+is a :class:`StoredParamConflict`), tags are last-write-wins, deleting an absent tag is done
+already, a terminal status sets the end time. It is not a model of MLflow for the contract
+tests (they run against real stores, tests/sync/): it is what lets the engine's own logic
+(batching, barriers, progress, crash recovery, stale runs) be tested in milliseconds.
 
 ``fail_at``: the calls (1-based, counted over every write and read) that raise
 :class:`StoreUnavailable` instead of running — a store going down at that exact point. With
@@ -28,10 +28,10 @@ from formula_foundry.sync.engine.sink import (
     ArtifactRef,
     BatchLimits,
     MetricRow,
-    ParamConflict,
     RemoteRun,
     RunMissing,
     RunSpec,
+    StoredParamConflict,
 )
 
 T = TypeVar("T")
@@ -136,7 +136,7 @@ class MemorySink:
             for key, value in params:
                 old = run.params.get(key)
                 if old is not None and old != value:
-                    raise ParamConflict(f"param {key!r}: {old!r} != {value!r}")
+                    raise StoredParamConflict(f"param {key!r}: {old!r} != {value!r}")
             # All or nothing, as one MLflow transaction.
             run.params.update(params)
             run.tags.update(tags)

@@ -205,12 +205,15 @@ def test_redaction_is_fast_on_long_hostile_input() -> None:
         lambda n: "@ " + "https://b: " * n,
         lambda n: "@ " + "postgresql:b: " * n,
     ]
+    # A guard against catastrophic backtracking (seconds to hours of CPU on these inputs),
+    # not a benchmark: this process's CPU time, which other processes on the machine (the
+    # other test worker) do not inflate as they do wall time.
     for make in hostile:
         text = make(20_000)
-        started = time.perf_counter()
+        started = time.process_time()
         redact_uri(text)
         one_line(text, text, limit=100)
-        assert time.perf_counter() - started < 1.0, make(3)
+        assert time.process_time() - started < 1.0, make(3)
 
 
 @pytest.mark.parametrize(

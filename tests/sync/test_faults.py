@@ -18,8 +18,8 @@ from formula_foundry.sync import RetryPolicy, RunSpec
 from formula_foundry.sync.engine.sink import (
     ArtifactRef,
     DestinationRejected,
-    ParamConflict,
     RemoteRun,
+    StoredParamConflict,
 )
 from formula_foundry.sync.mlflow.client_sink import MlflowSink
 
@@ -230,7 +230,7 @@ def test_mlflow_errors_are_classified(project: Project) -> None:
                 "Changing param values is not allowed. Params were already logged",
                 INVALID_PARAMETER_VALUE,
             ),
-            ParamConflict,
+            StoredParamConflict,
         ),
         (MlflowException("Run 'abc' not found", RESOURCE_DOES_NOT_EXIST), DestinationRejected),
         (

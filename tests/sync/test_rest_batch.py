@@ -17,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from formula_foundry.sync.engine.sink import DestinationRejected, MetricRow, ParamConflict
+from formula_foundry.sync.engine.sink import DestinationRejected, MetricRow, StoredParamConflict
 from formula_foundry.sync.mlflow.client_sink import MlflowSink
 from formula_foundry.sync.mlflow.rest_batch import log_batch_body
 from tests._keys import accepted_key
@@ -151,7 +151,7 @@ def test_a_server_stores_the_same_either_way(http_service: HttpService, tmp_path
     run_id = client.create_run(exp).info.run_id
     sink.log_batch(run_id, [], [("lr", "0.1")], [])
     sink.log_batch(run_id, [], [("lr", "0.1")], [])  # the same value again: accepted
-    with pytest.raises(ParamConflict):
+    with pytest.raises(StoredParamConflict):
         sink.log_batch(run_id, [], [("lr", "0.2")], [])
     with pytest.raises(DestinationRejected, match="0" * 32):
         sink.log_batch("0" * 32, [("m", 1.0, 1, 0)], [], [])

@@ -7,8 +7,8 @@ tracking, MLflow, click or YAML. See ``docs/substrate.md``.
 from formula_foundry.substrate.artifact_store import (
     ArtifactEntry,
     ArtifactStore,
-    CorruptObject,
-    VerifyReport,
+    DamagedObject,
+    StoreVerifyReport,
 )
 from formula_foundry.substrate.determinism import AppliedDeterminism, DeterminismConfig
 from formula_foundry.substrate.digest import Digest
@@ -44,7 +44,7 @@ __all__ = [
     "ArtifactEntry",
     "ArtifactNotFound",
     "ArtifactStore",
-    "CorruptObject",
+    "DamagedObject",
     "DeterminismConfig",
     "Digest",
     "DigestMismatch",
@@ -60,10 +60,10 @@ __all__ = [
     "SourceFileNotFound",
     "StoreFormatError",
     "StoreIOError",
+    "StoreVerifyReport",
     "SubstrateError",
     "UnsafeStorePath",
     "ValidationError",
-    "VerifyReport",
     "create_run",
     "init_run_dir",
     "new_run_id",

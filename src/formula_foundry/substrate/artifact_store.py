@@ -78,8 +78,8 @@ __all__ = [
     "STORE_VERSION",
     "ArtifactEntry",
     "ArtifactStore",
-    "CorruptObject",
-    "VerifyReport",
+    "DamagedObject",
+    "StoreVerifyReport",
 ]
 
 _log = logging.getLogger(__name__)
@@ -116,8 +116,9 @@ class ArtifactEntry:
 
 
 @dataclass(frozen=True)
-class CorruptObject:
-    """One object that failed verification and where it went."""
+class DamagedObject:
+    """One object that failed verification and where it went: an entry of
+    :class:`StoreVerifyReport` (``verify`` of one object raises ``ObjectCorrupt`` instead)."""
 
     expected: Digest
     actual: Digest
@@ -125,13 +126,13 @@ class CorruptObject:
 
 
 @dataclass(frozen=True)
-class VerifyReport:
+class StoreVerifyReport:
     """Outcome of :meth:`ArtifactStore.verify_all`: ``checked`` objects, the ``corrupt`` ones,
     and the ``unsafe`` paths under ``objects/`` — symbolic links and other non-regular entries
     where a fan-out folder or an object belongs, never followed and left in place."""
 
     checked: int
-    corrupt: tuple[CorruptObject, ...]
+    corrupt: tuple[DamagedObject, ...]
     unsafe: tuple[Path, ...] = ()
 
     @property
@@ -291,11 +292,11 @@ class ArtifactStore:
                 moved = self._quarantine_object(parsed, os.fstat(f.fileno()))
                 raise ObjectCorrupt(parsed, actual, moved)
 
-    def verify_all(self) -> VerifyReport:
+    def verify_all(self) -> StoreVerifyReport:
         """Verify every object; corrupt ones are quarantined and listed in the report, links
         and other unsafe entries under ``objects/`` are listed (and left alone)."""
         checked = 0
-        corrupt: list[CorruptObject] = []
+        corrupt: list[DamagedObject] = []
         unsafe: list[Path] = []
         for item in self._walk():
             if isinstance(item, Path):
@@ -304,14 +305,14 @@ class ArtifactStore:
             try:
                 self.verify(item)
             except ObjectCorrupt as exc:
-                corrupt.append(CorruptObject(exc.expected, exc.actual, exc.quarantined_to))
+                corrupt.append(DamagedObject(exc.expected, exc.actual, exc.quarantined_to))
             except ArtifactNotFound:
                 continue  # quarantined by a concurrent verifier
             except UnsafeStorePath as exc:
                 unsafe.append(exc.path)  # replaced by a link since the listing
                 continue
             checked += 1
-        return VerifyReport(checked=checked, corrupt=tuple(corrupt), unsafe=tuple(unsafe))
+        return StoreVerifyReport(checked=checked, corrupt=tuple(corrupt), unsafe=tuple(unsafe))
 
     def cleanup_temp(self, older_than_s: float = 24 * 3600.0) -> int:
         """Remove temporary files untouched for ``older_than_s`` seconds (leftovers of crashed

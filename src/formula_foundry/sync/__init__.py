@@ -17,11 +17,11 @@ from formula_foundry.sync.engine.sink import (
     ArtifactRef,
     BatchLimits,
     DestinationRejected,
-    ParamConflict,
     RemoteRun,
     RunMissing,
     RunSpec,
     Sink,
+    StoredParamConflict,
 )
 from formula_foundry.sync.engine.sync_pass import check_destination, load_sync_settings, sync_once
 
@@ -29,13 +29,13 @@ __all__ = [
     "ArtifactRef",
     "BatchLimits",
     "DestinationRejected",
-    "ParamConflict",
     "Progress",
     "RemoteRun",
     "RetryPolicy",
     "RunMissing",
     "RunSpec",
     "Sink",
+    "StoredParamConflict",
     "SyncReport",
     "check_destination",
     "destination_key",

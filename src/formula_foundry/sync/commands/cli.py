@@ -283,7 +283,8 @@ def status_command(
     in the MLflow UI (for a database: under `mlflow ui`, whose command is shown) and the
     filter that finds it in the UI's search box; or "not synced yet" and its pending events.
 
-    Reads only the spools and the sync state: never the destination, never MLflow.
+    Reads the spools and the sync state, never MLflow; of a SQLite destination only its
+    identity tags (with sqlite3, read-only), to warn when the file is not the one synced.
 
     \b
     Exit codes:

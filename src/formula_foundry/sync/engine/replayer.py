@@ -44,9 +44,9 @@ from formula_foundry.sync.engine.runs import RunContext, RunResolver, SyncContex
 from formula_foundry.sync.engine.scan import SegmentFile, unreadable_reason
 from formula_foundry.sync.engine.sink import (
     DestinationRejected,
-    ParamConflict,
     RecordRejected,
     RunMissing,
+    StoredParamConflict,
 )
 from formula_foundry.sync.engine.stale import end_run, reopen, revive
 from formula_foundry.sync.engine.sync_state import RunRecord, SegmentProgress
@@ -346,7 +346,7 @@ class Replayer:
                 )
             )
             return
-        except ParamConflict:
+        except StoredParamConflict:
             pass
         # Someone else wrote params to the run since we read them: sort ours out and resend.
         known = self.cx.call(lambda: sink.get_params(ctx.run_id))

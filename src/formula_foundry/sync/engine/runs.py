@@ -63,17 +63,22 @@ class RunContext:
     end_time: int | None = None
     params: dict[str, str] | None = None  # None: not fetched from the destination yet
 
+    @classmethod
+    def from_record(cls, rec: RunRecord) -> RunContext:
+        """The context of a run the sync state already maps."""
+        return cls(**{mine: getattr(rec, theirs) for theirs, mine in _RECORD_FIELDS})
+
     def record(self) -> RunRecord:
-        return RunRecord(
-            self.uuid,
-            self.run_id,
-            self.experiment_id,
-            self.status,
-            self.parent_uuid,
-            self.parent_linked,
-            self.last_t,
-            self.end_time,
-        )
+        """What the sync state keeps of this run."""
+        return RunRecord(**{theirs: getattr(self, mine) for theirs, mine in _RECORD_FIELDS})
+
+
+# Both converters walk RunRecord's fields, so a field added to it without a RunContext
+# counterpart fails the first conversion rather than being silently dropped; (record field,
+# context field) pairs, since RunContext calls the spooled run's id ``uuid``.
+_RECORD_FIELDS: Final = tuple(
+    (f.name, "uuid" if f.name == "run_uuid" else f.name) for f in dataclasses.fields(RunRecord)
+)
 
 
 @dataclass
@@ -173,7 +178,7 @@ class RunResolver:
             return ctx
         rec = self.cx.state.run(uuid)
         if rec is not None:
-            ctx = RunContext(*dataclasses.astuple(rec))  # the same fields, in order
+            ctx = RunContext.from_record(rec)
             self.runs[uuid] = ctx
             return ctx
         search = self._find_start(uuid)

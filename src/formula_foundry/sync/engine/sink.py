@@ -11,7 +11,7 @@ recorded as acknowledged when a pass was interrupted. A sink reports failures wi
 
 * :class:`~formula_foundry.errors.StoreUnavailable` — the destination is down, locked or
   overloaded; the engine retries with backoff, then stops the pass (exit 75).
-* :class:`ParamConflict` — a param already has another value in the destination.
+* :class:`StoredParamConflict` — a param already has another value in the destination.
 * :class:`RunMissing` — the destination no longer has the run the engine mapped.
 * :class:`DestinationRejected` — any other refusal; it concerns one run, which is left where
   it was while the others go on.
@@ -127,8 +127,12 @@ class DestinationRejected(SyncError):
     exit_code = EXIT_PARTIAL
 
 
-class ParamConflict(DestinationRejected):
-    """A param of the batch already has another value in the destination."""
+class StoredParamConflict(DestinationRejected):
+    """A param of the batch already has another value in the destination.
+
+    Not :class:`~formula_foundry.errors.ParamConflictError`, which the tracker raises in the
+    logging process; this one is the destination's answer during a sync.
+    """
 
 
 class RunMissing(DestinationRejected):

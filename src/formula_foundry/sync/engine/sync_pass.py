@@ -35,7 +35,7 @@ import shutil
 import sqlite3
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 
 from formula_foundry.config import Settings, load_settings, resolve_store_uri
@@ -65,6 +65,7 @@ from formula_foundry.sync.engine.stale import end_stale, find_stale
 from formula_foundry.sync.engine.sync_state import (
     LOCK_FILE,
     QUARANTINE_FILE,
+    SegmentProgress,
     SyncState,
     prepare_folder,
 )
@@ -172,31 +173,17 @@ def _pass(
 ) -> None:
     if replay:
         state.reset()
-    scan = scan_spool_report(settings.spool_root)
-    files = scan.segments
-    # Named on every pass, never followed nor fatal; their runs are not judged dead meanwhile.
-    report.unreadable += [s.describe() for s in scan.skipped]
-    unscanned = scan.skipped_runs
-    odd = sorted({f.run_uuid for f in files if not is_run_id(f.run_uuid)})
-    if odd:
-        files = [f for f in files if f.run_uuid not in odd]
-        report.warnings += [
-            f"ignored spool folder {settings.spool_root / n}: not a run id" for n in odd
-        ]
+    files, unscanned = _scan(settings, report)
     progress = state.segments()
-    pending: dict[str, list[SegmentFile]] = {}
-    for seg in files:
-        seen = progress.get(seg.rel)
-        if seen is None or seen.size_seen != seg.size:
-            pending.setdefault(seg.run_uuid, []).append(seg)
-    # One scheduler query per pass (sync/engine/scheduler.py): here when nothing is pending, else
+    pending = _pending(files, progress)
+    # One scheduler query per pass (engine/scheduler.py): here when nothing is pending, else
     # after the replay, so runs created in this pass are judged too.
     verdict = _ask_scheduler(state, unscanned, report) if not pending and not replay else None
     alive = verdict.alive if verdict is not None else set()
     stale = find_stale(state, settings.stale_after_s, pending.keys() | unscanned | alive)
-    uri = settings.backend_store_uri
-    state_id, generation = state.identity()
     if not pending and not stale and not replay and not (verdict and verdict.ended):
+        state_id, generation = state.identity()
+        uri = settings.backend_store_uri
         problem = sqlite_problem(
             uri, state_id, generation, state.has_progress(), settings.spool_root
         )
@@ -205,16 +192,7 @@ def _pass(
             if not settings.spool_root.is_dir():
                 report.warnings.append(f"spool root {settings.spool_root} does not exist")
             return
-    db = sqlite_path(uri)
-    try:
-        created = db is not None and not db.exists()
-    except OSError:
-        created = False  # cannot look: opening the store says what is wrong
-    if created and db is not None:
-        report.warnings.append(
-            f"creating a new MLflow store at {db.absolute()} (no file there yet; if the path "
-            "is a typo, delete that file and its state folder and fix the tracking URI)"
-        )
+    created = _new_sqlite_store(settings.backend_store_uri, report)
     sink = policy.call(lambda: sink_factory(settings))
     try:
         identity = None
@@ -228,9 +206,7 @@ def _pass(
                 )
         if identity is not None and identity[2]:  # the state was reset: all is pending
             progress = {}
-            pending = {}
-            for seg in files:
-                pending.setdefault(seg.run_uuid, []).append(seg)
+            pending = _pending(files, progress)
         files_by_run: dict[str, list[SegmentFile]] = {}
         for seg in files:
             files_by_run.setdefault(seg.run_uuid, []).append(seg)
@@ -244,41 +220,97 @@ def _pass(
             files_by_run=files_by_run,
             stale_after_s=settings.stale_after_s,
         )
-        resolver = RunResolver(cx)
-        order = sorted(pending, key=lambda run: (min(s.order for s in pending[run]), run))
-        workers = min(workers_for(settings), len(order))
-        report.workers = workers
-        if workers > 1:
-            replay_parallel(
-                cx,
-                resolver,
-                lambda: sink_factory(settings),
-                order,
-                pending,
-                progress_fn,
-                workers,
-            )
-        else:
-            from formula_foundry.sync.engine.replayer import Replayer
-
-            replayer = Replayer(cx, resolver, progress_fn, len(pending))
-            for run_uuid in order:
-                replayer.replay_run(run_uuid, pending[run_uuid])
-        # Dead runs (engine/stale.py): judged after the replay. Silent ones, except
-        # those that grew during this pass or whose job the scheduler says is alive; and those
-        # whose job has ended, whatever the silence.
-        if verdict is None:
-            verdict = _ask_scheduler(state, unscanned, report)
-        busy = pending.keys() | unscanned | verdict.alive | verdict.ended.keys()
-        dead = [r for r in state.live_runs() if r.run_uuid in verdict.ended]
-        dead += find_stale(state, settings.stale_after_s, busy)
-        end_stale(sink, state, dead, report, policy, verdict.ended)
+        _replay(cx, lambda: sink_factory(settings), workers_for(settings), pending, progress_fn)
+        _end_dead(cx, settings, unscanned, pending.keys(), verdict)
         if identity is not None and isinstance(sink, IdentitySink):
             # Again at the end: a backup taken during this pass is then older than the state.
             with contextlib.suppress(IdentityUnavailable):
                 _bump(sink, state, identity[0], identity[1] + 1, report, policy)
     finally:
         sink.close()
+
+
+def _scan(settings: Settings, report: SyncReport) -> tuple[list[SegmentFile], set[str]]:
+    """The spool's segments, and the runs with a folder that could not be read."""
+    scan = scan_spool_report(settings.spool_root)
+    files = scan.segments
+    # Named on every pass, never followed nor fatal; their runs are not judged dead meanwhile.
+    report.unreadable += [s.describe() for s in scan.skipped]
+    odd = sorted({f.run_uuid for f in files if not is_run_id(f.run_uuid)})
+    if odd:
+        files = [f for f in files if f.run_uuid not in odd]
+        report.warnings += [
+            f"ignored spool folder {settings.spool_root / n}: not a run id" for n in odd
+        ]
+    return files, scan.skipped_runs
+
+
+def _pending(
+    files: list[SegmentFile], progress: dict[str, SegmentProgress]
+) -> dict[str, list[SegmentFile]]:
+    """Per run, its segments with something the destination has not acknowledged."""
+    pending: dict[str, list[SegmentFile]] = {}
+    for seg in files:
+        seen = progress.get(seg.rel)
+        if seen is None or seen.size_seen != seg.size:
+            pending.setdefault(seg.run_uuid, []).append(seg)
+    return pending
+
+
+def _new_sqlite_store(uri: str, report: SyncReport) -> bool:
+    """True (with a warning naming it) if this pass is about to create a SQLite store."""
+    db = sqlite_path(uri)
+    try:
+        created = db is not None and not db.exists()
+    except OSError:
+        return False  # cannot look: opening the store says what is wrong
+    if created and db is not None:
+        report.warnings.append(
+            f"creating a new MLflow store at {db.absolute()} (no file there yet; if the path "
+            "is a typo, delete that file and its state folder and fix the tracking URI)"
+        )
+    return created
+
+
+def _replay(
+    cx: SyncContext,
+    new_sink: Callable[[], Sink],
+    workers: int,
+    pending: dict[str, list[SegmentFile]],
+    progress_fn: ProgressFn | None,
+) -> None:
+    """Replay every pending run, oldest first; several at once toward a server."""
+    resolver = RunResolver(cx)
+    order = sorted(pending, key=lambda run: (min(s.order for s in pending[run]), run))
+    workers = min(workers, len(order))
+    cx.report.workers = workers
+    if workers > 1:
+        replay_parallel(cx, resolver, new_sink, order, pending, progress_fn, workers)
+        return
+    from formula_foundry.sync.engine.replayer import Replayer
+
+    replayer = Replayer(cx, resolver, progress_fn, len(pending))
+    for run_uuid in order:
+        replayer.replay_run(run_uuid, pending[run_uuid])
+
+
+def _end_dead(
+    cx: SyncContext,
+    settings: Settings,
+    unscanned: set[str],
+    replayed: Collection[str],
+    verdict: Verdict | None,
+) -> None:
+    """Dead runs (engine/stale.py), judged after the replay: those whose job has ended,
+    whatever the silence; and silent ones, except those that grew during this pass or whose
+    job the scheduler says is alive."""
+    state, report = cx.state, cx.report
+    if verdict is None:
+        verdict = _ask_scheduler(state, unscanned, report)
+    busy = set(replayed) | unscanned | verdict.alive | verdict.ended.keys()
+    dead = [r for r in state.live_runs() if r.run_uuid in verdict.ended]
+    dead += find_stale(state, settings.stale_after_s, busy)
+    end_stale(cx.sink, state, dead, report, cx.policy, verdict.ended)
 
 
 def _ask_scheduler(state: SyncState, unscanned: set[str], report: SyncReport) -> Verdict:

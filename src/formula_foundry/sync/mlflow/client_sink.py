@@ -48,12 +48,12 @@ from formula_foundry.sync.engine.sink import (
     ArtifactRef,
     DestinationRejected,
     MetricRow,
-    ParamConflict,
     RecordRejected,
     RemoteRun,
     RunMissing,
     RunSpec,
     Sink,
+    StoredParamConflict,
     artifact_ref_file,
 )
 from formula_foundry.sync.mlflow.identity import IdentityTags
@@ -161,7 +161,7 @@ class MlflowSink(IdentityTags):
             # file:// stores) — the user's to fix, with MLflow's whole message.
             return ConfigError(f"{self.description}: MLflow refused the store: {text}")
         if code == "INVALID_PARAMETER_VALUE" and "Changing param values is not allowed" in text:
-            return ParamConflict(f"{self.description} refused {what}: {text}")
+            return StoredParamConflict(f"{self.description} refused {what}: {text}")
         if code == "RESOURCE_DOES_NOT_EXIST":
             return RunMissing(f"{self.description} has no such run ({what}): {text}")
         return DestinationRejected(f"{self.description} refused {what}: {text}")
