@@ -314,6 +314,8 @@ def test_the_substrate_api_is_curated() -> None:
 
 def test_the_sync_api_is_curated_and_documented() -> None:
     assert {"sync_once", "SyncReport", "load_sync_settings", "Sink"} <= set(sync.__all__)
+    # The operations the CLI calls, one per command.
+    assert {"watch", "sync_status", "verify", "collect_garbage"} <= set(sync.__all__)
     assert all(getattr(sync, name).__doc__ for name in sync.__all__)
 
 
