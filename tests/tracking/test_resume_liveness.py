@@ -372,3 +372,28 @@ def test_a_run_ended_by_another_thread_is_not_active_in_its_own(ff_project: Path
     nxt = tracker.start_run(run_name="next")  # not refused as "still active"
     assert nxt.parent_run_id is None  # and not nested under the ended run
     nxt.end()
+
+
+def test_an_exception_at_the_interactive_prompt_ends_no_run(ff_project: Path) -> None:
+    # `python -i`: the interpreter reports the exception and goes on, and so does the run.
+    spool = ff_project / "data" / "runs"
+    proc = subprocess.Popen(
+        [sys.executable, "-i", "-q"],
+        env=_env(spool),
+        cwd=ff_project,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    script = (
+        "from formula_foundry.tracking import get_tracker\n"
+        "run = get_tracker().start_run(run_id='repl')\n"
+        "1 / 0\n"
+        "run.log_metric('after', 1.0)\n"
+        "run.end()\n"
+    )
+    _, err = proc.communicate(script.encode(), timeout=60)
+    assert b"ZeroDivisionError" in err
+    ((_, evs),) = _events(spool, "repl")
+    assert [e.kind for e in evs][-2:] == ["metrics", "run_end"]
+    assert [e.data["status"] for e in evs if e.kind == "run_end"] == ["FINISHED"]

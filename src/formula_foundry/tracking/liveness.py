@@ -116,9 +116,11 @@ def install_excepthook(end_all: Callable[[str, str], None]) -> None:
     previous = sys.excepthook
 
     def hook(exc_type: type[BaseException], exc: BaseException, tb: TracebackType | None) -> None:
-        status = "KILLED" if issubclass(exc_type, KeyboardInterrupt) else "FAILED"
-        with contextlib.suppress(Exception):
-            end_all(status, _exception_reason(exc_type, exc))
+        # An interactive interpreter reports the exception and goes on: the runs go on too.
+        if not (sys.flags.interactive or hasattr(sys, "ps1")):
+            status = "KILLED" if issubclass(exc_type, KeyboardInterrupt) else "FAILED"
+            with contextlib.suppress(Exception):
+                end_all(status, _exception_reason(exc_type, exc))
         previous(exc_type, exc, tb)
 
     sys.excepthook = hook
