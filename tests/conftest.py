@@ -10,18 +10,9 @@ from pathlib import Path
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from tests._proc import CONFIG_ENV_VARS
 
-# Environment variables that change where formula-foundry reads its configuration or writes
-# its data. A developer's shell (or a CI job) may set them; no test should inherit them.
-CONFIG_ENV_VARS = (
-    "FF_CONFIG",
-    "FF_SPOOL_ROOT",
-    "FF_TRACKING_DISABLED",
-    "FF_DURABILITY",
-    "MLFLOW_TRACKING_URI",
-    "FF_RUN_ID",
-)
+REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 # The fast tier (marker ``fast``; ``./tools/test.sh --fast``, under 2 minutes here): the

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -15,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import CONFIG_ENV_VARS
+from tests._proc import child_env as base_child_env
 
 # MLflow variables a developer's shell may set that change where a script logs.
 MLFLOW_ENV_VARS = (
@@ -29,7 +28,7 @@ SCRIPT = "script.py"
 
 def child_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     """The environment of a child process: ours minus configuration variables, plus ``extra``."""
-    env = {k: v for k, v in os.environ.items() if k not in CONFIG_ENV_VARS + MLFLOW_ENV_VARS}
+    env = {k: v for k, v in base_child_env().items() if k not in MLFLOW_ENV_VARS}
     env["PYTHONDONTWRITEBYTECODE"] = "1"
     env.update(extra or {})
     return env

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
-import textwrap
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from formula_foundry.substrate import ArtifactStore
+from tests._proc import run_python as shared_run_python
 
 RunPython = Callable[..., subprocess.CompletedProcess[str]]
 
@@ -58,29 +57,7 @@ def restore_environ() -> Iterator[None]:
         os.environ.update(saved)
 
 
-def _run_python(
-    code: str,
-    *args: str,
-    cwd: Path | None = None,
-    env: dict[str, str] | None = None,
-    check: bool = True,
-    timeout: float = 60.0,
-) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code), *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
-    if check and result.returncode != 0:
-        raise AssertionError(f"child failed ({result.returncode}):\n{result.stderr}")
-    return result
-
-
 @pytest.fixture
 def run_python() -> RunPython:
     """Run a Python snippet in a fresh interpreter of this venv; fails the test on error."""
-    return _run_python
+    return shared_run_python

@@ -39,6 +39,7 @@ import pytest
 
 from formula_foundry.sync import SyncReport, load_sync_settings, sync_once
 from formula_foundry.sync.engine.destination import destination_key
+from tests._proc import CONFIG_ENV_VARS
 from tests._services import (
     MlflowServer,
     PostgresCluster,
@@ -49,7 +50,7 @@ from tests._services import (
 
 PYTHON = sys.executable
 FF_SYNC = str(Path(sys.executable).with_name("ff-sync"))
-_OVERRIDES = ("FF_CONFIG", "FF_SPOOL_ROOT", "MLFLOW_TRACKING_URI", "FF_TRACKING_DISABLED")
+_OVERRIDES = CONFIG_ENV_VARS  # the one list (tests/_proc.py)
 
 CONFIG = """\
 tracking:

@@ -11,13 +11,7 @@ import dataclasses
 import itertools
 import os
 import signal
-import subprocess
-import sys
 import threading
-import time
-import urllib.request
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +23,7 @@ from formula_foundry.sync import Progress, SyncReport, load_sync_settings, sync_
 from formula_foundry.sync.engine.parallel import workers_for
 from formula_foundry.sync.engine.sink import Sink
 from formula_foundry.sync.engine.sync_pass import mlflow_sink
-from tests._services import create_database, free_port, postgres_cluster
+from tests._services import MlflowServer, create_database, mlflow_server, postgres_cluster
 
 from .conftest import Project
 
@@ -164,7 +158,7 @@ def test_sqlite_keeps_one_writer_with_eight_workers(project: Project) -> None:
 @pytest.mark.server
 def test_parallel_http_matches_one_writer(project: Project, tmp_path: Path) -> None:
     reference = _reference(project)
-    with _server(tmp_path / "server", free_port()) as (uri, _proc):
+    with mlflow_server(tmp_path / "server") as (uri, _pid):
         report = _parallel_pass(project, uri)
         assert report.metrics > 0
         assert _comparable(project.snapshot(uri)) == reference
@@ -185,85 +179,35 @@ def test_parallel_postgresql_matches_one_writer(project: Project) -> None:
 @pytest.mark.server
 def test_outage_mid_pass_stops_cleanly_then_exactly_once(project: Project, tmp_path: Path) -> None:
     reference = _reference(project)
-    port = free_port()
-    base = tmp_path / "server"
-    settings = _settings(project, f"http://127.0.0.1:{port}", 4)
+    if os.environ.get("FF_TEST_MLFLOW_SERVER_URI"):
+        pytest.skip("needs a server this test can stop and restart")
+    # Restarted on the same port and store: a pass interrupted by its death resumes
+    # against the same destination.
+    server = MlflowServer(tmp_path / "server")
+    settings = _settings(project, server.uri, 4)
     batches: list[Progress] = []
-    with _server(base, port) as (uri, proc):
-        assert uri == settings.backend_store_uri
+    server.start()
+    try:
 
         def kill_after_some(p: Progress) -> None:
             batches.append(p)
             if len(batches) == 5:
-                os.killpg(proc.pid, signal.SIGKILL)  # the server dies mid-pass
-                proc.wait()
+                server.stop(signal.SIGKILL)  # the server dies mid-pass
 
         with pytest.raises(StoreUnavailable) as info:
             sync_once(settings, progress=kill_after_some)
         assert info.value.exit_code == 75
+    finally:
+        server.stop()
     assert len(batches) >= 5
-    with _server(base, port) as (uri, _proc):
+    server.start()
+    try:
         # Nothing recorded beyond what the server committed: the rest comes exactly once.
-        partial = project.snapshot(uri)
+        partial = project.snapshot(server.uri)
         assert partial["duplicates"] == {}
         report = sync_once(settings)
         assert report.exit_code == 0, report.details()
-        assert _comparable(project.snapshot(uri)) == reference
+        assert _comparable(project.snapshot(server.uri)) == reference
         assert sync_once(settings).idle
-
-
-# -- a server that can be restarted on the same port and store -----------------------------
-
-
-@contextmanager
-def _server(base: Path, port: int) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    """``mlflow server`` on 127.0.0.1:``port`` with its store under ``base`` (kept across
-    restarts, so a pass interrupted by stopping it resumes against the same destination)."""
-    if os.environ.get("FF_TEST_MLFLOW_SERVER_URI"):
-        pytest.skip("needs a server this test can stop and restart")
-    base.mkdir(parents=True, exist_ok=True)
-    mlflow_bin = str(Path(sys.executable).with_name("mlflow"))
-    cmd = [
-        mlflow_bin,
-        "server",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--workers",
-        "1",
-        "--backend-store-uri",
-        f"sqlite:///{base / 'server.db'}",
-        "--artifacts-destination",
-        str(base / "artifacts"),
-    ]
-    with open(base / "server.log", "ab") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    uri = f"http://127.0.0.1:{port}"
-    try:
-        _wait_healthy(uri, proc.poll)
-        yield uri, proc
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-
-
-def _wait_healthy(uri: str, exited: Callable[[], int | None]) -> None:
-    deadline = time.monotonic() + 120
-    while True:
-        if exited() is not None:
-            raise RuntimeError(f"mlflow server exited with {exited()}")
-        try:
-            with urllib.request.urlopen(uri + "/health", timeout=2) as resp:
-                if resp.status == 200:
-                    return
-        except OSError:
-            pass
-        if time.monotonic() > deadline:
-            raise RuntimeError("mlflow server did not start")
-        time.sleep(0.3)
+        server.stop()

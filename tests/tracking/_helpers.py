@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import math
-import os
 import struct
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 from typing import Any
 
 from formula_foundry.tracking.spool_reader import Event, Problem, SegmentReader
 from formula_foundry.tracking.spool_writer import segment_started_ms
-from tests.conftest import CONFIG_ENV_VARS
+from tests._proc import child_env, run_python
+
+__all__ = ["child_env", "run_python"]  # the shared ones, for this package's tests
 
 
 def segments(spool_root: Path, run_id: str) -> list[Path]:
@@ -65,33 +63,3 @@ def same_float(a: float, b: float) -> bool:
     if math.isnan(a) or math.isnan(b):
         return math.isnan(a) and math.isnan(b)
     return float_bits(a) == float_bits(b)
-
-
-def child_env(**extra: str) -> dict[str, str]:
-    """This environment without the configuration variables, plus ``extra``."""
-    env = {k: v for k, v in os.environ.items() if k not in CONFIG_ENV_VARS}
-    env.update(extra)
-    return env
-
-
-def run_python(
-    code: str,
-    *args: str,
-    cwd: Path,
-    env: dict[str, str] | None = None,
-    timeout: float = 60.0,
-    check: bool = True,
-) -> subprocess.CompletedProcess[str]:
-    """Run ``code`` in a fresh interpreter of this venv in ``cwd``; fail the test on error."""
-    result = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code), *args],
-        cwd=cwd,
-        env=env if env is not None else child_env(),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
-    if check and result.returncode != 0:
-        raise AssertionError(f"child exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
-    return result
