@@ -747,6 +747,21 @@ def test_disabled_tracking_writes_nothing_but_still_validates(
     assert list(ff_project.rglob("seg-*")) == []
 
 
+def test_disabled_tracking_attaches_workers_too(ff_project: Path, clean_env: Any) -> None:
+    # A pipeline with workers (attach_run) runs unchanged with tracking off, writing nothing.
+    clean_env.setenv("FF_TRACKING_DISABLED", "1")
+    tracker = get_tracker()
+    owner = tracker.start_run(run_name="owner")
+    with tracker.attach_run(owner.run_id) as worker:
+        worker.log_metric("rank0.loss", 0.5)
+        with pytest.raises(ValidationError):
+            worker.log_metric("bad key!", 1.0)
+    owner.end()
+    with pytest.raises(ValidationError):
+        tracker.attach_run("../x")
+    assert not (ff_project / "data").exists()
+
+
 def test_the_spool_folder_is_created_on_first_use(ff_project: Path) -> None:
     tracker = get_tracker()
     assert not (ff_project / "data").exists()  # reading the settings creates nothing

@@ -726,20 +726,29 @@ class Tracker:
         this process's segment; the process that started the run ends it.
         """
         run_id = check_run_id(run_id)
+        if self.settings.disabled:
+            # Nothing is spooled, so there is nothing to find: the handle logs nowhere, as
+            # every disabled run does (a pipeline with workers runs unchanged in tests).
+            run = Run(
+                self,
+                run_id,
+                f"run-{run_id[:8]}",
+                self.settings.default_experiment,
+                None,
+                _NullWriter(),
+            )
+            run._attached = True
+            self._register(run)
+            return run
         origin = find_origin(self.settings.spool_root, run_id)
         if origin is None:
             raise RunStateError(
                 f"run {run_id} has no spool under {self.settings.spool_root}; start it first "
                 "(or check FF_SPOOL_ROOT / the config the workers see)"
             )
-        writer: SegmentWriter | _NullWriter = (
-            _NullWriter()
-            if self.settings.disabled
-            else SegmentWriter(self.settings.spool_root, run_id, self.settings.durability)
-        )
+        writer = SegmentWriter(self.settings.spool_root, run_id, self.settings.durability)
         run = Run(self, run_id, origin.run_name, origin.experiment, origin.parent, writer)
-        if not self.settings.disabled:
-            run._unread = self.settings.spool_root
+        run._unread = self.settings.spool_root
         run._attached = True
         self._register(run)
         return run
