@@ -107,7 +107,8 @@ def test_the_scan_sees_imports_inside_functions_and_relative_ones() -> None:
     # The scanner itself must be able to find what the rules forbid.
     tracker = imported_modules(SRC / "tracking" / "tracker.py")
     assert "formula_foundry.config" in tracker  # imported inside get_tracker()
-    assert "formula_foundry.substrate" in tracker  # imported inside log_artifact_reference()
+    run = imported_modules(SRC / "tracking" / "run.py")
+    assert "formula_foundry.substrate" in run  # imported inside log_artifact_reference()
     assert "yaml" in imported_modules(SRC / "config.py")  # imported inside _read_values()
 
 
@@ -206,9 +207,11 @@ def test_the_tracking_package_checks_data_without_assert() -> None:
         assert asserts == [], f"{path.name} uses assert on lines {asserts}"
 
 
-def test_sync_modules_stay_small() -> None:
-    # The sync's parts are many small modules; tracker.py and artifact_store.py are not yet.
-    sizes = {rel(p): len(p.read_text().splitlines()) for p in (SRC / "sync").rglob("*.py")}
+def test_modules_of_the_tracker_and_the_sync_stay_small() -> None:
+    # Not yet: the tracker's three biggest, the drop-in's store and run book, the artifact store.
+    parts = [*(SRC / "sync").rglob("*.py"), *(SRC / "tracking").glob("*.py")]
+    exempt = {"tracking/spool_writer.py", "tracking/run.py", "tracking/tracker.py"}
+    sizes = {rel(p): len(p.read_text().splitlines()) for p in parts if rel(p) not in exempt}
     assert {name: n for name, n in sizes.items() if n > MAX_MODULE_LINES} == {}
 
 

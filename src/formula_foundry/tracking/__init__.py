@@ -11,6 +11,7 @@ This package never imports MLflow; ``ff-sync`` (:mod:`formula_foundry.sync`) rep
 into the tracking store.
 """
 
-from formula_foundry.tracking.tracker import Run, Tracker, get_tracker
+from formula_foundry.tracking.run import Run
+from formula_foundry.tracking.tracker import Tracker, get_tracker
 
 __all__ = ["Run", "Tracker", "get_tracker"]
