@@ -8,6 +8,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+from formula_foundry.tracking.scheduler import JOB_FACTS
+
 # Environment variables that change where formula-foundry reads its configuration or writes
 # its data. A developer's shell (or a CI job) may set them; no test or child should inherit
 # them.
@@ -18,6 +20,9 @@ CONFIG_ENV_VARS = (
     "FF_DURABILITY",
     "MLFLOW_TRACKING_URI",
     "FF_RUN_ID",
+    # The batch job's variables the tracker turns into tags: a suite run inside a Slurm (or
+    # PBS, LSF) allocation must log what it logs elsewhere.
+    *JOB_FACTS.values(),
 )
 
 

@@ -84,14 +84,11 @@ def mark(name, text=""):
     tmp.rename(marks / name)
 
 
-tags = {"slurm.job_id": job}
-if task is not None:
-    tags.update({"slurm.array_job_id": env["SLURM_ARRAY_JOB_ID"], "slurm.array_task_id": task})
 tracker = get_tracker()
-# FF_RUN_ID (set by the recipe) names the run; a requeued job resumes it.
-run = tracker.start_run(run_name=f"task-{task}" if task is not None else f"job-{job}", tags=tags)
+# FF_RUN_ID (set by the recipe) names the run; a requeued job resumes it. The tracker tags the
+# run with the job's facts itself (slurm.job_id, slurm.array_task_id, ...).
+run = tracker.start_run(run_name=f"task-{task}" if task is not None else f"job-{job}")
 print(f"run {run.run_id} restart {restart} pid {os.getpid()}", flush=True)
-run.set_tag("slurm.restart_count", restart)
 run.log_param("steps_per_execution", args.steps)
 
 if args.checkpoint_s:
@@ -469,7 +466,12 @@ def test_requeued_job_continues_one_run(slurm: Slurm, site: Project) -> None:
     run = site.wait_run(run_id, "FINISHED", job)
     assert steps(run) == list(range(8))
     assert run["name"] == f"job-{job}"
-    assert run["tags"]["slurm.restart_count"] == "1"
+    # The job's facts, tagged by the tracker from Slurm's variables (the second execution's).
+    facts = {k: v for k, v in run["tags"].items() if k.startswith("slurm.")}
+    assert facts["slurm.restart_count"] == "1"
+    assert facts["slurm.job_id"] == job and facts["slurm.partition"] == "main"
+    assert facts["slurm.cluster"] == "ff-test" and facts["slurm.nodelist"] == slurm.host
+    assert facts["slurm.job_name"] == "coupon-sweep"
     assert run["params"] == {"steps_per_execution": "4"}
     # The first execution ended on the requeue's SIGTERM; the reason went with that end.
     assert re.fullmatch(FOUR_HOURS_LEFT % job, str(site.reasons(run_id)[0])), site.reasons(run_id)

@@ -397,3 +397,35 @@ def test_an_exception_at_the_interactive_prompt_ends_no_run(ff_project: Path) ->
     ((_, evs),) = _events(spool, "repl")
     assert [e.kind for e in evs][-2:] == ["metrics", "run_end"]
     assert [e.data["status"] for e in evs if e.kind == "run_end"] == ["FINISHED"]
+
+
+def test_a_run_started_in_a_batch_job_is_tagged_with_the_jobs_facts(ff_project: Path) -> None:
+    # Read from the scheduler's variables at start_run; what the caller passes wins.
+    spool = ff_project / "data" / "runs"
+    code = """
+        from formula_foundry.tracking import get_tracker
+        get_tracker().start_run(run_id="in-job", tags={"slurm.partition": "mine"}).end()
+    """
+    env = _env(
+        spool,
+        SLURM_JOB_ID="77",
+        SLURM_ARRAY_JOB_ID="70",
+        SLURM_ARRAY_TASK_ID="7",
+        SLURM_JOB_PARTITION="gpu",
+        SLURM_JOB_NODELIST="n[01-04]",
+        SLURM_GPUS_ON_NODE="2",
+        SLURM_JOB_ACCOUNT="x" * 1001,  # too long to be a fact worth a tag: left out, not cut
+        PBS_QUEUE="",  # empty: no tag
+    )
+    proc = _child(code, env, ff_project)
+    proc.communicate(timeout=30)
+    ((_, evs),) = _events(spool, "in-job")
+    tags = {k: v for e in evs if e.kind == "tags" for k, v in e.data["d"].items()}
+    assert tags == {
+        "slurm.job_id": "77",
+        "slurm.array_job_id": "70",
+        "slurm.array_task_id": "7",
+        "slurm.partition": "mine",
+        "slurm.nodelist": "n[01-04]",
+        "slurm.gpus_on_node": "2",
+    }

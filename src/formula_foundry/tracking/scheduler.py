@@ -58,3 +58,45 @@ def _job_detail(job_id: str, timeout_s: float) -> str:
         return ", its time limit reached"
     # UNLIMITED / INVALID say nothing about a limit.
     return f", {left} of its time limit left" if left[:1].isdigit() else ""
+
+
+# The job's facts a run is tagged with at start (docs/tracker.md, "Scheduler facts"): tag name
+# -> the variable the scheduler sets in every process of the job. Read once per start_run
+# from the environment: no command, no I/O.
+JOB_FACTS: Final = {
+    "slurm.job_id": "SLURM_JOB_ID",
+    "slurm.job_name": "SLURM_JOB_NAME",
+    "slurm.array_job_id": "SLURM_ARRAY_JOB_ID",
+    "slurm.array_task_id": "SLURM_ARRAY_TASK_ID",
+    "slurm.step_id": "SLURM_STEP_ID",
+    "slurm.restart_count": "SLURM_RESTART_COUNT",
+    "slurm.nodelist": "SLURM_JOB_NODELIST",
+    "slurm.partition": "SLURM_JOB_PARTITION",
+    "slurm.account": "SLURM_JOB_ACCOUNT",
+    "slurm.cluster": "SLURM_CLUSTER_NAME",
+    "slurm.ntasks": "SLURM_NTASKS",
+    "slurm.cpus_per_task": "SLURM_CPUS_PER_TASK",
+    "slurm.gpus": "SLURM_GPUS",
+    "slurm.gpus_on_node": "SLURM_GPUS_ON_NODE",
+    "pbs.job_id": "PBS_JOBID",
+    "pbs.job_name": "PBS_JOBNAME",
+    "pbs.queue": "PBS_QUEUE",
+    "pbs.array_index": "PBS_ARRAY_INDEX",
+    "lsf.job_id": "LSB_JOBID",
+    "lsf.job_name": "LSB_JOBNAME",
+    "lsf.queue": "LSB_QUEUE",
+    "lsf.array_index": "LSB_JOBINDEX",
+}
+# A fact longer than this (a node list of thousands of hosts) is left out, not cut.
+_MAX_FACT_LENGTH: Final = 1000
+
+
+def job_facts(environ: dict[str, str] | None = None) -> dict[str, str]:
+    """The tags of :data:`JOB_FACTS` whose variables are set (non-empty) in ``environ``."""
+    env = os.environ if environ is None else environ
+    facts = {}
+    for tag, var in JOB_FACTS.items():
+        value = env.get(var, "")
+        if value and len(value) <= _MAX_FACT_LENGTH and "\x00" not in value:
+            facts[tag] = value
+    return facts

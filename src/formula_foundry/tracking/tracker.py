@@ -45,7 +45,7 @@ from formula_foundry.tracking.resume import (
     take_ff_run_id,
 )
 from formula_foundry.tracking.run import _V, Run, _EndedWriter, _NullWriter, _valid_tag_key
-from formula_foundry.tracking.scheduler import job_from_env
+from formula_foundry.tracking.scheduler import job_facts, job_from_env
 from formula_foundry.tracking.spool_writer import (
     SegmentWriter,
     flush_all,
@@ -345,7 +345,8 @@ def _initial_tags(
     description: str | None,
     run_id: str,
 ) -> dict[str, Any]:
-    out: dict[str, Any] = {}
+    # The batch job's facts first: anything the caller passes overrides them.
+    out: dict[str, Any] = job_facts()
     if manifest is not None:
         to_tags = getattr(manifest, "to_tags", None)
         if not callable(to_tags):
