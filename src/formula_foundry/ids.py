@@ -5,8 +5,9 @@ A spool run id is a folder name under the spool root (the tracker's ``run_id=`` 
 (:func:`formula_foundry.substrate.init_run_dir`), and what the sync accepts as a run folder or
 as a ``run_start``'s ``parent``. One rule for all of them, so a run one part accepts is never
 refused (or read as damage) by another: 1-128 ASCII letters, digits, ``.``, ``_`` and ``-``,
-starting with a letter or digit, and no ``..`` (harmless inside one name, but never worth
-the doubt in a path).
+starting with a letter or digit. Such a name is always one path component below its root
+(``..`` inside it, as in ``sweep..2``, is an ordinary name: the tracker and the sync have
+always taken it, and spools may hold such runs).
 """
 
 from __future__ import annotations
@@ -16,14 +17,12 @@ from typing import Final
 
 RUN_ID_MAX_LENGTH: Final = 128
 _RUN_ID: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
-RUN_ID_RULE: Final = (
-    "use 1-128 letters, digits, '.', '_' and '-', starting with a letter or digit, and no '..'"
-)
+RUN_ID_RULE: Final = "use 1-128 letters, digits, '.', '_' and '-', starting with a letter or digit"
 
 
 def is_run_id(value: object) -> bool:
     """True if ``value`` is a valid run id."""
-    return isinstance(value, str) and bool(_RUN_ID.fullmatch(value)) and ".." not in value
+    return isinstance(value, str) and bool(_RUN_ID.fullmatch(value))
 
 
 def run_id_problem(value: object) -> str | None:

@@ -43,7 +43,6 @@ def test_init_run_dir_layout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
         "a/b",
         "a\\b",
         ".hidden",
-        "a..b",
         "nul\x00",
         "a b",
         "é",
@@ -70,10 +69,6 @@ def test_non_string_run_id(tmp_path: Path) -> None:
 def test_valid_run_ids_stay_one_level_below_root(
     tmp_path_factory: pytest.TempPathFactory, run_id: str
 ) -> None:
-    if ".." in run_id:
-        with pytest.raises(InvalidRunId):
-            init_run_dir(tmp_path_factory.mktemp("r"), run_id)
-        return
     root = tmp_path_factory.mktemp("r")
     run = init_run_dir(root, run_id)
     assert run.run_dir.parent == root.resolve()

@@ -255,3 +255,20 @@ def test_a_silent_run_is_ended_at_its_last_sign_of_life_and_revived_by_new_event
     assert _pass(s, sink) == EXIT_OK
     assert (run.status, sorted(p[0] for p in run.metrics["loss"])) == ("FINISHED", [0, 1])
     assert "ff.sync.end_reason" not in run.tags
+
+
+def test_every_run_id_the_tracker_accepts_is_synced(workdir: Path) -> None:
+    # One run-id rule (formula_foundry.ids): a run the tracker writes is never an "odd folder"
+    # the sync skips. The edge forms: 128 characters, dots and dashes, `..` inside a name.
+    s = _settings(workdir)
+    tracker = Tracker(s)
+    ids = ["r" * 128, "sweep..2", "a.b-c_d", "0"]
+    for run_id in ids:
+        run = tracker.start_run(run_id=run_id, experiment_name="fast")
+        run.log_metric("x", 1.0)
+        run.end()
+    sink = MemorySink()
+    report = sync_once(s, sink_factory=sink.factory(), retry=NO_RETRY)
+    assert report.exit_code == EXIT_OK
+    assert not [w for w in report.warnings if "not a run id" in w], report.warnings
+    assert sorted(sink.by_uuid()) == sorted(ids)
