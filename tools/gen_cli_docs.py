@@ -8,11 +8,11 @@ Usage::
 
 The page is a fixed introduction, an exit-code table built from the ``EXIT_*`` constants of
 ``formula_foundry.errors`` and ``formula_foundry.sync.commands.cli`` (so the values cannot drift
-from the
-code), then the ``--help`` text of the ``ff-sync`` group and of every command under it, found by
-walking the click group (a command added to the group appears without touching this script).
-Help is rendered at a fixed width of 100 columns, whatever the terminal, so the output is the
-same on every machine. ``tests/test_docs_cli.py`` fails when the checked-in page is stale.
+from the code), then the ``--help`` text of the ``ff-sync`` group and of every command under it,
+found by walking the click group (a command added to the group appears without touching this
+script). Help is rendered at a fixed width of 100 columns, whatever the terminal, so the output
+is the same on every machine. ``tests/test_docs_cli.py`` fails when the checked-in page is
+stale.
 """
 
 from __future__ import annotations

@@ -1,14 +1,12 @@
 """Run ``ff-sync`` passes as forked children of a process that already imported MLflow.
 
-The crash test needs dozens of passes killed at chosen moments; paying ``import mlflow``
-(about a second) for each would make it too slow. This process imports the sync and MLflow
-once, opens no store, then for each command read from stdin — a JSON object
-``{"args": [...], "delay": seconds or null, "log": path}`` — forks a child that runs the real
-command-line entry point (``formula_foundry.sync.commands.cli.main``, behind the same import
-hiding as ``ff-sync``) with its output in ``log``, and SIGKILLs it after ``delay`` seconds if it
-is still
-running. It answers one JSON line per
-command: ``{"killed": bool, "rc": int | null, "elapsed": seconds}``.
+The crash test needs dozens of passes killed at chosen moments; paying ``import mlflow`` (about
+a second) for each would make it too slow. This process imports the sync and MLflow once, opens
+no store, then for each command read from stdin — a JSON object ``{"args": [...], "delay":
+seconds or null, "log": path}`` — forks a child that runs the real command-line entry point
+(``formula_foundry.sync.commands.cli.main``, behind the same import hiding as ``ff-sync``) with
+its output in ``log``, and SIGKILLs it after ``delay`` seconds if it is still running. It
+answers one JSON line per command: ``{"killed": bool, "rc": int | null, "elapsed": seconds}``.
 """
 
 from __future__ import annotations

@@ -3,8 +3,7 @@
 A run's ``run_start`` records it (``"job": "slurm:<SLURM_JOB_ID>"``), so ``ff-sync`` can ask the
 scheduler whether the job behind an open run has ended
 (:mod:`formula_foundry.sync.engine.scheduler`) instead of waiting for the run to go silent.
-``SLURM_JOB_ID`` is the job's own id, distinct per
-array task, and kept across requeues.
+``SLURM_JOB_ID`` is the job's own id, distinct per array task, and kept across requeues.
 """
 
 from __future__ import annotations

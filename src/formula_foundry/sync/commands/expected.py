@@ -1,9 +1,8 @@
 """What a destination should hold for one spooled run, computed from its segments alone.
 
 This is the reference ``ff-sync verify`` compares the destination with. It follows the replay
-(:mod:`formula_foundry.sync.engine.replayer`, :mod:`formula_foundry.sync.engine.runs`) rule
-for rule, but
-without a destination:
+(:mod:`formula_foundry.sync.engine.replayer`, :mod:`formula_foundry.sync.engine.runs`) rule for
+rule, but without a destination:
 
 * the run is created from the first valid ``run_start`` in merge order (name, experiment,
   start time, the tags ``create_run`` writes);

@@ -102,11 +102,10 @@ def run_end(ev: Event) -> tuple[str, int | None, str | None]:
 
 
 def run_spec(run_uuid: str, ev: Event) -> RunSpec:
-    """The run a ``run_start`` creates: the one reading of a ``run_start``, shared by the
-    replay (which creates the run from the first valid one,
-    :mod:`formula_foundry.sync.engine.runs`), a resume, and ``verify``'s expected state. Raises
-    :class:`InvalidRecord` if it cannot
-    create (or reopen) a run."""
+    """The run a ``run_start`` creates: the one reading of a ``run_start``, shared by the replay
+    (which creates the run from the first valid one, :mod:`formula_foundry.sync.engine.runs`), a
+    resume, and ``verify``'s expected state. Raises :class:`InvalidRecord` if it cannot create
+    (or reopen) a run."""
     d = ev.data
     experiment, name, parent = d.get("experiment"), d.get("name"), d.get("parent")
     if (

@@ -2,8 +2,7 @@
 
 For each run, the destination run is found or created first
 (:mod:`formula_foundry.sync.engine.runs`), then its pending segments are read in merge order
-(writer start time), each from where the
-last pass stopped, and events become batches:
+(writer start time), each from where the last pass stopped, and events become batches:
 
 * ``params``/``metrics``/``tags`` accumulate, in event order, into one batch within the sink's
   limits; an event larger than a batch is split, and progress stays before it until its

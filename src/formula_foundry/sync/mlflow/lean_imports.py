@@ -7,9 +7,8 @@ does not install them) and guards every such import, so the ``ff-sync`` command 
 to MLflow they look not installed. Tracking servers, SQL stores and artifact references
 work the same way; a sync host's peak memory drops from ~250 to ~175 MiB.
 
-Only the command's own process is affected (:func:`formula_foundry.sync.commands.cli.run`);
-code that calls the sync as a library keeps its imports. ``FF_SYNC_IMPORT_ALL=1`` turns this off,
-for
+Only the command's own process is affected (:func:`formula_foundry.sync.commands.cli.run`); code
+that calls the sync as a library keeps its imports. ``FF_SYNC_IMPORT_ALL=1`` turns this off, for
 an MLflow plugin that needs one of these packages.
 """
 
