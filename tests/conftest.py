@@ -28,6 +28,7 @@ FAST: tuple[str, ...] = (
     "tests/test_docs_cli.py",
     "tests/test_docs_tracker.py",
     "tests/sync/test_engine_memory.py",
+    "tests/sync/test_fast_path.py",
     "tests/sync/test_scheduler.py",
     "tests/sync/test_watch.py",
     "tests/sync/test_run_context.py",

@@ -41,7 +41,7 @@ T = TypeVar("T")
 class MemoryRun:
     """One destination run, as MLflow would hold it."""
 
-    run_id: str
+    mlflow_run_id: str
     experiment: str
     name: str
     start_time: int
@@ -90,39 +90,39 @@ class MemorySink:
                 raise StoreUnavailable(f"memory sink: acknowledgement of call {n} ({name}) lost")
             return result
 
-    def _run(self, run_id: str) -> MemoryRun:
-        run = self.runs.get(run_id)
+    def _run(self, mlflow_run_id: str) -> MemoryRun:
+        run = self.runs.get(mlflow_run_id)
         if run is None:
-            raise RunMissing(f"memory sink: no run {run_id}")
+            raise RunMissing(f"memory sink: no run {mlflow_run_id}")
         return run
 
-    def find_run(self, run_uuid: str, experiment: str | None) -> RemoteRun | None:
+    def find_run(self, spool_run_id: str, experiment: str | None) -> RemoteRun | None:
         def find() -> RemoteRun | None:
-            found = [r for r in self.runs.values() if r.tags.get("ff.run_uuid") == run_uuid]
+            found = [r for r in self.runs.values() if r.tags.get("ff.run_uuid") == spool_run_id]
             if not found:
                 return None
             first = found[0]
-            others = tuple(r.run_id for r in found[1:])
-            return RemoteRun(first.run_id, first.experiment, first.status, others)
+            others = tuple(r.mlflow_run_id for r in found[1:])
+            return RemoteRun(first.mlflow_run_id, first.experiment, first.status, others)
 
         return self._call("find_run", find)
 
     def create_run(self, spec: RunSpec) -> RemoteRun:
         def create() -> RemoteRun:
-            run_id = f"m{next(self._ids):04d}"
-            run = MemoryRun(run_id, spec.experiment, spec.name, spec.start_time)
+            mlflow_run_id = f"m{next(self._ids):04d}"
+            run = MemoryRun(mlflow_run_id, spec.experiment, spec.name, spec.start_time)
             run.tags.update(spec.creation_tags())
-            self.runs[run_id] = run
-            return RemoteRun(run_id, spec.experiment, run.status)
+            self.runs[mlflow_run_id] = run
+            return RemoteRun(mlflow_run_id, spec.experiment, run.status)
 
         return self._call("create_run", create)
 
-    def get_params(self, run_id: str) -> dict[str, str]:
-        return self._call("get_params", lambda: dict(self._run(run_id).params))
+    def get_params(self, mlflow_run_id: str) -> dict[str, str]:
+        return self._call("get_params", lambda: dict(self._run(mlflow_run_id).params))
 
     def log_batch(
         self,
-        run_id: str,
+        mlflow_run_id: str,
         metrics: Sequence[MetricRow],
         params: Sequence[tuple[str, str]],
         tags: Sequence[tuple[str, str]],
@@ -132,7 +132,7 @@ class MemorySink:
         assert len(tags) <= lim.tags and len(metrics) + len(params) + len(tags) <= lim.total
 
         def write() -> None:
-            run = self._run(run_id)
+            run = self._run(mlflow_run_id)
             for key, value in params:
                 old = run.params.get(key)
                 if old is not None and old != value:
@@ -146,18 +146,18 @@ class MemorySink:
 
         self._call("log_batch", write)
 
-    def log_artifact_ref(self, run_id: str, ref: ArtifactRef) -> None:
+    def log_artifact_ref(self, mlflow_run_id: str, ref: ArtifactRef) -> None:
         def write() -> None:
-            self._run(run_id).refs[ref.path] = ref.to_json()
+            self._run(mlflow_run_id).refs[ref.path] = ref.to_json()
 
         self._call("log_artifact_ref", write)
 
-    def delete_tag(self, run_id: str, key: str) -> None:
-        self._call("delete_tag", lambda: self._run(run_id).tags.pop(key, None))
+    def delete_tag(self, mlflow_run_id: str, key: str) -> None:
+        self._call("delete_tag", lambda: self._run(mlflow_run_id).tags.pop(key, None))
 
-    def set_status(self, run_id: str, status: str, end_time: int | None) -> None:
+    def set_status(self, mlflow_run_id: str, status: str, end_time: int | None) -> None:
         def write() -> None:
-            run = self._run(run_id)
+            run = self._run(mlflow_run_id)
             run.status = status
             run.end_time = None if status == "RUNNING" else end_time
 
@@ -168,7 +168,7 @@ class MemorySink:
 
     # -- reading it back ----------------------------------------------------------------
 
-    def by_uuid(self) -> dict[str, MemoryRun]:
+    def by_spool_run_id(self) -> dict[str, MemoryRun]:
         """The runs by their spool run id (``ff.run_uuid``); fails on a duplicate."""
         out: dict[str, MemoryRun] = {}
         for run in self.runs.values():
@@ -191,5 +191,5 @@ class MemorySink:
                 "metrics": {k: set(v) for k, v in r.metrics.items()},
                 "refs": dict(r.refs),
             }
-            for uuid, r in self.by_uuid().items()
+            for uuid, r in self.by_spool_run_id().items()
         }

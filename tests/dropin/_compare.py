@@ -50,20 +50,22 @@ def dump(db: Path, *, timestamps: bool = False, chosen_below: int | None = None)
         ).fetchall()
         names = {r[0]: r[1] for r in runs}
         out: dict[str, Any] = {}
-        for run_uuid, name, status, exp_id, stage, start, end in runs:
-            tags = dict(con.execute("select key, value from tags where run_uuid=?", (run_uuid,)))
+        for spool_run_id, name, status, exp_id, stage, start, end in runs:
+            tags = dict(
+                con.execute("select key, value from tags where run_uuid=?", (spool_run_id,))
+            )
             tags = {
                 k: v for k, v in tags.items() if not k.startswith("ff.") and k not in VOLATILE_TAGS
             }
             if "mlflow.parentRunId" in tags:
                 tags["mlflow.parentRunId"] = names.get(tags["mlflow.parentRunId"], "?")
             params = dict(
-                con.execute("select key, value from params where run_uuid=?", (run_uuid,))
+                con.execute("select key, value from params where run_uuid=?", (spool_run_id,))
             )
             points: dict[str, list[Any]] = {}
             for key, value, ts, step, is_nan in con.execute(
                 "select key, value, timestamp, step, is_nan from metrics where run_uuid=?",
-                (run_uuid,),
+                (spool_run_id,),
             ):
                 p = (step, _value(value, is_nan), *_time(ts, timestamps, chosen_below))
                 points.setdefault(key, []).append(p)
@@ -72,7 +74,7 @@ def dump(db: Path, *, timestamps: bool = False, chosen_below: int | None = None)
                 for key, value, ts, step, is_nan in con.execute(
                     "select key, value, timestamp, step, is_nan from latest_metrics"
                     " where run_uuid=?",
-                    (run_uuid,),
+                    (spool_run_id,),
                 )
             }
             entry = {

@@ -140,7 +140,11 @@ def test_link_tracking_run_round_trip(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("args", "message"),
-    [(("", "exp", None), "uuid"), (("u", "", None), "experiment"), (("u", "e", 3), "run name")],
+    [
+        (("", "exp", None), "tracking run id"),
+        (("u", "", None), "experiment"),
+        (("u", "e", 3), "run name"),
+    ],
 )
 def test_link_tracking_run_validates(
     tmp_path: Path, args: tuple[object, ...], message: str

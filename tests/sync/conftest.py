@@ -213,12 +213,12 @@ def snapshot_of_runs(uri: str, run_uuids: list[str]) -> dict[str, Any]:
             break
     found: list[Any] = []
     ids = sorted(names)
-    for run_uuid in run_uuids:
+    for spool_run_id in run_uuids:
         for i in range(0, len(ids), 100):
             found.extend(
                 client.search_runs(
                     ids[i : i + 100],
-                    f"tags.`ff.run_uuid` = '{run_uuid}'",
+                    f"tags.`ff.run_uuid` = '{spool_run_id}'",
                     run_view_type=ViewType.ALL,
                     max_results=1000,
                 )
@@ -232,11 +232,11 @@ def snapshot_of_runs(uri: str, run_uuids: list[str]) -> dict[str, Any]:
     seen: dict[str, list[str]] = {}
     used: set[str] = set()
     for run in found:
-        run_uuid = run.data.tags["ff.run_uuid"]
-        seen.setdefault(run_uuid, []).append(run.info.run_id)
+        spool_run_id = run.data.tags["ff.run_uuid"]
+        seen.setdefault(spool_run_id, []).append(run.info.run_id)
         used.add(run.info.experiment_id)
-        if run_uuid not in runs:
-            runs[run_uuid] = snap_mod._run(client, run, names, uuid_of, True)
+        if spool_run_id not in runs:
+            runs[spool_run_id] = snap_mod._run(client, run, names, uuid_of, True)
     experiments = {}
     for exp_id in sorted(used):
         exp = client.get_experiment(exp_id)

@@ -125,7 +125,7 @@ def _spool(root: Path, program: list[tuple[Any, Any, bool]], workers: int = 1) -
 def _expected(s: Settings) -> dict[str, dict[str, Any]]:
     by_run: dict[str, list[Any]] = {}
     for seg in scan_spool(s.spool_root):
-        by_run.setdefault(seg.run_uuid, []).append(seg)
+        by_run.setdefault(seg.spool_run_id, []).append(seg)
     out = {}
     for uuid, segs in by_run.items():
         e = expected_run(uuid, segs)
@@ -222,7 +222,7 @@ def test_a_destination_down_at_any_call_then_a_second_pass_gives_the_same_state(
 
 def _normalised(sink: MemorySink) -> dict[str, Any]:
     """The sink's runs with destination ids replaced by the spool ids they stand for."""
-    ids = {r.run_id: uuid for uuid, r in sink.by_uuid().items()}
+    ids = {r.mlflow_run_id: uuid for uuid, r in sink.by_spool_run_id().items()}
     out = sink.comparable()
     for run in out.values():
         if "mlflow.parentRunId" in run["tags"]:
@@ -243,7 +243,7 @@ def test_a_silent_run_is_ended_at_its_last_sign_of_life_and_revived_by_new_event
     s = dataclasses.replace(s, stale_after_s=0.0)
     sink = MemorySink()
     assert _pass(s, sink) == EXIT_OK
-    ((uuid, run),) = sink.by_uuid().items()
+    ((uuid, run),) = sink.by_spool_run_id().items()
     assert run.status == "RUNNING"  # sent in this pass: not judged by it
     assert _pass(s, sink) == EXIT_OK
     last_t = max(t for _, t, _ in run.metrics["loss"])
@@ -271,4 +271,4 @@ def test_every_run_id_the_tracker_accepts_is_synced(workdir: Path) -> None:
     report = sync_once(s, sink_factory=sink.factory(), retry=NO_RETRY)
     assert report.exit_code == EXIT_OK
     assert not [w for w in report.warnings if "not a run id" in w], report.warnings
-    assert sorted(sink.by_uuid()) == sorted(ids)
+    assert sorted(sink.by_spool_run_id()) == sorted(ids)

@@ -120,31 +120,31 @@ class Flaky:
         if self.calls in self.fail_on:
             raise StoreUnavailable(f"{self.description} is unavailable (test): answer lost")
 
-    def find_run(self, run_uuid: str, experiment: str | None) -> RemoteRun | None:
-        return self.inner.find_run(run_uuid, experiment)
+    def find_run(self, spool_run_id: str, experiment: str | None) -> RemoteRun | None:
+        return self.inner.find_run(spool_run_id, experiment)
 
     def create_run(self, spec: RunSpec) -> RemoteRun:
         run = self.inner.create_run(spec)
         self._maybe_fail("create_run")
         return run
 
-    def get_params(self, run_id: str) -> dict[str, str]:
-        return self.inner.get_params(run_id)
+    def get_params(self, mlflow_run_id: str) -> dict[str, str]:
+        return self.inner.get_params(mlflow_run_id)
 
-    def log_batch(self, run_id: str, metrics: Any, params: Any, tags: Any) -> None:
-        self.inner.log_batch(run_id, metrics, params, tags)
+    def log_batch(self, mlflow_run_id: str, metrics: Any, params: Any, tags: Any) -> None:
+        self.inner.log_batch(mlflow_run_id, metrics, params, tags)
         self._maybe_fail("log_batch")
 
-    def log_artifact_ref(self, run_id: str, ref: ArtifactRef) -> None:
-        self.inner.log_artifact_ref(run_id, ref)
+    def log_artifact_ref(self, mlflow_run_id: str, ref: ArtifactRef) -> None:
+        self.inner.log_artifact_ref(mlflow_run_id, ref)
         self._maybe_fail("log_artifact_ref")
 
-    def delete_tag(self, run_id: str, key: str) -> None:
-        self.inner.delete_tag(run_id, key)
+    def delete_tag(self, mlflow_run_id: str, key: str) -> None:
+        self.inner.delete_tag(mlflow_run_id, key)
         self._maybe_fail("delete_tag")
 
-    def set_status(self, run_id: str, status: str, end_time: int | None) -> None:
-        self.inner.set_status(run_id, status, end_time)
+    def set_status(self, mlflow_run_id: str, status: str, end_time: int | None) -> None:
+        self.inner.set_status(mlflow_run_id, status, end_time)
         self._maybe_fail("set_status")
 
     def close(self) -> None:

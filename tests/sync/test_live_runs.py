@@ -54,7 +54,7 @@ def test_a_growing_run_is_synced_incrementally_and_finished_last(
     )
     assert proc.stdout is not None
     try:
-        run_uuid = proc.stdout.readline().strip()
+        spool_run_id = proc.stdout.readline().strip()
 
         def advance(name: str) -> None:
             assert proc.stdout is not None
@@ -65,7 +65,7 @@ def test_a_growing_run_is_synced_incrementally_and_finished_last(
         first = project.sync()
         assert first.exit_code == 0 and first.metrics == 100
         assert first.events == 102  # run_start, params, 100 points
-        run = project.snapshot()["runs"][run_uuid]
+        run = project.snapshot()["runs"][spool_run_id]
         assert run["status"] == "RUNNING" and run["end_time"] is None
         assert len(run["metrics"]["loss"]) == 100
 
@@ -75,7 +75,7 @@ def test_a_growing_run_is_synced_incrementally_and_finished_last(
         advance("two")
         second = project.sync()
         assert (second.metrics, second.events) == (150, 151)
-        run = project.snapshot()["runs"][run_uuid]
+        run = project.snapshot()["runs"][spool_run_id]
         assert run["status"] == "RUNNING" and run["tags"]["phase"] == "two"
         assert [s for s, _, _ in run["metrics"]["loss"]] == list(range(250))
 
@@ -83,17 +83,17 @@ def test_a_growing_run_is_synced_incrementally_and_finished_last(
         assert proc.stdout.readline().strip() == "ended"
         assert proc.wait(timeout=30) == 0
         # Written but not yet synced: MLflow still says RUNNING.
-        assert project.snapshot()["runs"][run_uuid]["status"] == "RUNNING"
+        assert project.snapshot()["runs"][spool_run_id]["status"] == "RUNNING"
         third = project.sync()
         assert (third.metrics, third.events) == (0, 3)  # artifact_ref, tags, run_end
     finally:
         proc.kill()
         proc.wait()
 
-    (seg,) = (project.spool_root / run_uuid).glob("seg-*.jsonl")
+    (seg,) = (project.spool_root / spool_run_id).glob("seg-*.jsonl")
     end = orjson.loads(seg.read_bytes().splitlines()[-1])
     assert end["k"] == "run_end"
-    run = project.snapshot()["runs"][run_uuid]
+    run = project.snapshot()["runs"][spool_run_id]
     assert (run["status"], run["end_time"]) == ("FINISHED", end["t"])
     assert run["tags"]["phase"] == "three"
     assert list(run["artifact_refs"]) == ["ff_artifact_refs/model.bin.json"]

@@ -91,8 +91,8 @@ class _Recording:
         self.factory.note("create_run")
         return self.inner.create_run(spec)
 
-    def log_batch(self, run_id: str, metrics: Any, params: Any, tags: Any) -> None:
-        self.inner.log_batch(run_id, metrics, params, tags)
+    def log_batch(self, mlflow_run_id: str, metrics: Any, params: Any, tags: Any) -> None:
+        self.inner.log_batch(mlflow_run_id, metrics, params, tags)
         self.factory.note("log_batch")
 
 

@@ -41,7 +41,7 @@ def test_every_field_survives_a_round_trip() -> None:
     rec = _full_record()
     ctx = RunContext.from_record(rec)
     assert ctx.record() == rec
-    assert ctx.uuid == rec.run_uuid  # the one field called differently
+    assert (ctx.spool_run_id, ctx.mlflow_run_id) == (rec.spool_run_id, rec.mlflow_run_id)
     assert ctx.params is None  # a run from the state: its params are not fetched yet
 
 
@@ -55,4 +55,4 @@ def test_a_changed_context_is_what_gets_saved() -> None:
 def test_the_context_adds_only_what_the_state_does_not_keep() -> None:
     record_fields = {f.name for f in dataclasses.fields(RunRecord)}
     context_fields = {f.name for f in dataclasses.fields(RunContext)}
-    assert context_fields - CONTEXT_ONLY == (record_fields - {"run_uuid"}) | {"uuid"}
+    assert context_fields - CONTEXT_ONLY == record_fields

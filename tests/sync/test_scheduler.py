@@ -37,7 +37,9 @@ def _squeue(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, body: str) -> Path:
 
 
 def _run(uuid: str) -> RunRecord:
-    return RunRecord(run_uuid=uuid, run_id="m-" + uuid, experiment_id="1", status="RUNNING")
+    return RunRecord(
+        spool_run_id=uuid, mlflow_run_id="m-" + uuid, experiment_id="1", status="RUNNING"
+    )
 
 
 @pytest.mark.parametrize("state", sorted(ENDED))

@@ -87,8 +87,8 @@ def sink(tmp_path: Path) -> MlflowSink:
     return MlflowSink(f"sqlite:///{tmp_path / 'store.db'}", tmp_path / "artifacts")
 
 
-def _spec(experiment: str, run_uuid: str = "0" * 31 + "1") -> RunSpec:
-    return RunSpec(run_uuid, experiment, "run", 1_700_000_000_000, "me", "host", "job.py")
+def _spec(experiment: str, spool_run_id: str = "0" * 31 + "1") -> RunSpec:
+    return RunSpec(spool_run_id, experiment, "run", 1_700_000_000_000, "me", "host", "job.py")
 
 
 def test_a_refusal_quoting_a_long_name_keeps_the_reason(sink: MlflowSink) -> None:
@@ -108,11 +108,11 @@ def test_a_reference_document_a_local_store_cannot_write_is_rejected_alone(
     sink: MlflowSink,
 ) -> None:
     run = sink.create_run(_spec("refs"))
-    sink.log_artifact_ref(run.run_id, _ref("a"))  # ff_artifact_refs/a.json, a file
+    sink.log_artifact_ref(run.mlflow_run_id, _ref("a"))  # ff_artifact_refs/a.json, a file
     with pytest.raises(RecordRejected) as caught:
-        sink.log_artifact_ref(run.run_id, _ref("a.json/x"))  # needs a.json to be a folder
+        sink.log_artifact_ref(run.mlflow_run_id, _ref("a.json/x"))  # needs a.json to be a folder
     message = str(caught.value)
     assert "Not a directory" in message and "'a.json/x'" in message, message
     with pytest.raises(RecordRejected, match="File name too long"):
-        sink.log_artifact_ref(run.run_id, _ref("b" * 252))
-    sink.log_artifact_ref(run.run_id, _ref("c"))  # the run goes on
+        sink.log_artifact_ref(run.mlflow_run_id, _ref("b" * 252))
+    sink.log_artifact_ref(run.mlflow_run_id, _ref("c"))  # the run goes on

@@ -206,13 +206,13 @@ def test_a_run_resumed_in_a_second_segment_is_merged_into_one_mlflow_run(
         print(r.run_id)
         """
     )
-    run_uuid = out.strip()
+    spool_run_id = out.strip()
     assert project.sync().exit_code == 0
-    assert project.snapshot()["runs"][run_uuid]["status"] == "KILLED"
+    assert project.snapshot()["runs"][spool_run_id]["status"] == "KILLED"
     # A requeued job appends a segment of its own to the same run (what issue 5 automates).
     from formula_foundry.tracking.events import frame
 
-    seg = project.spool_root / run_uuid / f"seg-{10**13}-host-1-abcdef.jsonl"
+    seg = project.spool_root / spool_run_id / f"seg-{10**13}-host-1-abcdef.jsonl"
     lines = [
         {
             "v": 1,
@@ -220,7 +220,7 @@ def test_a_run_resumed_in_a_second_segment_is_merged_into_one_mlflow_run(
             "t": 10**13,
             "k": "segment",
             "format": 1,
-            "run": run_uuid,
+            "run": spool_run_id,
             "host": "h",
             "pid": 1,
             "segment": seg.name,
@@ -230,7 +230,7 @@ def test_a_run_resumed_in_a_second_segment_is_merged_into_one_mlflow_run(
             "s": 1,
             "t": 10**13,
             "k": "run_start",
-            "run": run_uuid,
+            "run": spool_run_id,
             "experiment": "formula-foundry",
             "name": "job",
             "parent": None,
@@ -255,13 +255,13 @@ def test_a_run_resumed_in_a_second_segment_is_merged_into_one_mlflow_run(
     ]
     seg.write_bytes(b"".join(frame(rec) for rec in lines))
     assert project.sync().exit_code == 0
-    run = project.snapshot()["runs"][run_uuid]
+    run = project.snapshot()["runs"][spool_run_id]
     assert run["status"] == "RUNNING"  # reopened until the resumed job ends
     assert [s for s, _, _ in run["metrics"]["loss"]] == list(range(15))
     with open(seg, "ab") as fh:
         fh.write(frame({"v": 1, "s": 8, "t": 10**13 + 9, "k": "run_end", "status": "FINISHED"}))
     assert project.sync().exit_code == 0
-    run = project.snapshot()["runs"][run_uuid]
+    run = project.snapshot()["runs"][spool_run_id]
     assert (run["status"], run["end_time"]) == ("FINISHED", 10**13 + 9)
     assert len(project.snapshot()["runs"]) == 1
 

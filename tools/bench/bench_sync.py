@@ -85,7 +85,7 @@ def load_points(spool: Path) -> list[dict[str, Any]]:
 
     runs: dict[str, dict[str, Any]] = {}
     for seg in scan_spool(spool):
-        run = runs.setdefault(seg.run_uuid, {"metrics": [], "params": {}, "tags": {}})
+        run = runs.setdefault(seg.spool_run_id, {"metrics": [], "params": {}, "tags": {}})
         for ev in SegmentReader(seg.path):
             if not isinstance(ev, Event):
                 continue

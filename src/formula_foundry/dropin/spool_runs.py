@@ -65,8 +65,8 @@ def read_run(root: Path, run_id: str) -> RunState | None:
     if exp is None:
         return None
     tags = {k: v for k, v in exp.tags.items() if not k.startswith(RESERVED_TAG_PREFIX)}
-    if exp.parent_uuid:
-        tags["mlflow.parentRunId"] = exp.parent_uuid
+    if exp.parent_spool_run_id:
+        tags["mlflow.parentRunId"] = exp.parent_spool_run_id
     latest: dict[str, Point] = {}
     for key, points in exp.metrics.items():
         step, t, v = max(points, key=_rank)
@@ -77,7 +77,7 @@ def read_run(root: Path, run_id: str) -> RunState | None:
         name=tags.get("mlflow.runName", exp.name),
         user=tags.get("mlflow.user", "unknown"),
         start_time=exp.start_time,
-        parent=exp.parent_uuid,
+        parent=exp.parent_spool_run_id,
         end_time=exp.end_time,
         status=exp.status,
         params=dict(exp.params),

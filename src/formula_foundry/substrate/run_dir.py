@@ -7,11 +7,13 @@ Layout of ``<run_root>/<run_id>/``::
     logs/                 the run's log files
     tracking_runs.jsonl   one JSON line per tracking run linked to this directory
 
-Run ids match ``[A-Za-z0-9][A-Za-z0-9._-]{0,127}`` without ``..``: a run id is always exactly one
-path component below the run root, portable across filesystems, and never hidden.
+Run ids follow the one rule of :mod:`formula_foundry.ids` (1-128 letters, digits, ``.``, ``_``,
+``-``, starting with a letter or digit): a run id is always exactly one path component below the
+run root, portable across filesystems, and never hidden.
 
 ``tracking_runs.jsonl`` records are canonical JSON objects
-``{"experiment", "run_name", "run_uuid", "time_ms"}``, one per line, each appended with a single
+``{"experiment", "run_name", "run_uuid", "time_ms"}`` (``run_uuid``: the tracking run's spool
+run id, whatever its form), one per line, each appended with a single
 ``O_APPEND`` write so concurrent processes never interleave within a line. Reader contract: a
 last line without ``\\n`` is an unfinished write and is skipped; NUL bytes before a line (a hole
 left on a shared filesystem by a crashed client) are ignored; an unparseable line is skipped
@@ -113,22 +115,22 @@ class RunArtifacts:
         """Read :attr:`manifest_path`; raises ``ManifestError`` if absent or invalid."""
         return Manifest.load(self.manifest_path)
 
-    def link_tracking_run(self, run_uuid: str, experiment: str, run_name: str | None) -> None:
-        """Record that tracking run ``run_uuid`` of ``experiment`` used this run directory.
+    def link_tracking_run(self, spool_run_id: str, experiment: str, run_name: str | None) -> None:
+        """Record that tracking run ``spool_run_id`` of ``experiment`` used this run directory.
 
         Appends one line to ``tracking_runs.jsonl`` with a single ``O_APPEND`` write and
         fsyncs it; safe to call from several processes at once.
         """
-        if not isinstance(run_uuid, str) or not run_uuid:
+        if not isinstance(spool_run_id, str) or not spool_run_id:
             raise ValidationError(
-                f"invalid tracking run uuid {run_uuid!r}: expected a non-empty str"
+                f"invalid tracking run id {spool_run_id!r}: expected a non-empty str"
             )
         if not isinstance(experiment, str) or not experiment:
             raise ValidationError(f"invalid experiment {experiment!r}: expected a non-empty str")
         if run_name is not None and not isinstance(run_name, str):
             raise ValidationError(f"invalid run name {run_name!r}: expected a str or None")
         record = {
-            "run_uuid": run_uuid,
+            "run_uuid": spool_run_id,
             "experiment": experiment,
             "run_name": run_name,
             "time_ms": time.time_ns() // 1_000_000,
@@ -139,7 +141,7 @@ class RunArtifacts:
             fd = os.open(self.tracking_runs_path, flags, 0o644)
         except OSError as exc:
             raise SubstrateError(
-                f"cannot link tracking run {run_uuid} to {self.run_dir}: {exc.strerror}"
+                f"cannot link tracking run {spool_run_id} to {self.run_dir}: {exc.strerror}"
             ) from exc
         try:
             written = os.write(fd, line)

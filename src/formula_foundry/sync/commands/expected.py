@@ -72,11 +72,11 @@ def metric_value(value: float) -> MetricValue:
 class ExpectedRun:
     """The destination run one spooled run should have become."""
 
-    uuid: str
+    spool_run_id: str
     experiment: str = ""
     name: str = ""
     start_time: int = 0
-    parent_uuid: str | None = None
+    parent_spool_run_id: str | None = None
     started: bool = False  # a valid run_start was found: the run can be created at all
     status: str = "RUNNING"
     end_time: int | None = None
@@ -90,13 +90,13 @@ class ExpectedRun:
 
 
 def expected_run(
-    uuid: str, segments: Iterable[SegmentFile], refused: Collection[tuple[str, int]] = ()
+    spool_run_id: str, segments: Iterable[SegmentFile], refused: Collection[tuple[str, int]] = ()
 ) -> ExpectedRun:
     """Read ``segments`` (one run's, any order) and return what the destination should hold.
 
     ``refused``: ``(file, offset)`` of the records the quarantine log reports as ``refused``.
     """
-    run = ExpectedRun(uuid)
+    run = ExpectedRun(spool_run_id)
     builder = _Builder(run, refused)
     for seg in sorted(segments, key=lambda s: s.order):
         builder.segment(seg)
@@ -116,7 +116,7 @@ class _Builder:
         self.path = str(seg.path)
         try:
             for item in reader:
-                if reader.header is not None and reader.header.get("run") != self.run.uuid:
+                if reader.header is not None and reader.header.get("run") != self.run.spool_run_id:
                     return  # quarantined as ``header`` by the replay: none of it is synced
                 if isinstance(item, Event):
                     self.event(item)
@@ -161,14 +161,16 @@ class _Builder:
 
     def run_start(self, ev: Event) -> None:
         run = self.run
-        spec = run_spec(run.uuid, ev)  # the replay's own reading: invalid for both or neither
+        spec = run_spec(
+            run.spool_run_id, ev
+        )  # the replay's own reading: invalid for both or neither
         if run.started:
             if run.status != "RUNNING" and ev.data.get("resume") is not False:
                 run.status, run.end_time = "RUNNING", None  # a resumed run runs again
             return
         run.started = True
         run.experiment, run.name, run.start_time = spec.experiment, spec.name, spec.start_time
-        run.parent_uuid = spec.parent_uuid
+        run.parent_spool_run_id = spec.parent_spool_run_id
         # The tags create_run writes; tag events logged before the run_start do not exist
         # for the destination yet, so these go first and events override them in order.
         run.tags = {**spec.creation_tags(), **run.tags}

@@ -1,6 +1,6 @@
 """``ff-sync gc``: archive or delete the spool folders of runs every destination has.
 
-A run folder ``<spool_root>/<run_uuid>/`` is collected only if, in **every** destination that
+A run folder ``<spool_root>/<run id>/`` is collected only if, in **every** destination that
 has a state folder under ``sync.state_dir`` (at least one):
 
 * the run's own end event is synced (a run the sync ended as dead does not count: it may
@@ -17,7 +17,7 @@ are held meanwhile, so no pass runs at the same time.
 
 The folder is first renamed to a hidden name in the spool root (scans skip it), checked
 again — a segment that appeared or grew in between sends everything back — then moved to
-``<archive>/<run_uuid>/`` (default ``<spool_root>/../runs-archive``, keeping the spool layout:
+``<archive>/<run id>/`` (default ``<spool_root>/../runs-archive``, keeping the spool layout:
 ``ff-sync --spool-root <archive>`` replays it) or deleted (``--delete``). ``--dry-run`` only
 says what it would do.
 """
@@ -111,7 +111,7 @@ def _fully_acked(folders: list[Path]) -> tuple[dict[Path, set[str]], dict[str, i
     for folder in folders:
         state = SyncState(folder)
         try:
-            ended = {r.run_uuid for r in state.ended_runs()}
+            ended = {r.spool_run_id for r in state.ended_runs()}
             here = {
                 rel: p.offset
                 for rel, p in state.segments().items()
@@ -185,7 +185,7 @@ def collect_garbage(
     cutoff = (time.time() if now_s is None else now_s) - older_than_s
     by_run: dict[str, list[SegmentFile]] = {}
     for seg in scan_spool(settings.spool_root):
-        by_run.setdefault(seg.run_uuid, []).append(seg)
+        by_run.setdefault(seg.spool_run_id, []).append(seg)
     if not folders:
         report.kept = len(by_run)
         return report
@@ -212,27 +212,27 @@ def collect_garbage(
                 f"{'s' if count != 1 else ''} other destinations have; if it is no longer "
                 f"used, move {folder} out of {settings.sync_state_dir}"
             )
-        for run_uuid in sorted(by_run):
-            run_dir = settings.spool_root / run_uuid
-            files = _snapshot(run_dir) if is_run_id(run_uuid) else None
+        for spool_run_id in sorted(by_run):
+            run_dir = settings.spool_root / spool_run_id
+            files = _snapshot(run_dir) if is_run_id(spool_run_id) else None
             if (
-                run_uuid not in ended
+                spool_run_id not in ended
                 or not files
                 or any(
-                    acked.get(f"{run_uuid}/{name}") != size or mtime > cutoff
+                    acked.get(f"{spool_run_id}/{name}") != size or mtime > cutoff
                     for name, (size, mtime) in files.items()
                 )
             ):
                 report.kept += 1
                 continue
-            where = "delete" if target is None else f"archive to {target / run_uuid}"
+            where = "delete" if target is None else f"archive to {target / spool_run_id}"
             if dry_run:
                 log(f"ff-sync gc: would {where}: {run_dir}")
-                report.collected.append(run_uuid)
+                report.collected.append(spool_run_id)
                 continue
             if _collect(run_dir, files, target):
                 log(f"ff-sync gc: {where}: {run_dir}")
-                report.collected.append(run_uuid)
+                report.collected.append(spool_run_id)
             else:
                 report.kept += 1
     return report

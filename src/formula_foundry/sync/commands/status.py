@@ -67,7 +67,7 @@ class RunState:
     last_t: int
     updated_ms: int
     stale_ended: bool
-    run_id: str  # in the destination
+    mlflow_run_id: str  # in the destination
     experiment_id: str
 
 
@@ -235,8 +235,8 @@ def sync_status(
     wanted = None if runs is None else list(dict.fromkeys(runs))
     if wanted is not None:
         keep = set(wanted)
-        scan.segments = [s for s in scan.segments if s.run_uuid in keep]
-        scan.skipped = [s for s in scan.skipped if s.run_uuid is None or s.run_uuid in keep]
+        scan.segments = [s for s in scan.segments if s.spool_run_id in keep]
+        scan.skipped = [s for s in scan.skipped if s.spool_run_id is None or s.spool_run_id in keep]
     configured = destination_key(settings.backend_store_uri)
     folders: dict[str, str] = {configured: redact_uri(settings.backend_store_uri)}
     if all_destinations:
@@ -255,7 +255,7 @@ def sync_status(
         )
         for key, uri in sorted(folders.items(), key=lambda kv: (kv[0] != configured, kv[0]))
     ]
-    root_problems = [f"{s.path}: {s.reason}" for s in scan.skipped if s.run_uuid is None]
+    root_problems = [f"{s.path}: {s.reason}" for s in scan.skipped if s.spool_run_id is None]
     found = {r.run for d in out for r in d.runs}
     unknown = [r for r in wanted or [] if r not in found]
     return StatusReport(
@@ -297,32 +297,32 @@ def _destination(
         )
     runs: dict[str, RunStatus] = {}
 
-    def run_status(uuid: str) -> RunStatus:
-        run = runs.get(uuid)
+    def run_status(spool_run_id: str) -> RunStatus:
+        run = runs.get(spool_run_id)
         if run is None:
-            known = view.runs.get(uuid)
-            run = RunStatus(uuid, known.status if known else None)
+            known = view.runs.get(spool_run_id)
+            run = RunStatus(spool_run_id, known.status if known else None)
             if known is not None:
-                run.mlflow_run_id, run.experiment_id = known.run_id, known.experiment_id
-                run.ui_url = run_url(base, known.experiment_id, known.run_id)
+                run.mlflow_run_id, run.experiment_id = known.mlflow_run_id, known.experiment_id
+                run.ui_url = run_url(base, known.experiment_id, known.mlflow_run_id)
                 run.last_sync_ms = known.updated_ms
                 run.last_event_ms = known.last_t or None
                 run.ended = known.status != "RUNNING"
                 run.ended_by_sync = known.stale_ended
-            runs[uuid] = run
+            runs[spool_run_id] = run
         return run
 
     for seg in segments:
-        run = run_status(seg.run_uuid)
+        run = run_status(seg.spool_run_id)
         _count_segment(run, seg, view, quarantined.get(str(seg.path), set()))
     for skip in skipped:
-        if skip.run_uuid is not None:
-            run_status(skip.run_uuid).problems.append(f"{skip.path}: {skip.reason}")
+        if skip.spool_run_id is not None:
+            run_status(skip.spool_run_id).problems.append(f"{skip.path}: {skip.reason}")
     if wanted is not None:  # in the order asked; runs only the state knows (gc'd) included
-        for uuid in wanted:
-            if uuid in view.runs:
-                run_status(uuid)
-        runs = {uuid: runs[uuid] for uuid in wanted if uuid in runs}
+        for spool_run_id in wanted:
+            if spool_run_id in view.runs:
+                run_status(spool_run_id)
+        runs = {spool_run_id: runs[spool_run_id] for spool_run_id in wanted if spool_run_id in runs}
     limit_ms = now_ms - int(settings.stale_after_s * 1000)
     for run in runs.values():
         silent = run.last_event_ms is None or run.last_event_ms < limit_ms
@@ -337,7 +337,7 @@ def _count_segment(
 ) -> None:
     prog = view.segments.get(seg.rel)
     line = prog.line if prog is not None else 0
-    lines_q = {n for r, n in quarantined if r == seg.run_uuid}
+    lines_q = {n for r, n in quarantined if r == seg.spool_run_id}
     run.events_quarantined += len(lines_q)
     # Synced: every line up to the recorded position, except the header and what was set aside.
     run.events_synced += max(0, line - 1 - sum(1 for n in lines_q if 1 < n <= line))
@@ -359,7 +359,7 @@ def _count_pending(run: RunStatus, seg: SegmentFile, prog: SegmentProgress | Non
     )
     try:
         for item in reader:
-            if (reader.header or {}).get("run") != seg.run_uuid:
+            if (reader.header or {}).get("run") != seg.spool_run_id:
                 return  # a copied segment: the pass quarantines it whole
             if not isinstance(item, Event) or item.kind == K_SEGMENT:
                 continue

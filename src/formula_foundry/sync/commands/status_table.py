@@ -22,10 +22,10 @@ LOCAL_UI: Final = "http://127.0.0.1:5000"  # where ``mlflow ui`` serves by defau
 _DB_SCHEMES: Final = ("sqlite", "postgresql", "postgres", "mysql", "mssql")
 
 
-def search_filter(run_uuid: str) -> str:
+def search_filter(spool_run_id: str) -> str:
     """The MLflow search filter (UI search box, ``search_runs``) that finds the run of a spool
     run id: the sync tags every run it creates with ``ff.run_uuid``."""
-    quoted = run_uuid.replace("\\", "\\\\").replace("'", "\\'")
+    quoted = spool_run_id.replace("\\", "\\\\").replace("'", "\\'")
     return f"tags.`ff.run_uuid` = '{quoted}'"
 
 
@@ -45,11 +45,13 @@ def ui_of(uri: str) -> tuple[str | None, str | None]:
     return None, None
 
 
-def run_url(base: str | None, experiment_id: str | None, run_id: str | None) -> str | None:
+def run_url(base: str | None, experiment_id: str | None, mlflow_run_id: str | None) -> str | None:
     """The page of a run in the MLflow UI at ``base``."""
-    if base is None or not experiment_id or not run_id:
+    if base is None or not experiment_id or not mlflow_run_id:
         return None
-    return f"{base}/#/experiments/{quote(experiment_id, safe='')}/runs/{quote(run_id, safe='')}"
+    return (
+        f"{base}/#/experiments/{quote(experiment_id, safe='')}/runs/{quote(mlflow_run_id, safe='')}"
+    )
 
 
 def _when(ms: int | None, now_ms: int) -> str:

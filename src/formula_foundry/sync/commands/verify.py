@@ -147,20 +147,24 @@ def verify(settings: Settings, *, on_difference: DifferenceFn | None = None) -> 
     scan = scan_spool_report(settings.spool_root)
     skipped: dict[str | None, list[Skipped]] = {}
     for skip in scan.skipped:
-        skipped.setdefault(skip.run_uuid, []).append(skip)
+        skipped.setdefault(skip.spool_run_id, []).append(skip)
     for skip in skipped.pop(None, []):
         add(Difference("", skip.kind, f"spool root {skip.path}: {skip.reason}; nothing checked"))
-    for uuid, segments in _runs(scan.segments, skipped):
+    for spool_run_id, segments in _runs(scan.segments, skipped):
         report.runs_checked += 1
-        folder = settings.spool_root / uuid
-        for skip in skipped.get(uuid, []):
-            add(Difference(uuid, skip.kind, f"run {uuid}: {skip.path}: {skip.reason}"))
-        if any(skip.path == folder for skip in skipped.get(uuid, [])):
+        folder = settings.spool_root / spool_run_id
+        for skip in skipped.get(spool_run_id, []):
+            add(
+                Difference(
+                    spool_run_id, skip.kind, f"run {spool_run_id}: {skip.path}: {skip.reason}"
+                )
+            )
+        if any(skip.path == folder for skip in skipped.get(spool_run_id, [])):
             continue  # the whole run folder: nothing to compare with
-        usable = _usable_segments(uuid, segments, add)
-        if not usable and uuid not in checker.index:
+        usable = _usable_segments(spool_run_id, segments, add)
+        if not usable and spool_run_id not in checker.index:
             continue  # nothing of the run can reach the destination; the reasons are reported
-        for diff in checker.check(expected_run(uuid, usable, checker.refused)):
+        for diff in checker.check(expected_run(spool_run_id, usable, checker.refused)):
             add(diff)
     return report
 
@@ -170,16 +174,18 @@ def _runs(
 ) -> Iterator[tuple[str, list[SegmentFile]]]:
     """The segments of each run (those of runs with skipped paths only included), by run id;
     folders that are no run skipped."""
-    by_run: dict[str, list[SegmentFile]] = {uuid: [] for uuid in skipped if uuid is not None}
+    by_run: dict[str, list[SegmentFile]] = {
+        spool_run_id: [] for spool_run_id in skipped if spool_run_id is not None
+    }
     for seg in files:
-        by_run.setdefault(seg.run_uuid, []).append(seg)
-    for uuid in sorted(by_run):
-        if is_run_id(uuid):
-            yield uuid, by_run[uuid]
+        by_run.setdefault(seg.spool_run_id, []).append(seg)
+    for spool_run_id in sorted(by_run):
+        if is_run_id(spool_run_id):
+            yield spool_run_id, by_run[spool_run_id]
 
 
 def _usable_segments(
-    uuid: str, segments: list[SegmentFile], add: DifferenceFn
+    spool_run_id: str, segments: list[SegmentFile], add: DifferenceFn
 ) -> list[SegmentFile]:
     """The segments the replay reads: not unreadable (reported), not quarantined whole."""
     usable: list[SegmentFile] = []
@@ -190,9 +196,9 @@ def _usable_segments(
             continue  # broken header, unknown format: quarantined whole by the replay
         except OSError as exc:
             why = unreadable_reason(exc)
-            add(Difference(uuid, "unreadable", f"run {uuid}: {seg.path}: {why}"))
+            add(Difference(spool_run_id, "unreadable", f"run {spool_run_id}: {seg.path}: {why}"))
             continue
-        if header is None or header.get("run") == uuid:
+        if header is None or header.get("run") == spool_run_id:
             usable.append(seg)  # (no complete header yet: nothing of it is expected)
         # else: a copied segment, quarantined whole by the replay
     return usable
@@ -215,24 +221,28 @@ class _RunChecker:
         }
 
     def check(self, exp: ExpectedRun) -> Iterator[Difference]:
-        uuid = exp.uuid
-        ids = self.index.get(uuid, [])
+        spool_run_id = exp.spool_run_id
+        ids = self.index.get(spool_run_id, [])
         if not ids:
             why = "" if exp.started else " (its segments hold no valid run_start yet)"
-            yield Difference(uuid, "missing_run", f"run {uuid} is not in the destination{why}")
+            yield Difference(
+                spool_run_id, "missing_run", f"run {spool_run_id} is not in the destination{why}"
+            )
             return
         if len(ids) > 1:
             yield Difference(
-                uuid,
+                spool_run_id,
                 "duplicate_run",
-                f"run {uuid} has {len(ids)} runs in the destination: {', '.join(ids)}",
+                f"run {spool_run_id} has {len(ids)} runs in the destination: {', '.join(ids)}",
                 actual=ids,
                 count=len(ids),
             )
         try:
             stored = self.reader.run(ids[0])
         except RunMissing:  # deleted for good since the index was read
-            yield Difference(uuid, "missing_run", f"run {uuid} is not in the destination")
+            yield Difference(
+                spool_run_id, "missing_run", f"run {spool_run_id} is not in the destination"
+            )
             return
         yield from self._info(exp, stored)
         yield from self._params(exp, stored)
@@ -241,21 +251,25 @@ class _RunChecker:
         yield from self._refs(exp, stored)
 
     def _info(self, exp: ExpectedRun, stored: StoredRun) -> Iterator[Difference]:
-        uuid = exp.uuid
+        spool_run_id = exp.spool_run_id
         if stored.lifecycle_stage != "active":
-            yield _diff(uuid, "deleted_run", None, "active", stored.lifecycle_stage)
+            yield _diff(spool_run_id, "deleted_run", None, "active", stored.lifecycle_stage)
         if exp.started and stored.experiment != exp.experiment:
-            yield _diff(uuid, "experiment_mismatch", None, exp.experiment, stored.experiment)
+            yield _diff(
+                spool_run_id, "experiment_mismatch", None, exp.experiment, stored.experiment
+            )
         if exp.started and stored.start_time != exp.start_time:
-            yield _diff(uuid, "start_time_mismatch", None, exp.start_time, stored.start_time)
+            yield _diff(
+                spool_run_id, "start_time_mismatch", None, exp.start_time, stored.start_time
+            )
         status, end_time = exp.status, exp.end_time
-        known = self.view.runs.get(uuid)
+        known = self.view.runs.get(spool_run_id)
         if status == "RUNNING" and known is not None and known.stale_ended:
             status, end_time = "KILLED", known.last_t  # ended by the sync: legitimately KILLED
         if stored.status != status:
-            yield _diff(uuid, "status_mismatch", None, status, stored.status)
+            yield _diff(spool_run_id, "status_mismatch", None, status, stored.status)
         elif status in END_STATUSES and stored.end_time != end_time:
-            yield _diff(uuid, "end_time_mismatch", None, end_time, stored.end_time)
+            yield _diff(spool_run_id, "end_time_mismatch", None, end_time, stored.end_time)
 
     def _params(self, exp: ExpectedRun, stored: StoredRun) -> Iterator[Difference]:
         actual: dict[str, str] = stored.params
@@ -266,16 +280,16 @@ class _RunChecker:
             if (
                 want is not None
                 and got is not None
-                and exp.uuid in self.conflicted
+                and exp.spool_run_id in self.conflicted
                 and got in exp.param_values.get(key, set())
             ):
                 continue  # a quarantined conflict: whichever value was synced first stays
-            yield _diff(exp.uuid, _kind("param", want, got), key, want, got)
+            yield _diff(exp.spool_run_id, _kind("param", want, got), key, want, got)
 
     def _tags(self, exp: ExpectedRun, stored: StoredRun) -> Iterator[Difference]:
         want = dict(exp.tags)
-        if exp.parent_uuid and exp.parent_uuid in self.index:
-            want["mlflow.parentRunId"] = self.index[exp.parent_uuid][0]
+        if exp.parent_spool_run_id and exp.parent_spool_run_id in self.index:
+            want["mlflow.parentRunId"] = self.index[exp.parent_spool_run_id][0]
         actual: dict[str, str] = stored.tags
         for key in sorted(want.keys() | actual.keys()):
             w, g = want.get(key), actual.get(key)
@@ -283,25 +297,25 @@ class _RunChecker:
                 continue
             if w is None and (not exp.started or _system_tag(key)):
                 continue
-            yield _diff(exp.uuid, _kind("tag", w, g), key, w, g)
+            yield _diff(exp.spool_run_id, _kind("tag", w, g), key, w, g)
 
     def _metrics(self, exp: ExpectedRun, stored: StoredRun) -> Iterator[Difference]:
         for key in sorted(exp.metrics.keys() | stored.metric_keys):
             want = exp.metrics.get(key, set())
             got = {
                 (step, t, metric_value(v))
-                for step, t, v in self.reader.metric_points(stored.run_id, key)
+                for step, t, v in self.reader.metric_points(stored.mlflow_run_id, key)
             }
             for kind, points in (("missing", want - got), ("extra", got - want)):
                 if points:
-                    yield _points(exp.uuid, kind, key, points)
+                    yield _points(exp.spool_run_id, kind, key, points)
 
     def _refs(self, exp: ExpectedRun, stored: StoredRun) -> Iterator[Difference]:
-        actual: dict[str, Any] = self.reader.artifact_refs(stored.run_id)
+        actual: dict[str, Any] = self.reader.artifact_refs(stored.mlflow_run_id)
         for path in sorted(exp.refs.keys() | actual.keys()):
             w, g = exp.refs.get(path), actual.get(path)
             if w != g:
-                yield _diff(exp.uuid, _kind("artifact_ref", w, g), path, w, g)
+                yield _diff(exp.spool_run_id, _kind("artifact_ref", w, g), path, w, g)
 
 
 def _system_tag(key: str) -> bool:

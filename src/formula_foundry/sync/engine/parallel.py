@@ -86,39 +86,39 @@ class StoppableSink:
         if self._stop.is_set():
             raise PassStopped("the pass is stopping")
 
-    def find_run(self, run_uuid: str, experiment: str | None) -> RemoteRun | None:
+    def find_run(self, spool_run_id: str, experiment: str | None) -> RemoteRun | None:
         self._check()
-        return self.inner.find_run(run_uuid, experiment)
+        return self.inner.find_run(spool_run_id, experiment)
 
     def create_run(self, spec: RunSpec) -> RemoteRun:
         self._check()
         return self.inner.create_run(spec)
 
-    def get_params(self, run_id: str) -> dict[str, str]:
+    def get_params(self, mlflow_run_id: str) -> dict[str, str]:
         self._check()
-        return self.inner.get_params(run_id)
+        return self.inner.get_params(mlflow_run_id)
 
     def log_batch(
         self,
-        run_id: str,
+        mlflow_run_id: str,
         metrics: Sequence[MetricRow],
         params: Sequence[tuple[str, str]],
         tags: Sequence[tuple[str, str]],
     ) -> None:
         self._check()
-        self.inner.log_batch(run_id, metrics, params, tags)
+        self.inner.log_batch(mlflow_run_id, metrics, params, tags)
 
-    def log_artifact_ref(self, run_id: str, ref: ArtifactRef) -> None:
+    def log_artifact_ref(self, mlflow_run_id: str, ref: ArtifactRef) -> None:
         self._check()
-        self.inner.log_artifact_ref(run_id, ref)
+        self.inner.log_artifact_ref(mlflow_run_id, ref)
 
-    def delete_tag(self, run_id: str, key: str) -> None:
+    def delete_tag(self, mlflow_run_id: str, key: str) -> None:
         self._check()
-        self.inner.delete_tag(run_id, key)
+        self.inner.delete_tag(mlflow_run_id, key)
 
-    def set_status(self, run_id: str, status: str, end_time: int | None) -> None:
+    def set_status(self, mlflow_run_id: str, status: str, end_time: int | None) -> None:
         self._check()
-        self.inner.set_status(run_id, status, end_time)
+        self.inner.set_status(mlflow_run_id, status, end_time)
 
     def close(self) -> None:
         self.inner.close()
@@ -162,11 +162,11 @@ class _Worker:
                 cx = dataclasses.replace(pool.cx, sink=sink, report=self.report, policy=policy)
                 replayer = Replayer(cx, pool.resolver, pool.emit, pool.runs_total)
                 while not pool.stop.is_set():
-                    run_uuid = pool.next_run()
-                    if run_uuid is None:
+                    spool_run_id = pool.next_run()
+                    if spool_run_id is None:
                         break
                     try:
-                        replayer.replay_run(run_uuid, pool.pending[run_uuid])
+                        replayer.replay_run(spool_run_id, pool.pending[spool_run_id])
                     finally:
                         self.runs_done = replayer.runs_done
             finally:
@@ -204,10 +204,10 @@ class _Pool:
             self.workers = [*self.workers, worker]
         return worker
 
-    def push(self, run_uuid: str) -> None:
+    def push(self, spool_run_id: str) -> None:
         """Hand a resolved run to the workers (first pushed, first taken)."""
         with self._lock:
-            self._queue.append(run_uuid)
+            self._queue.append(spool_run_id)
             self._more.notify()
 
     def close(self) -> None:
@@ -255,7 +255,7 @@ class _Pool:
             done = self.runs_done_before + sum(w.runs_done for w in self.workers)
             events = sum(w.report.events for w in self.workers)
             metrics = sum(w.report.metrics for w in self.workers)
-            self.progress_fn(Progress(done, self.runs_total, events, metrics, p.run_uuid))
+            self.progress_fn(Progress(done, self.runs_total, events, metrics, p.spool_run_id))
 
 
 def replay_parallel(
@@ -269,9 +269,9 @@ def replay_parallel(
 ) -> None:
     """Resolve every run of ``order`` here, while up to ``workers`` threads replay them."""
 
-    def pending_bytes(run_uuid: str) -> int:
+    def pending_bytes(spool_run_id: str) -> int:
         total = 0
-        for seg in pending[run_uuid]:
+        for seg in pending[spool_run_id]:
             prog = cx.progress.get(seg.rel)
             total += seg.size - (prog.offset if prog else 0)
         return total
@@ -280,18 +280,18 @@ def replay_parallel(
     by_size = sorted(order, key=lambda run: (-pending_bytes(run), position[run]))
     pool = _Pool(cx, resolver, sink_factory, pending, progress_fn, len(order))
     try:
-        for run_uuid in by_size:
+        for spool_run_id in by_size:
             if pool.stop.is_set():
                 break
             try:
-                ctx = resolver.ensure_run(run_uuid)
+                ctx = resolver.ensure_run(spool_run_id)
             except DestinationRejected as exc:
-                cx.report.blocked.append(f"run {run_uuid}: {exc}")
+                cx.report.blocked.append(f"run {spool_run_id}: {exc}")
                 ctx = None
             if ctx is None:
                 pool.skipped()  # waits or refused: reported by the resolver, as a serial pass
                 continue
-            pool.push(run_uuid)
+            pool.push(spool_run_id)
             if len(pool.workers) < workers:  # one more thread per resolved run, up to n
                 pool.add_worker().thread.start()
         pool.close()

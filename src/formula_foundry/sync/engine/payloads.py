@@ -101,7 +101,7 @@ def run_end(ev: Event) -> tuple[str, int | None, str | None]:
     return end_status(ev), end_time(ev), end_reason(ev)
 
 
-def run_spec(run_uuid: str, ev: Event) -> RunSpec:
+def run_spec(spool_run_id: str, ev: Event) -> RunSpec:
     """The run a ``run_start`` creates: the one reading of a ``run_start``, shared by the replay
     (which creates the run from the first valid one, :mod:`formula_foundry.sync.engine.runs`), a
     resume, and ``verify``'s expected state. Raises :class:`InvalidRecord` if it cannot create
@@ -123,14 +123,14 @@ def run_spec(run_uuid: str, ev: Event) -> RunSpec:
         return value if isinstance(value, str) and value else "unknown"
 
     return RunSpec(
-        run_uuid=run_uuid,
+        spool_run_id=spool_run_id,
         experiment=experiment,
         name=name,
         start_time=ev.t,
         user=text("user"),
         host=text("host"),
         source=text("source"),
-        parent_uuid=parent,
+        parent_spool_run_id=parent,
         source_type=source_type(d),
         system_tags=system_tags(d),
     )

@@ -30,11 +30,11 @@ import orjson
 
 from formula_foundry.errors import SpoolCorrupt, UnsupportedSpoolVersion
 from formula_foundry.sync.engine.batch import Batch, Cursor
+from formula_foundry.sync.engine.params import new_params, resend_without_conflicts
 from formula_foundry.sync.engine.payloads import (
     InvalidRecord,
     PayloadChecker,
     check_time,
-    conflict_reason,
     run_end,
     run_start_problem,
 )
@@ -74,6 +74,9 @@ class _Blocked(Exception):
 class Replayer:
     """Replays pending segments, run by run (see the module docstring)."""
 
+    # False: every metric event takes the checked path (the test pinning the fast path to it).
+    fast_metrics = True
+
     def __init__(
         self,
         cx: SyncContext,
@@ -87,29 +90,29 @@ class Replayer:
         self.check = PayloadChecker()
         self._saved_runs: dict[str, RunRecord] = {}  # each run's record as last saved
 
-    def replay_run(self, run_uuid: str, pending: list[SegmentFile]) -> None:
+    def replay_run(self, spool_run_id: str, pending: list[SegmentFile]) -> None:
         """Replay ``pending`` segments of one run; refusals are reported, not raised."""
         try:
             try:
-                self._replay_run(run_uuid, pending)
+                self._replay_run(spool_run_id, pending)
             except RunMissing as exc:
                 # The destination lost the run we had mapped (restored backup, purge):
                 # forget what we knew and send the whole run again, once.
-                self.report.warnings.append(f"run {run_uuid}: {exc}; resending the whole run")
-                self.resolver.forget(run_uuid)
-                self._replay_run(run_uuid, self.cx.files_by_run.get(run_uuid, pending))
+                self.report.warnings.append(f"run {spool_run_id}: {exc}; resending the whole run")
+                self.resolver.forget(spool_run_id)
+                self._replay_run(spool_run_id, self.cx.files_by_run.get(spool_run_id, pending))
         except _Blocked:
             pass
         except DestinationRejected as exc:
-            self.report.blocked.append(f"run {run_uuid}: {exc}")
+            self.report.blocked.append(f"run {spool_run_id}: {exc}")
         self.runs_done += 1
 
-    def _replay_run(self, run_uuid: str, pending: list[SegmentFile]) -> None:
-        ctx = self.resolver.ensure_run(run_uuid)
+    def _replay_run(self, spool_run_id: str, pending: list[SegmentFile]) -> None:
+        ctx = self.resolver.ensure_run(spool_run_id)
         if ctx is None:
             return
         self.report.runs += 1
-        self._saved_runs[run_uuid] = ctx.record()  # as the state has it (or just saved it)
+        self._saved_runs[spool_run_id] = ctx.record()  # as the state has it (or just saved it)
         try:
             if revive(self.sink, self.cx.state, ctx.record(), self.cx.policy):
                 ctx.status = "RUNNING"  # the sync had ended it as dead: it is alive after all
@@ -118,19 +121,20 @@ class Replayer:
                 self._segment(ctx, seg)
             self._save_run(ctx)
         finally:
-            self._saved_runs.pop(run_uuid, None)
+            self._saved_runs.pop(spool_run_id, None)
 
     def _save_run(self, ctx: RunContext) -> None:
         """Save the run's record if it changed: what the destination acknowledged, at once."""
         rec = ctx.record()
-        if self._saved_runs.get(ctx.uuid) != rec:
+        if self._saved_runs.get(ctx.spool_run_id) != rec:
             self.resolver.save_run(ctx)
-            self._saved_runs[ctx.uuid] = rec
+            self._saved_runs[ctx.spool_run_id] = rec
 
     # -- one segment ----------------------------------------------------------------------
 
     def _segment(self, ctx: RunContext, seg: SegmentFile) -> None:
-        prog = self.cx.progress.get(seg.rel) or SegmentProgress(seg.rel, ctx.uuid)
+        sid = ctx.spool_run_id
+        prog = self.cx.progress.get(seg.rel) or SegmentProgress(seg.rel, sid)
         cur = Cursor(ctx, seg, prog)
         if seg.size < prog.offset:
             # Spool files only grow: this one was replaced or cut. What was synced stays.
@@ -142,81 +146,86 @@ class Replayer:
             return
         reader = SegmentReader(seg.path, prog.offset, prog.line, prog.last_seq)
         self.report.segments += 1
-        lim = self.sink.limits
-        max_metrics, max_total = lim.metrics, lim.total
-        keys_ok = self.check.keys_ok
-        after_problem = False
-        items = iter(reader)
         try:
-            first = next(items, None)
-            run = (reader.header or {}).get("run")
-            if first is not None and run != ctx.uuid:
-                raise SpoolCorrupt(f"{seg.path}:1: the header names run {run!r}, not {ctx.uuid}")
-            for item in itertools.chain((first,) if first is not None else (), items):
-                if isinstance(item, Event):
-                    after_problem = False
-                    # The hot path: a one-point metric event that fits the current batch.
-                    if item.kind == K_METRICS:
-                        data = item.data
-                        d = data.get("d")
-                        b = cur.batch
-                        if type(d) is dict and len(d) == 1 and b.n < max_total:
-                            ((key, value),) = d.items()
-                            step, t = data.get("step", 0), item.t
-                            if (
-                                type(value) is float
-                                and key in keys_ok
-                                and type(step) is int
-                                and INT64_MIN <= step <= INT64_MAX
-                                and 0 <= t <= INT64_MAX
-                                and len(b.metrics) < max_metrics
-                            ):
-                                b.metrics.append((key, value, t, step))
-                                b.n += 1
-                                b.events += 1
-                                cur.pos = (item.end, item.line, item.seq)
-                                if t > ctx.last_t:
-                                    ctx.last_t = t
-                                continue
-                    try:
-                        self._event(cur, item)
-                    except InvalidRecord as exc:
-                        raw = orjson.dumps(item.data)
-                        self.cx.quarantine(
-                            ctx.uuid, seg.path, item.line, item.offset, "invalid", str(exc), raw
-                        )
-                        cur.pos = (item.end, item.line, item.seq)
-                    continue
-                if not (item.kind == "sequence" and after_problem):
-                    self.cx.quarantine(
-                        ctx.uuid, seg.path, item.line, item.offset, item.kind, item.reason, item.raw
-                    )
-                after_problem = True
+            self._items(cur, reader)
         except (UnsupportedSpoolVersion, SpoolCorrupt) as exc:
             kind = "version" if isinstance(exc, UnsupportedSpoolVersion) else "header"
-            self.cx.quarantine(ctx.uuid, seg.path, 1, 0, kind, str(exc))
+            self.cx.quarantine(sid, seg.path, 1, 0, kind, str(exc))
             cur.batch, cur.pos, cur.saved = Batch(), (0, 0, -1), (-1, -1, -1)
             self._flush(cur, size_seen=seg.size)
             return
         except OSError as exc:
             self.report.unreadable.append(
-                f"run {ctx.uuid}: {seg.path}: {unreadable_reason(exc)}; "
-                "not synced, retried next pass"
+                f"run {sid}: {seg.path}: {unreadable_reason(exc)}; not synced, retried next pass"
             )
             self._flush(cur)
             return
         except DestinationRejected as exc:
             if isinstance(exc, RunMissing):
                 raise
-            self.cx.quarantine(
-                ctx.uuid, seg.path, cur.saved[1] + 1, cur.saved[0], "refused", str(exc)
-            )
-            self.report.blocked.append(f"run {ctx.uuid}: {exc}")
+            self.cx.quarantine(sid, seg.path, cur.saved[1] + 1, cur.saved[0], "refused", str(exc))
+            self.report.blocked.append(f"run {sid}: {exc}")
             raise _Blocked() from exc
         clean = reader.tail == "clean"
         cur.pos = (reader.end_offset, reader.end_line, reader.last_seq)
         cur.done = cur.done and clean
         self._flush(cur, size_seen=reader.end_offset if clean else max(seg.size, reader.end_offset))
+
+    def _items(self, cur: Cursor, reader: SegmentReader) -> None:
+        """Every event and problem of the segment, in order, into batches and the quarantine."""
+        ctx, path = cur.ctx, cur.seg.path
+        sid = ctx.spool_run_id
+        lim = self.sink.limits
+        max_metrics, max_total = lim.metrics, lim.total
+        keys_ok = self.check.keys_ok
+        fast = self.fast_metrics
+        after_problem = False
+        items = iter(reader)
+        first = next(items, None)
+        run = (reader.header or {}).get("run")
+        if first is not None and run != sid:
+            raise SpoolCorrupt(f"{path}:1: the header names run {run!r}, not {sid}")
+        for item in itertools.chain((first,) if first is not None else (), items):
+            if isinstance(item, Event):
+                after_problem = False
+                # The fast path: a one-point metric event that fits the current batch, checked
+                # inline (one method call per event costs more than the check). It must take
+                # exactly what PayloadChecker.metric_rows takes: tests/sync/test_fast_path.py.
+                if fast and item.kind == K_METRICS:
+                    data = item.data
+                    d = data.get("d")
+                    b = cur.batch
+                    if type(d) is dict and len(d) == 1 and b.n < max_total:
+                        ((key, value),) = d.items()
+                        step, t = data.get("step", 0), item.t
+                        if (
+                            type(value) is float
+                            and key in keys_ok
+                            and type(step) is int
+                            and INT64_MIN <= step <= INT64_MAX
+                            and 0 <= t <= INT64_MAX
+                            and len(b.metrics) < max_metrics
+                        ):
+                            b.metrics.append((key, value, t, step))
+                            b.n += 1
+                            b.events += 1
+                            cur.pos = (item.end, item.line, item.seq)
+                            if t > ctx.last_t:
+                                ctx.last_t = t
+                            continue
+                try:
+                    self._event(cur, item)
+                except InvalidRecord as exc:
+                    raw = orjson.dumps(item.data)
+                    self.cx.quarantine(sid, path, item.line, item.offset, "invalid", str(exc), raw)
+                    cur.pos = (item.end, item.line, item.seq)
+                continue
+            if not (item.kind == "sequence" and after_problem):
+                # A sequence gap right after a damaged line is that line's: reported once.
+                self.cx.quarantine(
+                    sid, path, item.line, item.offset, item.kind, item.reason, item.raw
+                )
+            after_problem = True
 
     def _event(self, cur: Cursor, ev: Event) -> None:
         kind, ctx = ev.kind, cur.ctx
@@ -232,7 +241,9 @@ class Replayer:
             if reserved is not None:
                 raw = orjson.dumps(ev.data)
                 path = cur.seg.path
-                self.cx.quarantine(ctx.uuid, path, ev.line, ev.offset, "reserved", reserved, raw)
+                self.cx.quarantine(
+                    ctx.spool_run_id, path, ev.line, ev.offset, "reserved", reserved, raw
+                )
             self._add(cur, ev, K_TAGS, tags)
         elif kind == K_ARTIFACT_REF:
             cur.batch.refs.append((self.check.artifact_ref(ev), ev))
@@ -242,7 +253,7 @@ class Replayer:
         elif kind == K_RUN_END:
             status, end, why = run_end(ev)
             self._flush(cur)
-            end_run(self.sink, ctx.run_id, status, end, why, self.cx.policy)
+            end_run(self.sink, ctx.mlflow_run_id, status, end, why, self.cx.policy)
             ctx.status, ctx.end_time, cur.done = status, end, True
             # Saved before the progress past the run_end: no later pass reads it again.
             self._save_run(ctx)
@@ -252,7 +263,7 @@ class Replayer:
             keys = self.check.tag_keys(ev)
             self._flush(cur)  # the writes before it reach the destination first
             for key in keys:
-                self.cx.call(partial(self.sink.delete_tag, ctx.run_id, key))
+                self.cx.call(partial(self.sink.delete_tag, ctx.mlflow_run_id, key))
             self._advance(cur, ev)
             self._flush(cur)
         elif kind == K_RUN_START:
@@ -260,13 +271,13 @@ class Replayer:
             if problem is not None:
                 raise InvalidRecord(problem)
             if isinstance(job := ev.data.get("job"), str) and job:  # sync/engine/scheduler.py
-                self.cx.state.save_job(ctx.uuid, job)
+                self.cx.state.save_job(ctx.spool_run_id, job)
             if ctx.status != "RUNNING" and ev.data.get("resume") is not False:
                 # Another process resumed the run after it had ended: it runs again. The run's
                 # own first start ("resume": false), read again when everything is resent,
                 # reopens nothing; a start without the flag (hand-written spools) does.
                 self._flush(cur)
-                reopen(self.sink, ctx.run_id, self.cx.policy)
+                reopen(self.sink, ctx.mlflow_run_id, self.cx.policy)
                 ctx.status = "RUNNING"
                 self._save_run(ctx)
             self._advance(cur, ev)
@@ -316,11 +327,13 @@ class Replayer:
             self._send(cur)
         for ref, ev in b.refs:
             try:
-                self.cx.call(partial(self.sink.log_artifact_ref, ctx.run_id, ref))
+                self.cx.call(partial(self.sink.log_artifact_ref, ctx.mlflow_run_id, ref))
             except RecordRejected as exc:
                 raw = orjson.dumps(ev.data)
                 path = cur.seg.path
-                self.cx.quarantine(ctx.uuid, path, ev.line, ev.offset, "refused", str(exc), raw)
+                self.cx.quarantine(
+                    ctx.spool_run_id, path, ev.line, ev.offset, "refused", str(exc), raw
+                )
         self.report.events += b.events
         self.report.metrics += len(b.metrics)
         cur.batch = Batch()
@@ -328,72 +341,24 @@ class Replayer:
             return
         self.cx.quarantine_log.sync()
         self._save_run(ctx)  # status and last sign of life first: progress never outruns them
-        prog = SegmentProgress(cur.seg.rel, ctx.uuid, *cur.pos, size_seen, cur.done)
+        prog = SegmentProgress(cur.seg.rel, ctx.spool_run_id, *cur.pos, size_seen, cur.done)
         self.cx.state.save_segment(prog)
         self.cx.progress[cur.seg.rel] = prog
         cur.saved = cur.pos
         if self.progress_fn is not None:
             done, total, rep = self.runs_done, self.runs_total, self.report
-            self.progress_fn(Progress(done, total, rep.events, rep.metrics, ctx.uuid))
+            self.progress_fn(Progress(done, total, rep.events, rep.metrics, ctx.spool_run_id))
 
     def _send(self, cur: Cursor) -> None:
         b, ctx, sink = cur.batch, cur.ctx, self.sink
         try:
             self.cx.call(
                 lambda: sink.log_batch(
-                    ctx.run_id, b.metrics, list(b.params.items()), list(b.tags.items())
+                    ctx.mlflow_run_id, b.metrics, list(b.params.items()), list(b.tags.items())
                 )
             )
-            return
         except StoredParamConflict:
-            pass
-        # Someone else wrote params to the run since we read them: sort ours out and resend.
-        known = self.cx.call(lambda: sink.get_params(ctx.run_id))
-        keep: dict[str, str] = {}
-        for key, value in b.params.items():
-            old = known.get(key)
-            if old is None:
-                keep[key] = value
-            elif old != value:
-                src = b.param_src[key]
-                self.cx.quarantine(
-                    ctx.uuid,
-                    cur.seg.path,
-                    src.line,
-                    src.offset,
-                    "param_conflict",
-                    conflict_reason(key, old, value),
-                )
-        ctx.params = {**known, **keep}
-        self.cx.call(
-            lambda: sink.log_batch(ctx.run_id, b.metrics, list(keep.items()), list(b.tags.items()))
-        )
-
-    # -- params ---------------------------------------------------------------------------
+            resend_without_conflicts(self.cx, cur)
 
     def _new_params(self, cur: Cursor, ev: Event) -> list[tuple[str, str]]:
-        items = self.check.strings(ev, MAX_PARAM_VALUE_LENGTH)
-        ctx = cur.ctx
-        if ctx.params is None:
-            ctx.params = self.cx.call(lambda: self.sink.get_params(ctx.run_id))
-        known = ctx.params
-        new: list[tuple[str, str]] = []
-        conflicts: list[str] = []
-        for key, value in items:
-            old = known.get(key)
-            if old is None:
-                known[key] = value
-                new.append((key, value))
-            elif old != value:
-                conflicts.append(conflict_reason(key, old, value))
-        if conflicts:
-            self.cx.quarantine(
-                ctx.uuid,
-                cur.seg.path,
-                ev.line,
-                ev.offset,
-                "param_conflict",
-                "; ".join(conflicts),
-                orjson.dumps(ev.data),
-            )
-        return new
+        return new_params(self.cx, cur, ev, self.check.strings(ev, MAX_PARAM_VALUE_LENGTH))

@@ -22,7 +22,7 @@ class Progress:
     runs_total: int
     events: int
     metrics: int
-    run_uuid: str
+    spool_run_id: str
 
 
 ProgressFn = Callable[[Progress], None]

@@ -53,11 +53,11 @@ _RAW_LIMIT: Final = 200
 class RunContext:
     """A run during a pass: its destination id, last status sent, params known to be there."""
 
-    uuid: str
-    run_id: str
+    spool_run_id: str
+    mlflow_run_id: str
     experiment_id: str
     status: str
-    parent_uuid: str | None = None
+    parent_spool_run_id: str | None = None
     parent_linked: bool = True
     last_t: int = 0
     end_time: int | None = None
@@ -66,19 +66,16 @@ class RunContext:
     @classmethod
     def from_record(cls, rec: RunRecord) -> RunContext:
         """The context of a run the sync state already maps."""
-        return cls(**{mine: getattr(rec, theirs) for theirs, mine in _RECORD_FIELDS})
+        return cls(**{name: getattr(rec, name) for name in _RECORD_FIELDS})
 
     def record(self) -> RunRecord:
         """What the sync state keeps of this run."""
-        return RunRecord(**{theirs: getattr(self, mine) for theirs, mine in _RECORD_FIELDS})
+        return RunRecord(**{name: getattr(self, name) for name in _RECORD_FIELDS})
 
 
 # Both converters walk RunRecord's fields, so a field added to it without a RunContext
-# counterpart fails the first conversion rather than being silently dropped; (record field,
-# context field) pairs, since RunContext calls the spooled run's id ``uuid``.
-_RECORD_FIELDS: Final = tuple(
-    (f.name, "uuid" if f.name == "run_uuid" else f.name) for f in dataclasses.fields(RunRecord)
-)
+# counterpart fails the first conversion rather than being silently dropped.
+_RECORD_FIELDS: Final = tuple(f.name for f in dataclasses.fields(RunRecord))
 
 
 @dataclass
@@ -100,7 +97,7 @@ class SyncContext:
 
     def quarantine(
         self,
-        run_uuid: str,
+        spool_run_id: str,
         path: Path,
         line: int,
         offset: int,
@@ -111,7 +108,7 @@ class SyncContext:
         """Report a record that cannot be synced (once per file and offset) and count it."""
         self.quarantine_log.add(
             {
-                "run": run_uuid,
+                "run": spool_run_id,
                 "file": str(path),
                 "line": line,
                 "offset": offset,
@@ -164,64 +161,65 @@ class RunResolver:
         self.runs: dict[str, RunContext] = {}
         self._lock = threading.RLock()
 
-    def ensure_run(self, uuid: str, chain: tuple[str, ...] = ()) -> RunContext | None:
+    def ensure_run(self, spool_run_id: str, chain: tuple[str, ...] = ()) -> RunContext | None:
         """The run's context, creating the destination run if needed; None: it must wait."""
-        ctx = self.runs.get(uuid)
+        ctx = self.runs.get(spool_run_id)
         if ctx is not None:
             return ctx  # the common case in workers: resolved before they started, no lock
         with self._lock:
-            return self._ensure_run(uuid, chain)
+            return self._ensure_run(spool_run_id, chain)
 
-    def _ensure_run(self, uuid: str, chain: tuple[str, ...]) -> RunContext | None:
-        ctx = self.runs.get(uuid)
+    def _ensure_run(self, spool_run_id: str, chain: tuple[str, ...]) -> RunContext | None:
+        ctx = self.runs.get(spool_run_id)
         if ctx is not None:
             return ctx
-        rec = self.cx.state.run(uuid)
+        rec = self.cx.state.run(spool_run_id)
         if rec is not None:
             ctx = RunContext.from_record(rec)
-            self.runs[uuid] = ctx
+            self.runs[spool_run_id] = ctx
             return ctx
-        search = self._find_start(uuid)
+        search = self._find_start(spool_run_id)
         start = search.start
         experiment = start.spec.experiment if start else None
-        remote = self.cx.call(lambda: self.cx.sink.find_run(uuid, experiment))
+        remote = self.cx.call(lambda: self.cx.sink.find_run(spool_run_id, experiment))
         created = False
-        parent_uuid = start.spec.parent_uuid if start else None
+        parent_spool_run_id = start.spec.parent_spool_run_id if start else None
         parent_id: str | None = None
         if remote is None:
             if start is None:
-                self._set_aside(uuid, search)
+                self._set_aside(spool_run_id, search)
                 self.cx.report.unreadable += search.unreadable
                 because = "; ".join(search.why) or "no run_start event in its segments yet"
-                self.cx.report.waiting.append(f"run {uuid}: {because}; will retry")
+                self.cx.report.waiting.append(f"run {spool_run_id}: {because}; will retry")
                 return None
-            if parent_uuid:
-                found = self._parent_id(parent_uuid, start, (*chain, uuid))
+            if parent_spool_run_id:
+                found = self._parent_id(parent_spool_run_id, start, (*chain, spool_run_id))
                 if found == _WAIT:
                     self.cx.report.waiting.append(
-                        f"run {uuid}: its parent run {parent_uuid} is neither in the spool nor "
-                        f"in {self.cx.sink.description} yet; will retry"
+                        f"run {spool_run_id}: its parent run {parent_spool_run_id} is neither "
+                        f"in the spool nor in {self.cx.sink.description} yet; will retry"
                     )
                     return None
                 parent_id = found
-            spec = dataclasses.replace(start.spec, parent_run_id=parent_id)
+            spec = dataclasses.replace(start.spec, parent_mlflow_run_id=parent_id)
             remote, created = self._find_or_create(spec)
         if remote.duplicates:
             self.cx.report.warnings.append(
-                f"run {uuid} has several runs in {self.cx.sink.description} "
-                f"({remote.run_id}, {', '.join(remote.duplicates)}); syncing into {remote.run_id}"
+                f"run {spool_run_id} has several runs in {self.cx.sink.description} "
+                f"({remote.mlflow_run_id}, {', '.join(remote.duplicates)}); "
+                f"syncing into {remote.mlflow_run_id}"
             )
         ctx = RunContext(
-            uuid,
-            remote.run_id,
+            spool_run_id,
+            remote.mlflow_run_id,
             remote.experiment_id,
             remote.status,
-            parent_uuid=parent_uuid,
-            parent_linked=not created or parent_uuid is None or parent_id is not None,
+            parent_spool_run_id=parent_spool_run_id,
+            parent_linked=not created or parent_spool_run_id is None or parent_id is not None,
             last_t=start.event.t if start else 0,
             params={} if created else None,
         )
-        self.runs[uuid] = ctx
+        self.runs[spool_run_id] = ctx
         self.save_run(ctx)
         if created:
             self._link_children(ctx)
@@ -230,15 +228,15 @@ class RunResolver:
     def save_run(self, ctx: RunContext) -> None:
         self.cx.state.save_run(ctx.record())
 
-    def forget(self, uuid: str) -> None:
+    def forget(self, spool_run_id: str) -> None:
         """Drop what the state knows about a run, so it is found or created and sent anew."""
         with self._lock:
-            self.cx.state.forget_run(uuid)
-            self.runs.pop(uuid, None)
+            self.cx.state.forget_run(spool_run_id)
+            self.runs.pop(spool_run_id, None)
             # Only this run's own segments, one atomic pop each: other workers update the
             # progress of their runs meanwhile, so iterating the whole dict could fail. Progress
             # of a segment no longer on disk is never read, so leaving it in memory is harmless.
-            for seg in self.cx.files_by_run.get(uuid, []):
+            for seg in self.cx.files_by_run.get(spool_run_id, []):
                 self.cx.progress.pop(seg.rel, None)
 
     # -- internals ------------------------------------------------------------------------
@@ -252,7 +250,7 @@ class RunResolver:
             nonlocal tries
             tries += 1
             if tries > 1:
-                found = self.cx.sink.find_run(spec.run_uuid, spec.experiment)
+                found = self.cx.sink.find_run(spec.spool_run_id, spec.experiment)
                 if found is not None:
                     return found, False
             return self.cx.sink.create_run(spec), True
@@ -265,30 +263,30 @@ class RunResolver:
         if parent in self.cx.files_by_run or self.cx.state.run(parent) is not None:
             pctx = self.ensure_run(parent, chain)
             if pctx is not None:
-                return pctx.run_id
+                return pctx.mlflow_run_id
         else:
             remote = self.cx.call(lambda: self.cx.sink.find_run(parent, None))
             if remote is not None:
-                return remote.run_id
+                return remote.mlflow_run_id
         age_s = time.time() - start.event.t / 1000.0
         return None if age_s > self.cx.stale_after_s else _WAIT
 
     def _link_children(self, ctx: RunContext) -> None:
-        for child in self.cx.state.unlinked_children(ctx.uuid):
-            tag = [("mlflow.parentRunId", ctx.run_id)]
+        for child in self.cx.state.unlinked_children(ctx.spool_run_id):
+            tag = [("mlflow.parentRunId", ctx.mlflow_run_id)]
             try:
-                self.cx.call(partial(self.cx.sink.log_batch, child.run_id, [], [], tag))
+                self.cx.call(partial(self.cx.sink.log_batch, child.mlflow_run_id, [], [], tag))
             except RunMissing:
-                self.forget(child.run_uuid)  # recreated, linked, by its own next pass
+                self.forget(child.spool_run_id)  # recreated, linked, by its own next pass
                 continue
             except DestinationRejected as exc:
-                self.cx.report.warnings.append(f"run {child.run_uuid}: cannot link it: {exc}")
+                self.cx.report.warnings.append(f"run {child.spool_run_id}: cannot link it: {exc}")
                 continue
-            self.cx.state.mark_linked(child.run_uuid)
-            if child.run_uuid in self.runs:
-                self.runs[child.run_uuid].parent_linked = True
+            self.cx.state.mark_linked(child.spool_run_id)
+            if child.spool_run_id in self.runs:
+                self.runs[child.spool_run_id].parent_linked = True
 
-    def _find_start(self, uuid: str) -> _Search:
+    def _find_start(self, spool_run_id: str) -> _Search:
         """The run's ``run_start`` event, from whichever of its segments holds it.
 
         Without one, also why: the segments it could not use. A segment whose header is
@@ -298,7 +296,7 @@ class RunResolver:
         wait, :meth:`_set_aside` does.
         """
         search = _Search()
-        for seg in self.cx.files_by_run.get(uuid, []):
+        for seg in self.cx.files_by_run.get(spool_run_id, []):
             prog = self.cx.progress.get(seg.rel)
             if prog is not None and prog.size_seen == seg.size:
                 # Read to its end while the run had no destination run: set aside whole.
@@ -309,9 +307,9 @@ class RunResolver:
             try:
                 for item in reader:
                     run = (reader.header or {}).get("run")
-                    if run != uuid:
+                    if run != spool_run_id:
                         raise SpoolCorrupt(
-                            f"{seg.path}:1: the header names run {run!r}, not {uuid}"
+                            f"{seg.path}:1: the header names run {run!r}, not {spool_run_id}"
                         )
                     if isinstance(item, Problem):
                         # As the replay: a gap right after a damaged line is that line's.
@@ -321,11 +319,11 @@ class RunResolver:
                         continue
                     after_problem = False
                     if item.kind == K_RUN_START:
-                        spec = _spec(uuid, item)
+                        spec = _spec(spool_run_id, item)
                         if spec is not None:
                             return _Search(_Start(spec, seg, item))
                         self.cx.quarantine(
-                            uuid,
+                            spool_run_id,
                             seg.path,
                             item.line,
                             item.offset,
@@ -338,15 +336,17 @@ class RunResolver:
                 search.set_aside.append((seg, "header", str(exc)))
             except OSError as exc:
                 search.why.append(f"{seg.path}: {unreadable_reason(exc)}")
-                search.unreadable.append(f"run {uuid}: {seg.path}: {unreadable_reason(exc)}")
+                search.unreadable.append(
+                    f"run {spool_run_id}: {seg.path}: {unreadable_reason(exc)}"
+                )
         return search
 
-    def _set_aside(self, uuid: str, search: _Search) -> None:
+    def _set_aside(self, spool_run_id: str, search: _Search) -> None:
         """Quarantine the segments of a waiting run that can give nothing, once: the replay
         never reads them (the run is not created), so their progress is set to their end."""
         for seg, problem in search.damaged:
             self.cx.quarantine(
-                uuid,
+                spool_run_id,
                 seg.path,
                 problem.line,
                 problem.offset,
@@ -361,19 +361,19 @@ class RunResolver:
                 f"{seg.path}:{problem.line}: {problem.reason})"
             )
         for seg, kind, reason in search.set_aside:
-            self.cx.quarantine(uuid, seg.path, 1, 0, kind, reason)
+            self.cx.quarantine(spool_run_id, seg.path, 1, 0, kind, reason)
             search.why.append(f"{seg.path} is quarantined ({kind})")
         if not search.set_aside:
             return
         self.cx.quarantine_log.sync()  # reported before progress moves past them
         for seg, _, _ in search.set_aside:
-            prog = SegmentProgress(seg.rel, uuid, size_seen=seg.size)
+            prog = SegmentProgress(seg.rel, spool_run_id, size_seen=seg.size)
             self.cx.state.save_segment(prog)
             self.cx.progress[seg.rel] = prog
 
 
-def _spec(uuid: str, ev: Event) -> RunSpec | None:
+def _spec(spool_run_id: str, ev: Event) -> RunSpec | None:
     try:
-        return run_spec(uuid, ev)
+        return run_spec(spool_run_id, ev)
     except InvalidRecord:
         return None

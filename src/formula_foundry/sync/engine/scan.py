@@ -2,7 +2,7 @@
 
 Layout (see :mod:`formula_foundry.tracking.spool_writer`)::
 
-    <spool_root>/<run_uuid>/seg-<start ms>-<host>-<pid>-<random>.jsonl
+    <spool_root>/<run id>/seg-<start ms>-<host>-<pid>-<random>.jsonl
 
 Scanning opens no file, so an idle pass costs a directory listing and a ``stat`` per segment.
 Folders and files that do not follow the layout (hidden files, editor backups) are ignored.
@@ -34,11 +34,11 @@ NOT_REGULAR: Final = "is not a regular file; not synced"
 
 @dataclass(frozen=True, slots=True)
 class SegmentFile:
-    """One segment as found on disk. ``rel`` is ``<run_uuid>/<file name>``."""
+    """One segment as found on disk. ``rel`` is ``<run id>/<file name>``."""
 
     rel: str
     path: Path
-    run_uuid: str
+    spool_run_id: str
     started_ms: int
     size: int
 
@@ -52,16 +52,16 @@ class SegmentFile:
 class Skipped:
     """A path under the spool root that is not synced, and why.
 
-    ``run_uuid`` is the run folder's name (``None``: the spool root itself).
+    ``spool_run_id`` is the run folder's name (``None``: the spool root itself).
     """
 
-    run_uuid: str | None
+    spool_run_id: str | None
     path: Path
     kind: SkipKind
     reason: str
 
     def describe(self) -> str:
-        where = f"run {self.run_uuid}: " if self.run_uuid is not None else "spool root "
+        where = f"run {self.spool_run_id}: " if self.spool_run_id is not None else "spool root "
         return f"{where}{self.path}: {self.reason}"
 
 
@@ -75,7 +75,7 @@ class SpoolScan:
     @property
     def skipped_runs(self) -> set[str]:
         """Runs with a part that could not be scanned (not to be judged dead, nor collected)."""
-        return {s.run_uuid for s in self.skipped if s.run_uuid is not None}
+        return {s.spool_run_id for s in self.skipped if s.spool_run_id is not None}
 
 
 def unreadable_reason(exc: OSError) -> str:
@@ -122,22 +122,22 @@ def scan_spool_report(root: Path) -> SpoolScan:
             )
             continue
         _scan_run(run.name, entries, out)
-    out.segments.sort(key=lambda s: (s.run_uuid, s.started_ms, s.rel))
+    out.segments.sort(key=lambda s: (s.spool_run_id, s.started_ms, s.rel))
     return out
 
 
-def scan_run(root: Path, run_uuid: str) -> list[SegmentFile]:
+def scan_run(root: Path, spool_run_id: str) -> list[SegmentFile]:
     """The segments of one run folder, in merge order (none if the folder is missing)."""
     out = SpoolScan()
     try:
-        entries = list(os.scandir(root / run_uuid))
+        entries = list(os.scandir(root / spool_run_id))
     except (FileNotFoundError, NotADirectoryError):
         return []
-    _scan_run(run_uuid, entries, out)
+    _scan_run(spool_run_id, entries, out)
     return sorted(out.segments, key=lambda s: s.order)
 
 
-def _scan_run(run_uuid: str, entries: list[os.DirEntry[str]], out: SpoolScan) -> None:
+def _scan_run(spool_run_id: str, entries: list[os.DirEntry[str]], out: SpoolScan) -> None:
     for entry in entries:
         name = entry.name
         if not is_segment_name(name):
@@ -148,19 +148,19 @@ def _scan_run(run_uuid: str, entries: list[os.DirEntry[str]], out: SpoolScan) ->
             continue
         except OSError as exc:  # a folder that can be listed but not searched (mode r--)
             out.skipped.append(
-                Skipped(run_uuid, Path(entry.path), "unreadable", unreadable_reason(exc))
+                Skipped(spool_run_id, Path(entry.path), "unreadable", unreadable_reason(exc))
             )
             continue
         if not stat.S_ISREG(st.st_mode):
             kind: SkipKind = "symlink" if stat.S_ISLNK(st.st_mode) else "not_regular"
             reason = NOT_FOLLOWED if kind == "symlink" else NOT_REGULAR
-            out.skipped.append(Skipped(run_uuid, Path(entry.path), kind, reason))
+            out.skipped.append(Skipped(spool_run_id, Path(entry.path), kind, reason))
             continue
         out.segments.append(
             SegmentFile(
-                rel=f"{run_uuid}/{name}",
+                rel=f"{spool_run_id}/{name}",
                 path=Path(entry.path),
-                run_uuid=run_uuid,
+                spool_run_id=spool_run_id,
                 started_ms=segment_started_ms(name),
                 size=st.st_size,
             )

@@ -102,9 +102,9 @@ def ask(live: Collection[RunRecord], jobs: dict[str, str]) -> Verdict:
     verdict = Verdict()
     prefix = SLURM + ":"
     slurm = {
-        r.run_uuid: job[len(prefix) :]
+        r.spool_run_id: job[len(prefix) :]
         for r in live
-        if (job := jobs.get(r.run_uuid, "")).startswith(prefix) and job[len(prefix) :].isdigit()
+        if (job := jobs.get(r.spool_run_id, "")).startswith(prefix) and job[len(prefix) :].isdigit()
     }
     if not slurm or shutil.which("squeue") is None:
         return verdict
@@ -112,10 +112,10 @@ def ask(live: Collection[RunRecord], jobs: dict[str, str]) -> Verdict:
     if states is None:
         verdict.warning = "squeue did not answer; open runs are judged by their silence alone"
         return verdict
-    for run_uuid, job_id in slurm.items():
+    for spool_run_id, job_id in slurm.items():
         state = states.get(job_id)
         if state in ENDED:
-            verdict.ended[run_uuid] = f"slurm job {job_id} {state}"
+            verdict.ended[spool_run_id] = f"slurm job {job_id} {state}"
         elif state in ALIVE:
-            verdict.alive.add(run_uuid)
+            verdict.alive.add(spool_run_id)
     return verdict

@@ -47,15 +47,15 @@ MLFLOW_LIMITS: Final = BatchLimits()
 class RunSpec:
     """Everything needed to create the destination run of one spooled run."""
 
-    run_uuid: str
+    spool_run_id: str
     experiment: str
     name: str
     start_time: int
     user: str
     host: str
     source: str
-    parent_uuid: str | None = None
-    parent_run_id: str | None = None
+    parent_spool_run_id: str | None = None
+    parent_mlflow_run_id: str | None = None
     source_type: str = "LOCAL"
     # Which of mlflow.user / mlflow.source.name / mlflow.source.type the run gets.
     system_tags: frozenset[str] = frozenset(CREATION_SYSTEM_TAGS)
@@ -69,15 +69,15 @@ class RunSpec:
             "mlflow.source.type": self.source_type,
         }
         tags = {
-            "ff.run_uuid": self.run_uuid,
+            "ff.run_uuid": self.spool_run_id,
             "ff.host": self.host,
             **{k: v for k, v in system.items() if k in self.system_tags},
             "mlflow.runName": self.name,
         }
-        if self.parent_uuid:
-            tags["ff.parent_run_uuid"] = self.parent_uuid
-        if self.parent_run_id:
-            tags["mlflow.parentRunId"] = self.parent_run_id
+        if self.parent_spool_run_id:
+            tags["ff.parent_run_uuid"] = self.parent_spool_run_id
+        if self.parent_mlflow_run_id:
+            tags["mlflow.parentRunId"] = self.parent_mlflow_run_id
         return tags
 
 
@@ -85,7 +85,7 @@ class RunSpec:
 class RemoteRun:
     """A run as the destination knows it. ``duplicates`` lists other runs with the same tag."""
 
-    run_id: str
+    mlflow_run_id: str
     experiment_id: str
     status: str
     duplicates: tuple[str, ...] = ()
@@ -155,7 +155,7 @@ class Sink(Protocol):
     description: str
     limits: BatchLimits
 
-    def find_run(self, run_uuid: str, experiment: str | None) -> RemoteRun | None:
+    def find_run(self, spool_run_id: str, experiment: str | None) -> RemoteRun | None:
         """The run tagged ``ff.run_uuid = run_uuid`` (deleted ones too), or ``None``."""
         ...
 
@@ -163,13 +163,13 @@ class Sink(Protocol):
         """Create the run (and its experiment if needed), tagged with ``spec.run_uuid``."""
         ...
 
-    def get_params(self, run_id: str) -> dict[str, str]:
+    def get_params(self, mlflow_run_id: str) -> dict[str, str]:
         """The params the run already has."""
         ...
 
     def log_batch(
         self,
-        run_id: str,
+        mlflow_run_id: str,
         metrics: Sequence[MetricRow],
         params: Sequence[tuple[str, str]],
         tags: Sequence[tuple[str, str]],
@@ -177,15 +177,15 @@ class Sink(Protocol):
         """Write one batch within ``limits``; returns once the destination committed it."""
         ...
 
-    def log_artifact_ref(self, run_id: str, ref: ArtifactRef) -> None:
+    def log_artifact_ref(self, mlflow_run_id: str, ref: ArtifactRef) -> None:
         """Write the reference's small JSON document among the run's artifacts."""
         ...
 
-    def delete_tag(self, run_id: str, key: str) -> None:
+    def delete_tag(self, mlflow_run_id: str, key: str) -> None:
         """Delete tag ``key`` of the run; a tag that is not there is already deleted."""
         ...
 
-    def set_status(self, run_id: str, status: str, end_time: int | None) -> None:
+    def set_status(self, mlflow_run_id: str, status: str, end_time: int | None) -> None:
         """Set the run's status; a terminal status also sets its end time."""
         ...
 

@@ -44,22 +44,22 @@ def find_stale(
     now_ms = int((time.time() if now_s is None else now_s) * 1000)
     limit = now_ms - int(stale_after_s * 1000)
     return sorted(
-        (r for r in state.live_runs() if r.run_uuid not in busy and r.last_t < limit),
-        key=lambda r: (r.last_t, r.run_uuid),
+        (r for r in state.live_runs() if r.spool_run_id not in busy and r.last_t < limit),
+        key=lambda r: (r.last_t, r.spool_run_id),
     )
 
 
 def revive(sink: Sink, state: SyncState, run: RunRecord, policy: RetryPolicy) -> bool:
     """New events for a run the sync ended as dead: make it RUNNING again; True if it was."""
-    if run.status != KILLED or not state.is_stale_ended(run.run_uuid, run.last_t):
+    if run.status != KILLED or not state.is_stale_ended(run.spool_run_id, run.last_t):
         return False
-    reopen(sink, run.run_id, policy)
+    reopen(sink, run.mlflow_run_id, policy)
     return True
 
 
 def end_run(
     sink: Sink,
-    run_id: str,
+    mlflow_run_id: str,
     status: str,
     end_time: int | None,
     reason: str | None,
@@ -68,15 +68,15 @@ def end_run(
     """Set a run's final status; the reason first, as the tag ``ff.sync.end_reason`` (a crash
     between the two leaves the run open, and the next pass sets both again)."""
     if reason is not None:
-        policy.call(partial(sink.log_batch, run_id, [], [], [(END_REASON_TAG, reason)]))
-    policy.call(partial(sink.set_status, run_id, status, end_time))
+        policy.call(partial(sink.log_batch, mlflow_run_id, [], [], [(END_REASON_TAG, reason)]))
+    policy.call(partial(sink.set_status, mlflow_run_id, status, end_time))
 
 
-def reopen(sink: Sink, run_id: str, policy: RetryPolicy) -> None:
+def reopen(sink: Sink, mlflow_run_id: str, policy: RetryPolicy) -> None:
     """Make an ended run RUNNING again. The reason it ended with (``ff.sync.end_reason``) went
     with that end: a requeued job's run that then finishes must not read "SIGTERM"."""
-    policy.call(partial(sink.delete_tag, run_id, END_REASON_TAG))
-    policy.call(partial(sink.set_status, run_id, "RUNNING", None))
+    policy.call(partial(sink.delete_tag, mlflow_run_id, END_REASON_TAG))
+    policy.call(partial(sink.set_status, mlflow_run_id, "RUNNING", None))
 
 
 def end_stale(
@@ -94,19 +94,19 @@ def end_stale(
     """
     reasons = reasons or {}
     for rec in runs:
-        reason = reasons.get(rec.run_uuid)
+        reason = reasons.get(rec.spool_run_id)
         try:
-            end_run(sink, rec.run_id, KILLED, rec.last_t, reason, policy)
+            end_run(sink, rec.mlflow_run_id, KILLED, rec.last_t, reason, policy)
         except RunMissing:
-            state.forget_run(rec.run_uuid)  # resent (and re-judged) by the next pass
-            report.warnings.append(f"run {rec.run_uuid}: gone from the destination; resending")
+            state.forget_run(rec.spool_run_id)  # resent (and re-judged) by the next pass
+            report.warnings.append(f"run {rec.spool_run_id}: gone from the destination; resending")
             continue
         except DestinationRejected as exc:
-            report.blocked.append(f"run {rec.run_uuid}: cannot mark it KILLED: {exc}")
+            report.blocked.append(f"run {rec.spool_run_id}: cannot mark it KILLED: {exc}")
             continue
         ended = dataclasses.replace(rec, status=KILLED, end_time=rec.last_t)
         state.mark_stale_ended(ended)
-        report.stale.append(rec.run_uuid)
+        report.stale.append(rec.spool_run_id)
         when = time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(rec.last_t / 1000))
         why = f"{reason}, last sign of life {when}" if reason else f"no sign of life since {when}"
-        report.warnings.append(f"run {rec.run_uuid}: {why} and no end event; marked KILLED")
+        report.warnings.append(f"run {rec.spool_run_id}: {why} and no end event; marked KILLED")

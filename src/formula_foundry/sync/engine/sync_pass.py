@@ -209,7 +209,7 @@ def _pass(
             pending = _pending(files, progress)
         files_by_run: dict[str, list[SegmentFile]] = {}
         for seg in files:
-            files_by_run.setdefault(seg.run_uuid, []).append(seg)
+            files_by_run.setdefault(seg.spool_run_id, []).append(seg)
         cx = SyncContext(
             sink=sink,
             state=state,
@@ -236,9 +236,9 @@ def _scan(settings: Settings, report: SyncReport) -> tuple[list[SegmentFile], se
     files = scan.segments
     # Named on every pass, never followed nor fatal; their runs are not judged dead meanwhile.
     report.unreadable += [s.describe() for s in scan.skipped]
-    odd = sorted({f.run_uuid for f in files if not is_run_id(f.run_uuid)})
+    odd = sorted({f.spool_run_id for f in files if not is_run_id(f.spool_run_id)})
     if odd:
-        files = [f for f in files if f.run_uuid not in odd]
+        files = [f for f in files if f.spool_run_id not in odd]
         report.warnings += [
             f"ignored spool folder {settings.spool_root / n}: not a run id" for n in odd
         ]
@@ -253,7 +253,7 @@ def _pending(
     for seg in files:
         seen = progress.get(seg.rel)
         if seen is None or seen.size_seen != seg.size:
-            pending.setdefault(seg.run_uuid, []).append(seg)
+            pending.setdefault(seg.spool_run_id, []).append(seg)
     return pending
 
 
@@ -290,8 +290,8 @@ def _replay(
     from formula_foundry.sync.engine.replayer import Replayer
 
     replayer = Replayer(cx, resolver, progress_fn, len(pending))
-    for run_uuid in order:
-        replayer.replay_run(run_uuid, pending[run_uuid])
+    for spool_run_id in order:
+        replayer.replay_run(spool_run_id, pending[spool_run_id])
 
 
 def _end_dead(
@@ -308,13 +308,13 @@ def _end_dead(
     if verdict is None:
         verdict = _ask_scheduler(state, unscanned, report)
     busy = set(replayed) | unscanned | verdict.alive | verdict.ended.keys()
-    dead = [r for r in state.live_runs() if r.run_uuid in verdict.ended]
+    dead = [r for r in state.live_runs() if r.spool_run_id in verdict.ended]
     dead += find_stale(state, settings.stale_after_s, busy)
     end_stale(cx.sink, state, dead, report, cx.policy, verdict.ended)
 
 
 def _ask_scheduler(state: SyncState, unscanned: set[str], report: SyncReport) -> Verdict:
-    live = [r for r in state.live_runs() if r.run_uuid not in unscanned]
+    live = [r for r in state.live_runs() if r.spool_run_id not in unscanned]
     verdict = ask(live, state.jobs()) if live else Verdict()
     if verdict.warning:
         report.warnings.append(verdict.warning)

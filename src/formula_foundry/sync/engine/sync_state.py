@@ -43,6 +43,9 @@ DESTINATION_FILE: Final = "destination.txt"
 # 2: table meta (state id, destination generation); 3: table jobs (an older ff-sync would not
 # keep it current, and a stale job id could end a run whose new job is running).
 SCHEMA_VERSION: Final = 3
+# The columns keep the names of the first schema, so state folders of earlier versions stay
+# readable: run_uuid is the spool's run id (RunRecord.spool_run_id), run_id the destination's
+# (mlflow_run_id), parent_uuid the parent's spool run id.
 _RUN_COLUMNS: Final = (
     "run_uuid, run_id, experiment_id, status, parent_uuid, parent_linked, last_t, end_time"
 )
@@ -91,7 +94,7 @@ class SegmentProgress:
     """Where the next pass resumes in one segment (``last_seq`` -1: nothing read yet)."""
 
     rel: str
-    run_uuid: str
+    spool_run_id: str
     offset: int = 0
     line: int = 0
     last_seq: int = -1
@@ -103,11 +106,11 @@ class SegmentProgress:
 class RunRecord:
     """A spooled run as the destination knows it."""
 
-    run_uuid: str
-    run_id: str
+    spool_run_id: str
+    mlflow_run_id: str
     experiment_id: str
     status: str
-    parent_uuid: str | None = None
+    parent_spool_run_id: str | None = None
     parent_linked: bool = True
     last_t: int = 0
     end_time: int | None = None
@@ -204,7 +207,7 @@ class SyncState:
                 "updated_ms = excluded.updated_ms",
                 (
                     p.rel,
-                    p.run_uuid,
+                    p.spool_run_id,
                     p.offset,
                     p.line,
                     p.last_seq,
@@ -216,11 +219,11 @@ class SyncState:
 
     # -- runs -----------------------------------------------------------------------------
 
-    def run(self, run_uuid: str) -> RunRecord | None:
+    def run(self, spool_run_id: str) -> RunRecord | None:
         with self._lock:
             row = self._db.execute(
                 f"SELECT {_RUN_COLUMNS} FROM runs WHERE run_uuid = ?",
-                (run_uuid,),
+                (spool_run_id,),
             ).fetchone()
             return None if row is None else _run_record(row)
 
@@ -229,11 +232,11 @@ class SyncState:
             self._db.execute(
                 "INSERT OR REPLACE INTO runs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
-                    r.run_uuid,
-                    r.run_id,
+                    r.spool_run_id,
+                    r.mlflow_run_id,
                     r.experiment_id,
                     r.status,
-                    r.parent_uuid,
+                    r.parent_spool_run_id,
                     int(r.parent_linked),
                     r.last_t,
                     r.end_time,
@@ -241,21 +244,21 @@ class SyncState:
                 ),
             )
 
-    def mark_linked(self, run_uuid: str) -> None:
+    def mark_linked(self, spool_run_id: str) -> None:
         """Record that a run's parent link is set, touching nothing else of its row (a worker
         may be saving the run's status meanwhile)."""
         with self._lock:
             self._db.execute(
                 "UPDATE runs SET parent_linked = 1, updated_ms = ? WHERE run_uuid = ?",
-                (_now_ms(), run_uuid),
+                (_now_ms(), spool_run_id),
             )
 
-    def unlinked_children(self, parent_uuid: str) -> list[RunRecord]:
+    def unlinked_children(self, parent_spool_run_id: str) -> list[RunRecord]:
         """Runs created before their parent could be found (see docs/sync.md)."""
         with self._lock:
             rows = self._db.execute(
                 f"SELECT {_RUN_COLUMNS} FROM runs WHERE parent_uuid = ? AND parent_linked = 0",
-                (parent_uuid,),
+                (parent_spool_run_id,),
             )
             return [_run_record(row) for row in rows]
 
@@ -282,34 +285,35 @@ class SyncState:
             self.save_run(r)
             self._db.execute(
                 "INSERT OR REPLACE INTO stale_ended VALUES (?, ?, ?)",
-                (r.run_uuid, r.last_t, _now_ms()),
+                (r.spool_run_id, r.last_t, _now_ms()),
             )
 
-    def is_stale_ended(self, run_uuid: str, last_t: int) -> bool:
+    def is_stale_ended(self, spool_run_id: str, last_t: int) -> bool:
         """Whether the sync ended the run as dead at ``last_t`` (and nothing came since)."""
         with self._lock:
             row = self._db.execute(
-                "SELECT 1 FROM stale_ended WHERE run_uuid = ? AND last_t = ?", (run_uuid, last_t)
+                "SELECT 1 FROM stale_ended WHERE run_uuid = ? AND last_t = ?",
+                (spool_run_id, last_t),
             ).fetchone()
             return row is not None
 
-    def save_job(self, run_uuid: str, job: str) -> None:
+    def save_job(self, spool_run_id: str, job: str) -> None:
         """The batch job a run's latest ``run_start`` came from (``slurm:<id>``)."""
         with self._lock:
-            self._db.execute("INSERT OR REPLACE INTO jobs VALUES (?, ?)", (run_uuid, job))
+            self._db.execute("INSERT OR REPLACE INTO jobs VALUES (?, ?)", (spool_run_id, job))
 
     def jobs(self) -> dict[str, str]:
         """Run → batch job, for the runs whose start named one."""
         with self._lock:
             return dict(self._db.execute("SELECT run_uuid, job FROM jobs"))
 
-    def forget_run(self, run_uuid: str) -> None:
+    def forget_run(self, spool_run_id: str) -> None:
         """Drop a run's mapping and the progress of its segments: its events are resent."""
         with self._lock, self._transaction():
-            self._db.execute("DELETE FROM runs WHERE run_uuid = ?", (run_uuid,))
-            self._db.execute("DELETE FROM stale_ended WHERE run_uuid = ?", (run_uuid,))
-            self._db.execute("DELETE FROM segments WHERE run_uuid = ?", (run_uuid,))
-            self._db.execute("DELETE FROM jobs WHERE run_uuid = ?", (run_uuid,))
+            self._db.execute("DELETE FROM runs WHERE run_uuid = ?", (spool_run_id,))
+            self._db.execute("DELETE FROM stale_ended WHERE run_uuid = ?", (spool_run_id,))
+            self._db.execute("DELETE FROM segments WHERE run_uuid = ?", (spool_run_id,))
+            self._db.execute("DELETE FROM jobs WHERE run_uuid = ?", (spool_run_id,))
 
     def reset(self) -> None:
         """Forget everything this destination acknowledged (``ff-sync --replay``)."""

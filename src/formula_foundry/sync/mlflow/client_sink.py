@@ -117,8 +117,8 @@ class MlflowSink(IdentityTags):
         # The store's log_batch skips the client's per-metric re-wrapping (~10% of the cost);
         # batches are already within the limits the client would split them into.
         self._log_batch: Callable[..., Any] = getattr(store, "log_batch", None) or (
-            lambda run_id, metrics, params, tags: self._client.log_batch(
-                run_id, metrics=metrics, params=params, tags=tags
+            lambda mlflow_run_id, metrics, params, tags: self._client.log_batch(
+                mlflow_run_id, metrics=metrics, params=params, tags=tags
             )
         )
         # Toward a server: the same request without the protobuf round trip (rest_batch.py).
@@ -217,20 +217,20 @@ class MlflowSink(IdentityTags):
         self._experiments[name] = str(exp.experiment_id)  # only active ones are remembered
         return str(exp.experiment_id)
 
-    def find_run(self, run_uuid: str, experiment: str | None) -> RemoteRun | None:
+    def find_run(self, spool_run_id: str, experiment: str | None) -> RemoteRun | None:
         # Every experiment, deleted ones too: a renamed experiment must not hide a run (the
         # name in the spool is only a hint) and a duplicate would follow.
         if self._exp_ids is None:
             self._exp_ids = self._all_experiment_ids()
         ids = self._exp_ids
-        quoted = run_uuid.replace("\\", "\\\\").replace("'", "\\'")
+        quoted = spool_run_id.replace("\\", "\\\\").replace("'", "\\'")
         query = f"tags.`ff.run_uuid` = '{quoted}'"
         found: list[Any] = []
         for i in range(0, len(ids), 100):
             chunk = ids[i : i + 100]
             found.extend(
                 self._call(
-                    f"look up run {run_uuid}",
+                    f"look up run {spool_run_id}",
                     partial(
                         self._client.search_runs,
                         chunk,
@@ -275,42 +275,45 @@ class MlflowSink(IdentityTags):
             raise DestinationRejected(f"experiment {spec.experiment!r} could not be created")
         tags = spec.creation_tags()
         run = self._call(
-            f"create run {spec.run_uuid}",
+            f"create run {spec.spool_run_id}",
             lambda: self._client.create_run(
                 exp_id, start_time=spec.start_time, tags=tags, run_name=spec.name
             ),
         )
         return RemoteRun(run.info.run_id, exp_id, run.info.status)
 
-    def get_params(self, run_id: str) -> dict[str, str]:
-        run = self._call(f"read run {run_id}", lambda: self._client.get_run(run_id))
+    def get_params(self, mlflow_run_id: str) -> dict[str, str]:
+        run = self._call(f"read run {mlflow_run_id}", lambda: self._client.get_run(mlflow_run_id))
         return dict(run.data.params)
 
     # -- writes ---------------------------------------------------------------------------
 
     def log_batch(
         self,
-        run_id: str,
+        mlflow_run_id: str,
         metrics: Sequence[MetricRow],
         params: Sequence[tuple[str, str]],
         tags: Sequence[tuple[str, str]],
     ) -> None:
         post = self._post_batch
         if post is not None:
-            body = log_batch_body(run_id, metrics, params, tags)
-            self._call(f"log a batch to run {run_id}", lambda: post(body))
+            body = log_batch_body(mlflow_run_id, metrics, params, tags)
+            self._call(f"log a batch to run {mlflow_run_id}", lambda: post(body))
             return
         metric, param, tag = self._Metric, self._Param, self._RunTag
         ms = [metric(k, v, t, s) for k, v, t, s in metrics]
         ps = [param(k, v) for k, v in params]
         ts = [tag(k, v) for k, v in tags]
-        self._call(f"log a batch to run {run_id}", lambda: self._log_batch(run_id, ms, ps, ts))
+        self._call(
+            f"log a batch to run {mlflow_run_id}",
+            lambda: self._log_batch(mlflow_run_id, ms, ps, ts),
+        )
 
-    def log_artifact_ref(self, run_id: str, ref: ArtifactRef) -> None:
+    def log_artifact_ref(self, mlflow_run_id: str, ref: ArtifactRef) -> None:
         path = artifact_ref_file(ref.path)
-        what = f"write {quoted(path)} of run {run_id}"
+        what = f"write {quoted(path)} of run {mlflow_run_id}"
         try:
-            self._client.log_dict(run_id, ref.to_json(), path)
+            self._client.log_dict(mlflow_run_id, ref.to_json(), path)
         except FormulaFoundryError:
             raise
         except Exception as exc:
@@ -318,37 +321,38 @@ class MlflowSink(IdentityTags):
             if local is not None:
                 raise RecordRejected(
                     f"{self.description} cannot store the artifact reference {quoted(ref.path)}"
-                    f" of run {run_id} ({quoted(path)}): {local}"
+                    f" of run {mlflow_run_id} ({quoted(path)}): {local}"
                 ) from exc
             err = self.classify(exc, what)
             if err is None:
                 raise
             raise err from exc
 
-    def delete_tag(self, run_id: str, key: str) -> None:
+    def delete_tag(self, mlflow_run_id: str, key: str) -> None:
         client = self._client
 
         def attempt() -> None:
             try:
-                client.delete_tag(run_id, key)
+                client.delete_tag(mlflow_run_id, key)
             except Exception as exc:
                 # Deleted by an earlier pass that died before recording it: done already.
                 if getattr(exc, "error_code", None) != "RESOURCE_DOES_NOT_EXIST":
                     raise
-                if key in client.get_run(run_id).data.tags:
+                if key in client.get_run(mlflow_run_id).data.tags:
                     raise
 
-        self._call(f"delete tag {quoted(key)} of run {run_id}", attempt)
+        self._call(f"delete tag {quoted(key)} of run {mlflow_run_id}", attempt)
 
-    def set_status(self, run_id: str, status: str, end_time: int | None) -> None:
+    def set_status(self, mlflow_run_id: str, status: str, end_time: int | None) -> None:
         if status == "RUNNING" or end_time is None:  # reopened, or ended without a time
             self._call(
-                f"set run {run_id} {status}", lambda: self._client.update_run(run_id, status=status)
+                f"set run {mlflow_run_id} {status}",
+                lambda: self._client.update_run(mlflow_run_id, status=status),
             )
             return
         self._call(
-            f"end run {run_id}",
-            lambda: self._client.set_terminated(run_id, status=status, end_time=end_time),
+            f"end run {mlflow_run_id}",
+            lambda: self._client.set_terminated(mlflow_run_id, status=status, end_time=end_time),
         )
 
     def close(self) -> None:

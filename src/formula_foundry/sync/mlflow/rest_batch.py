@@ -35,7 +35,7 @@ def _json_value(value: float) -> float | str:
 
 
 def log_batch_body(
-    run_id: str,
+    mlflow_run_id: str,
     metrics: Sequence[MetricRow],
     params: Sequence[tuple[str, str]],
     tags: Sequence[tuple[str, str]],
@@ -44,7 +44,7 @@ def log_batch_body(
     isfinite = math.isfinite
     return orjson.dumps(
         {
-            "run_id": run_id,
+            "run_id": mlflow_run_id,
             "metrics": [
                 {
                     "key": key,

@@ -98,14 +98,14 @@ def snapshot(tracking_uri: str, *, artifacts: bool = True) -> dict[str, Any]:
     seen: dict[str, list[str]] = {}
     untracked = 0
     for run in all_runs:
-        uuid = run.data.tags.get("ff.run_uuid")
-        if uuid is None:
+        spool_run_id = run.data.tags.get("ff.run_uuid")
+        if spool_run_id is None:
             untracked += 1
             continue
-        seen.setdefault(uuid, []).append(run.info.run_id)
-        if uuid in runs:
+        seen.setdefault(spool_run_id, []).append(run.info.run_id)
+        if spool_run_id in runs:
             continue
-        runs[uuid] = _run(client, run, names, uuid_of, artifacts)
+        runs[spool_run_id] = _run(client, run, names, uuid_of, artifacts)
     return {
         "experiments": experiments,
         "runs": runs,
@@ -145,18 +145,18 @@ def _run(
     return out
 
 
-def _refs(client: Any, run_id: str) -> dict[str, Any]:
+def _refs(client: Any, mlflow_run_id: str) -> dict[str, Any]:
     refs: dict[str, Any] = {}
     pending = [ARTIFACT_REF_DIR]
     files: list[str] = []
     while pending:
-        for item in client.list_artifacts(run_id, pending.pop()):
+        for item in client.list_artifacts(mlflow_run_id, pending.pop()):
             (pending if item.is_dir else files).append(item.path)
     if not files:
         return refs
     with tempfile.TemporaryDirectory(prefix="ff-snapshot-") as tmp, _no_progress_bars():
         for path in sorted(files):
-            local = client.download_artifacts(run_id, path, tmp)
+            local = client.download_artifacts(mlflow_run_id, path, tmp)
             refs[path] = json.loads(Path(local).read_text(encoding="utf-8"))
     return refs
 
@@ -184,7 +184,7 @@ def _no_progress_bars() -> Iterator[None]:
 class StoredRun:
     """One destination run as ``ff-sync verify`` compares it (its metrics are read apart)."""
 
-    run_id: str
+    mlflow_run_id: str
     experiment: str | None
     name: str
     status: str
@@ -281,25 +281,27 @@ class StoreReader:
                     ),
                 )
                 for r in runs:
-                    uuid = r.data.tags.get("ff.run_uuid")
-                    if uuid:
-                        found.setdefault(uuid, []).append(r.info.run_id)
+                    spool_run_id = r.data.tags.get("ff.run_uuid")
+                    if spool_run_id:
+                        found.setdefault(spool_run_id, []).append(r.info.run_id)
                 token = runs.token
                 if not token:
                     break
         return {k: sorted(v) for k, v in found.items()}
 
-    def run(self, run_id: str) -> StoredRun:
+    def run(self, mlflow_run_id: str) -> StoredRun:
         """The run's info, params and tags (``RunMissing`` if it is gone)."""
         try:
-            run = self._call(f"read run {run_id}", lambda: self._client.get_run(run_id))
+            run = self._call(
+                f"read run {mlflow_run_id}", lambda: self._client.get_run(mlflow_run_id)
+            )
         except Exception as exc:
             if getattr(exc, "error_code", None) == "RESOURCE_DOES_NOT_EXIST":
-                raise RunMissing(f"{self.description} has no run {run_id}") from None
+                raise RunMissing(f"{self.description} has no run {mlflow_run_id}") from None
             raise
         info, data = run.info, run.data
         return StoredRun(
-            run_id=info.run_id,
+            mlflow_run_id=info.run_id,
             experiment=self._experiments.get(str(info.experiment_id)),
             name=info.run_name,
             status=info.status,
@@ -311,18 +313,19 @@ class StoreReader:
             metric_keys=frozenset(data.metrics),
         )
 
-    def metric_points(self, run_id: str, key: str) -> list[tuple[int, int, float]]:
+    def metric_points(self, mlflow_run_id: str, key: str) -> list[tuple[int, int, float]]:
         """Every stored point of one metric: ``(step, timestamp, value)``."""
         points = self._call(
-            f"read metric {key!r} of run {run_id}",
-            lambda: self._client.get_metric_history(run_id, key),
+            f"read metric {key!r} of run {mlflow_run_id}",
+            lambda: self._client.get_metric_history(mlflow_run_id, key),
         )
         return [(int(m.step), int(m.timestamp), float(m.value)) for m in points]
 
-    def artifact_refs(self, run_id: str) -> dict[str, Any]:
+    def artifact_refs(self, mlflow_run_id: str) -> dict[str, Any]:
         """Logical path → the artifact reference document stored for it."""
         docs = self._call(
-            f"read the artifact references of run {run_id}", lambda: _refs(self._client, run_id)
+            f"read the artifact references of run {mlflow_run_id}",
+            lambda: _refs(self._client, mlflow_run_id),
         )
         prefix, suffix = f"{ARTIFACT_REF_DIR}/", ".json"
         return {

@@ -89,18 +89,18 @@ class _StoreRefusal(Exception):
         self.error_code = error_code
 
 
-def sql_rows(run_id: str, metrics: Sequence[MetricRow]) -> list[SqlRow]:
+def sql_rows(mlflow_run_id: str, metrics: Sequence[MetricRow]) -> list[SqlRow]:
     """The rows MLflow would store: NaN as 0 + is_nan, ±inf clamped to the largest double."""
     rows: list[SqlRow] = []
     append = rows.append
     isinf = math.isinf
     for key, value, t, step in metrics:
         if value != value:
-            append((key, 0.0, t, step, True, run_id))
+            append((key, 0.0, t, step, True, mlflow_run_id))
         elif isinf(value):
-            append((key, _DOUBLE_MAX if value > 0 else -_DOUBLE_MAX, t, step, False, run_id))
+            append((key, _DOUBLE_MAX if value > 0 else -_DOUBLE_MAX, t, step, False, mlflow_run_id))
         else:
-            append((key, value, t, step, False, run_id))
+            append((key, value, t, step, False, mlflow_run_id))
     return rows
 
 
@@ -142,23 +142,23 @@ class BulkSink:
 
     # -- everything but metrics: MLflow's client --------------------------------------------
 
-    def find_run(self, run_uuid: str, experiment: str | None) -> RemoteRun | None:
-        return self.inner.find_run(run_uuid, experiment)
+    def find_run(self, spool_run_id: str, experiment: str | None) -> RemoteRun | None:
+        return self.inner.find_run(spool_run_id, experiment)
 
     def create_run(self, spec: RunSpec) -> RemoteRun:
         return self.inner.create_run(spec)
 
-    def get_params(self, run_id: str) -> dict[str, str]:
-        return self.inner.get_params(run_id)
+    def get_params(self, mlflow_run_id: str) -> dict[str, str]:
+        return self.inner.get_params(mlflow_run_id)
 
-    def log_artifact_ref(self, run_id: str, ref: ArtifactRef) -> None:
-        self.inner.log_artifact_ref(run_id, ref)
+    def log_artifact_ref(self, mlflow_run_id: str, ref: ArtifactRef) -> None:
+        self.inner.log_artifact_ref(mlflow_run_id, ref)
 
-    def delete_tag(self, run_id: str, key: str) -> None:
-        self.inner.delete_tag(run_id, key)
+    def delete_tag(self, mlflow_run_id: str, key: str) -> None:
+        self.inner.delete_tag(mlflow_run_id, key)
 
-    def set_status(self, run_id: str, status: str, end_time: int | None) -> None:
-        self.inner.set_status(run_id, status, end_time)
+    def set_status(self, mlflow_run_id: str, status: str, end_time: int | None) -> None:
+        self.inner.set_status(mlflow_run_id, status, end_time)
 
     def identity_tags(self) -> dict[str, str]:
         return self.inner.identity_tags()
@@ -173,53 +173,56 @@ class BulkSink:
 
     def log_batch(
         self,
-        run_id: str,
+        mlflow_run_id: str,
         metrics: Sequence[MetricRow],
         params: Sequence[tuple[str, str]],
         tags: Sequence[tuple[str, str]],
     ) -> None:
         # MLflow's order: params (a conflict stops the batch before any metric), metrics, tags.
         if params:
-            self.inner.log_batch(run_id, (), params, ())
+            self.inner.log_batch(mlflow_run_id, (), params, ())
         if metrics:
-            rows = sql_rows(run_id, metrics)
+            rows = sql_rows(mlflow_run_id, metrics)
             self.inner.call(
-                f"log a batch to run {run_id}", lambda: self._write_metrics(run_id, rows)
+                f"log a batch to run {mlflow_run_id}",
+                lambda: self._write_metrics(mlflow_run_id, rows),
             )
         if tags:
-            self.inner.log_batch(run_id, (), (), tags)
+            self.inner.log_batch(mlflow_run_id, (), (), tags)
 
-    def _write_metrics(self, run_id: str, rows: list[SqlRow]) -> None:
+    def _write_metrics(self, mlflow_run_id: str, rows: list[SqlRow]) -> None:
         try:
-            self._write_metrics_once(run_id, rows)
+            self._write_metrics_once(mlflow_run_id, rows)
         except sa.exc.IntegrityError as exc:
             # Another writer created one of the run's latest_metrics rows between our read and
             # our insert (MLflow's store retries the same race): the retry reads it, compares.
             raise StoreUnavailable(
-                f"{self.description}: a concurrent write to run {run_id} ({type(exc).__name__})"
+                f"{self.description}: a concurrent write to run {mlflow_run_id} "
+                f"({type(exc).__name__})"
             ) from None
 
-    def _write_metrics_once(self, run_id: str, rows: list[SqlRow]) -> None:
+    def _write_metrics_once(self, mlflow_run_id: str, rows: list[SqlRow]) -> None:
         with self.engine.begin() as conn:
-            self._check_run(conn, run_id)
+            self._check_run(conn, mlflow_run_id)
             if self._sqlite:
                 conn.exec_driver_sql(_SQLITE_INSERT, rows)
             else:
                 self._insert_core(conn, rows)
-            stored = self._read_latest(conn, run_id, sorted({r[0] for r in rows}))
+            stored = self._read_latest(conn, mlflow_run_id, sorted({r[0] for r in rows}))
             latest, changed = fold_latest(rows, dict(stored))
             final = [as_flushed(latest[k], stored.get(k)) for k in sorted(changed)]
             self._write_latest(conn, [r for r in final if r != stored.get(r[0])], set(stored))
 
     @staticmethod
-    def _check_run(conn: Connection, run_id: str) -> None:
-        query = sa.select(_RUNS.c.lifecycle_stage).where(_RUNS.c.run_uuid == run_id)
+    def _check_run(conn: Connection, mlflow_run_id: str) -> None:
+        query = sa.select(_RUNS.c.lifecycle_stage).where(_RUNS.c.run_uuid == mlflow_run_id)
         stages = conn.execute(query).scalars().all()
         if not stages:
-            raise _StoreRefusal(f"Run with id={run_id} not found", "RESOURCE_DOES_NOT_EXIST")
+            raise _StoreRefusal(f"Run with id={mlflow_run_id} not found", "RESOURCE_DOES_NOT_EXIST")
         if stages[0] != "active":
             raise _StoreRefusal(
-                f"The run {run_id} must be in the 'active' state. Current state is {stages[0]}.",
+                f"The run {mlflow_run_id} must be in the 'active' state. "
+                f"Current state is {stages[0]}.",
                 "INVALID_PARAMETER_VALUE",
             )
 
@@ -231,19 +234,21 @@ class BulkSink:
         stmt = insert(_METRICS).on_conflict_do_nothing()
         conn.execute(stmt, [dict(zip(names, row, strict=True)) for row in rows])
 
-    def _read_latest(self, conn: Connection, run_id: str, keys: list[str]) -> dict[str, SqlRow]:
+    def _read_latest(
+        self, conn: Connection, mlflow_run_id: str, keys: list[str]
+    ) -> dict[str, SqlRow]:
         found: dict[str, SqlRow] = {}
         c = _LATEST.c
         for i in range(0, len(keys), _KEYS_PER_QUERY):
             query = (
                 sa.select(c.key, c.value, c.timestamp, c.step, c.is_nan)
-                .where(c.run_uuid == run_id, c.key.in_(keys[i : i + _KEYS_PER_QUERY]))
+                .where(c.run_uuid == mlflow_run_id, c.key.in_(keys[i : i + _KEYS_PER_QUERY]))
                 .order_by(c.key)
             )
             if not self._sqlite:
                 query = query.with_for_update()  # as MLflow: no concurrent writer in between
             for key, value, t, step, is_nan in conn.execute(query):
-                found[key] = (key, value, t, step, bool(is_nan), run_id)
+                found[key] = (key, value, t, step, bool(is_nan), mlflow_run_id)
         return found
 
     @staticmethod
@@ -269,14 +274,14 @@ class BulkSink:
 
 
 def _latest_params(row: SqlRow) -> dict[str, Any]:
-    key, value, t, step, is_nan, run_id = row
+    key, value, t, step, is_nan, mlflow_run_id = row
     return {
         "b_key": key,
         "b_value": value,
         "b_timestamp": t,
         "b_step": step,
         "b_is_nan": is_nan,
-        "b_run_uuid": run_id,
+        "b_run_uuid": mlflow_run_id,
     }
 
 
