@@ -8,7 +8,9 @@ import sys
 import textwrap
 from pathlib import Path
 
+from formula_foundry.tracking.gpus import GLOBAL_ID_VARS, INDEX_VARS
 from formula_foundry.tracking.scheduler import JOB_FACTS
+from formula_foundry.tracking.system_metrics import RANK_VARS, SIZE_VARS
 
 # Environment variables that change where formula-foundry reads its configuration or writes
 # its data. A developer's shell (or a CI job) may set them; no test or child should inherit
@@ -20,9 +22,17 @@ CONFIG_ENV_VARS = (
     "FF_DURABILITY",
     "MLFLOW_TRACKING_URI",
     "FF_RUN_ID",
+    "FF_SYSTEM_METRICS",
+    "FF_SYSTEM_METRICS_INTERVAL_S",
+    "FF_SYSTEM_METRICS_NODE",
     # The batch job's variables the tracker turns into tags: a suite run inside a Slurm (or
     # PBS, LSF) allocation must log what it logs elsewhere.
     *JOB_FACTS.values(),
+    # What the system metrics' names and GPUs depend on (ranks, job size, the job's GPUs).
+    *RANK_VARS,
+    *SIZE_VARS,
+    *INDEX_VARS,
+    *GLOBAL_ID_VARS,
 )
 
 

@@ -46,7 +46,7 @@ ONLY_IN = {
 }
 # The folders (and the drop-in's two store modules) that may import MLflow or SQLAlchemy.
 MLFLOW_HOME = ("sync/mlflow/", "dropin/store.py", "dropin/registry.py")
-HEAVY = ("mlflow", "yaml", "click", "numpy", "pandas", "sqlalchemy", "torch")
+HEAVY = ("mlflow", "yaml", "click", "numpy", "pandas", "sqlalchemy", "torch", "psutil", "pynvml")
 # What each part may not import (module-name prefixes).
 LAYERS = {
     "substrate/": (

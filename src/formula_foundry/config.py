@@ -14,12 +14,14 @@ Relative paths in the file resolve against the *project root* (the folder holdin
 Relative paths in environment variables resolve against the working directory, like any
 path typed in a shell. Overrides: ``MLFLOW_TRACKING_URI`` (backend store URI),
 ``FF_SPOOL_ROOT`` (spool root), ``FF_TRACKING_DISABLED`` (1/true/yes: no-op tracker),
-``FF_DURABILITY`` (write | fsync | buffered).
+``FF_DURABILITY`` (write | fsync | buffered), ``FF_SYSTEM_METRICS`` (1/0),
+``FF_SYSTEM_METRICS_INTERVAL_S`` (seconds), ``FF_SYSTEM_METRICS_NODE`` (a name).
 """
 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +43,10 @@ _SCHEMA: dict[str, dict[str, tuple[type | tuple[type, ...], Any]]] = {
         "artifact_root": (str, "data/mlflow/artifacts"),
         "default_experiment": (str, "formula-foundry"),
         "disabled": (bool, False),
+        # System metrics of the runs a process starts (docs/observability.md); off by default.
+        "system_metrics": (bool, False),
+        "system_metrics_interval_s": ((int, float), 10.0),
+        "system_metrics_node": (str, ""),
     },
     "spool": {
         "root": (str, "data/runs"),
@@ -83,6 +89,10 @@ class Settings:
     stale_after_s: float
     sync_bulk: bool
     sync_workers: int
+    system_metrics: bool = False
+    system_metrics_interval_s: float = 10.0
+    # The node part of system metric names (system/<node>/...); None: decided per process.
+    system_metrics_node: str | None = None
     raw: Mapping[str, Mapping[str, Any]] = field(repr=False, compare=False, default_factory=dict)
 
 
@@ -209,6 +219,7 @@ def _build(values: dict[str, dict[str, Any]], path: Path | None, root: Path) -> 
         if flag not in _TRUE | _FALSE:
             raise ConfigError(f"FF_TRACKING_DISABLED must be 1 or 0, got {env_disabled!r}")
         disabled = flag in _TRUE
+    system_metrics, interval_s, node = _system_metrics(tr, where)
 
     for name, value in (
         ("spool.heartbeat_s", sp["heartbeat_s"]),
@@ -242,8 +253,50 @@ def _build(values: dict[str, dict[str, Any]], path: Path | None, root: Path) -> 
         stale_after_s=float(sy["stale_after_s"]),
         sync_bulk=bool(sy["bulk"]),
         sync_workers=int(sy["workers"]),
+        system_metrics=system_metrics,
+        system_metrics_interval_s=interval_s,
+        system_metrics_node=node,
         raw=values,
     )
+
+
+# What a node name may hold: one component of a metric key (MLflow's key characters, no "/").
+_NODE_NAME = re.compile(r"[\w.\- :]{1,100}")
+
+
+def _system_metrics(tr: Mapping[str, Any], where: str) -> tuple[bool, float, str | None]:
+    """tracking.system_metrics*, each overridden by its FF_SYSTEM_METRICS* variable."""
+    on = bool(tr["system_metrics"])
+    env_on = os.environ.get("FF_SYSTEM_METRICS")
+    if env_on is not None:
+        flag = env_on.strip().lower()
+        if flag not in _TRUE | _FALSE:
+            raise ConfigError(f"FF_SYSTEM_METRICS must be 1 or 0, got {env_on!r}")
+        on = flag in _TRUE
+    interval: Any = tr["system_metrics_interval_s"]
+    src = f"{where}: tracking.system_metrics_interval_s"
+    env_interval = os.environ.get("FF_SYSTEM_METRICS_INTERVAL_S")
+    if env_interval:
+        src = "FF_SYSTEM_METRICS_INTERVAL_S"
+        try:
+            interval = float(env_interval)
+        except ValueError:
+            raise ConfigError(f"{src} must be a number of seconds, got {env_interval!r}") from None
+    if not 0.01 <= interval <= 86400:  # NaN fails too
+        raise ConfigError(f"{src} must be between 0.01 and 86400 seconds, got {interval!r}")
+    node = os.environ.get("FF_SYSTEM_METRICS_NODE") or tr["system_metrics_node"]
+    if node:
+        node_src = (
+            "FF_SYSTEM_METRICS_NODE"
+            if os.environ.get("FF_SYSTEM_METRICS_NODE")
+            else f"{where}: tracking.system_metrics_node"
+        )
+        if not _NODE_NAME.fullmatch(node) or node.strip(". ") == "":
+            raise ConfigError(
+                f"{node_src} must be 1-100 letters, digits, '_', '-', '.', ':' or spaces (no "
+                f"'/'; it becomes one part of the names system/<node>/...), got {node!r}"
+            )
+    return on, float(interval), node or None
 
 
 def _path(root: Path, value: str) -> Path:

@@ -61,7 +61,9 @@ def install_sigterm(end_all: Callable[[str], None]) -> None:
     top of it and could never take the lock. The handler returns at once, the write finishes,
     the thread writes the end events, then signals the main thread again, and the handler lets
     the process die of SIGTERM. A second SIGTERM meanwhile (Slurm signals every process of the
-    job, and the recipe's shell forwards one more) is ignored.
+    job, and the recipe's shell forwards one more) is ignored. Ending a run stops its
+    system-metrics sampler first (``Run.end``): its last, partial window is spooled before the
+    ``run_end`` event.
     """
     global _sigterm_installed
     if _sigterm_installed or threading.current_thread() is not threading.main_thread():

@@ -49,6 +49,7 @@ from formula_foundry.tracking.spool_writer import (
 )
 
 if TYPE_CHECKING:
+    from formula_foundry.tracking.system_metrics import SystemSampler
     from formula_foundry.tracking.tracker import Tracker
 
 _V = FORMAT_VERSION
@@ -165,6 +166,8 @@ class Run:
         # ranks and loader workers that only log metrics never read the whole spool.
         self._unread: Path | None = None
         self._attached = False
+        # The system-metrics sampler of this run, if it has one (tracking/system_metrics.py).
+        self._sampler: SystemSampler | None = None
         self.status = "RUNNING"
 
     def __repr__(self) -> str:
@@ -430,6 +433,9 @@ class Run:
             check_name(f"run {self.run_id}: end reason", reason, MAX_TAG_VALUE_LENGTH)
         if isinstance(self._writer, _EndedWriter):
             raise RunStateError(f"run {self.run_id} has already ended ({self.status})")
+        sampler, self._sampler = self._sampler, None
+        if sampler is not None:
+            sampler.stop()  # its last, partial window goes in before the run_end event
         writer = self._writer
         if self._attached:
             # An attached worker detaches; ending the run is its owner's business.

@@ -135,6 +135,7 @@ class Tracker:
         run_artifacts: RunArtifactsLike | None = None,
         description: str | None = None,
         run_id: str | None = None,
+        log_system_metrics: bool | None = None,
     ) -> Run:
         """Start a run and return its handle (also a context manager).
 
@@ -149,7 +150,12 @@ class Tracker:
 
         Without ``experiment_name`` a nested run goes to its parent's experiment, a top-level
         one to ``tracking.default_experiment``.
+
+        ``log_system_metrics``: sample CPU, memory, disk, network and the job's GPUs into the
+        run in the background (docs/observability.md). ``None``: ``$FF_SYSTEM_METRICS``, else
+        ``tracking.system_metrics``, for a top-level run; a nested run samples only if asked.
         """
+        _check_flag(log_system_metrics)
         stack = self._stack()
         parent = stack[-1] if stack else None
         if parent is not None and not nested:
@@ -179,6 +185,7 @@ class Tracker:
                 manifest=manifest,
                 run_artifacts=run_artifacts,
                 description=description,
+                log_system_metrics=log_system_metrics,
             )
         except BaseException:
             if env_run_id:
@@ -197,6 +204,7 @@ class Tracker:
         manifest: ManifestLike | None,
         run_artifacts: RunArtifactsLike | None,
         description: str | None,
+        log_system_metrics: bool | None,
     ) -> Run:
         """The part of :meth:`start_run` after the names and ``FF_RUN_ID`` are settled."""
         origin = None
@@ -267,14 +275,24 @@ class Tracker:
             writer.append({"v": _V, "s": 0, "t": now_ms(), "k": K_TAGS, "d": checked})
         self._stack().append(run)
         self._register(run)
+        if log_system_metrics is None:  # the settings speak for top-level runs only
+            log_system_metrics = parent is None and self.settings.system_metrics
+        if log_system_metrics:
+            self._sample(run, attached=False, resumed=origin is not None)
         return run
 
-    def attach_run(self, run_id: str) -> Run:
+    def attach_run(self, run_id: str, *, log_system_metrics: bool = False) -> Run:
         """Log into a run started elsewhere (another rank, a pool worker): a segment of its own.
 
         The handle never ends the run: leaving its ``with`` block (or ``end()``) only closes
         this process's segment; the process that started the run ends it.
+
+        ``log_system_metrics=True``: this process samples its host and GPUs into the run too,
+        under names of its own (``system/<host>-rank<N>/...``; docs/observability.md). The
+        settings never turn it on here: workers inherit them, and would repeat one host's
+        series once per worker.
         """
+        _check_flag(log_system_metrics)
         run_id = check_run_id(run_id)
         if self.settings.disabled:
             # Nothing is spooled, so there is nothing to find: the handle logs nowhere, as
@@ -301,7 +319,18 @@ class Tracker:
         run._unread = self.settings.spool_root
         run._attached = True
         self._register(run)
+        if log_system_metrics:
+            self._sample(run, attached=True, resumed=True)
         return run
+
+    def _sample(self, run: Run, *, attached: bool, resumed: bool) -> None:
+        """Start the run's system-metrics sampler (not in disabled mode: nothing is written)."""
+        if self.settings.disabled:
+            return
+        # Deferred: only a run that samples loads the sampler (and, in its thread, psutil).
+        from formula_foundry.tracking.system_metrics import sample_run
+
+        run._sampler = sample_run(run, self.settings, attached=attached, resumed=resumed)
 
     def _register(self, run: Run) -> None:
         with self._active_lock:
@@ -336,6 +365,11 @@ class Tracker:
         for run in reversed(runs):
             with contextlib.suppress(RunStateError):
                 run.end(status, reason=reason)
+
+
+def _check_flag(value: object) -> None:
+    if value is not None and not isinstance(value, bool):
+        raise ValidationError(f"log_system_metrics must be True, False or None, got {value!r}")
 
 
 def _initial_tags(
