@@ -20,6 +20,7 @@ import itertools
 import threading
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
 from formula_foundry.errors import StoreUnavailable
@@ -52,6 +53,8 @@ class MemoryRun:
     # key -> {(step, timestamp, value)}: a point sent twice is stored once.
     metrics: dict[str, set[tuple[int, int, float | str]]] = field(default_factory=dict)
     refs: dict[str, dict[str, object]] = field(default_factory=dict)
+    # Uploaded files: artifact path -> bytes (a file uploaded again is replaced).
+    files: dict[str, bytes] = field(default_factory=dict)
 
 
 class MemorySink:
@@ -152,6 +155,19 @@ class MemorySink:
 
         self._call("log_artifact_ref", write)
 
+    def upload_artifacts(
+        self, mlflow_run_id: str, files: Sequence[tuple[ArtifactRef, Path]]
+    ) -> list[tuple[ArtifactRef, str]]:
+        # One call per file, as MLflow's client makes one request per file: a failure can
+        # land between two files of one upload.
+        for ref, local in files:
+
+            def write(ref: ArtifactRef = ref, local: Path = local) -> None:
+                self._run(mlflow_run_id).files[ref.path] = local.read_bytes()
+
+            self._call("upload_artifact", write)
+        return []
+
     def delete_tag(self, mlflow_run_id: str, key: str) -> None:
         self._call("delete_tag", lambda: self._run(mlflow_run_id).tags.pop(key, None))
 
@@ -190,6 +206,7 @@ class MemorySink:
                 "tags": dict(r.tags),
                 "metrics": {k: set(v) for k, v in r.metrics.items()},
                 "refs": dict(r.refs),
+                "files": dict(r.files),
             }
             for uuid, r in self.by_spool_run_id().items()
         }

@@ -314,6 +314,26 @@ def check_log_artifact_reference(project: Path, out: Result) -> None:
     assert (project / "data" / "artifacts" / "objects" / hexdigest[:2] / hexdigest[2:]).is_file()
 
 
+def check_log_artifact(project: Path, out: Result) -> None:
+    events = spool(project)["files-run"].data("artifact")
+    assert [(e["path"], e["size"]) for e in events] == [
+        ("config.yaml", 8),
+        ("figures/plots/loss.svg", 7),
+    ]
+    sync = subprocess.run(
+        [FF_SYNC], cwd=project, env=_env(), capture_output=True, text=True, timeout=300
+    )
+    assert sync.returncode == 0, sync.stderr
+    db = sqlite3.connect(project / "data" / "mlflow" / "mlruns.db")
+    try:
+        (uri,) = db.execute("select artifact_uri from runs").fetchone()
+    finally:
+        db.close()
+    root = Path(uri.removeprefix("file://"))
+    assert (root / "config.yaml").read_text() == "lr: 0.1\n"
+    assert (root / "figures" / "plots" / "loss.svg").read_text() == "<svg/>\n"
+
+
 def check_end(project: Path, out: Result) -> None:
     assert "refused: run " in out.stdout and "has ended (FAILED)" in out.stdout
     run = spool(project)["diverged"]

@@ -17,6 +17,7 @@ which take minutes; these take seconds and cover the engine's own logic.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 import tempfile
 from collections.abc import Iterator
@@ -53,6 +54,14 @@ CALL = st.one_of(
     st.tuples(st.just("metrics"), st.dictionaries(KEYS, VALUES, min_size=1, max_size=3), STEPS),
     st.tuples(st.just("param"), st.sampled_from(["p", "q", "r", "s"]), st.integers(0, 3)),
     st.tuples(st.just("tag"), st.sampled_from(["t", "u", "mlflow.note.content"]), TEXT),
+    # A logged file: its name, the folder it is logged under, its bytes (a path logged twice
+    # keeps the later bytes).
+    st.tuples(
+        st.just("file"),
+        st.sampled_from(["a.txt", "b.bin"]),
+        st.sampled_from([None, "plots", "x/y"]),
+        st.binary(max_size=64),
+    ),
 )
 END = st.one_of(
     st.none(),  # left open: the run stays RUNNING
@@ -107,6 +116,11 @@ def _spool(root: Path, program: list[tuple[Any, Any, bool]], workers: int = 1) -
                 run.log_metric(call[1], call[2], step=call[3])
             elif call[0] == "metrics":
                 run.log_metrics(call[1], step=call[2])
+            elif call[0] == "file":
+                local = root / "files" / f"{i}-{len(open_runs)}" / call[1]
+                local.parent.mkdir(parents=True, exist_ok=True)
+                local.write_bytes(call[3])
+                run.log_artifact(local, call[2])
             elif call[0] == "param":
                 value = params.setdefault((i, call[1]), str(call[2]))  # params are write-once
                 run.log_param(call[1], value)
@@ -137,6 +151,7 @@ def _expected(s: Settings) -> dict[str, dict[str, Any]]:
             "params": e.params,
             "tags": e.tags,
             "metrics": e.metrics,
+            "files": {path: ref.digest for path, ref in e.artifacts.items()},
         }
     return out
 
@@ -158,6 +173,7 @@ def _got(sink: MemorySink) -> dict[str, dict[str, Any]]:
             "params": r["params"],
             "tags": tags,
             "metrics": metrics,
+            "files": {p: "sha256:" + hashlib.sha256(b).hexdigest() for p, b in r["files"].items()},
         }
     return out
 

@@ -79,6 +79,18 @@ SOURCE_TYPE_TAG: Final = "mlflow.source.type"
 _dumps = orjson.dumps
 
 
+_BOOKS: dict[Path, RunBook] = {}
+_BOOKS_LOCK = threading.Lock()
+
+
+def _books_after_fork() -> None:
+    global _BOOKS_LOCK
+    _BOOKS_LOCK = threading.Lock()  # another thread may have held it at the fork
+
+
+os.register_at_fork(after_in_child=_books_after_fork)
+
+
 @dataclass
 class LiveRun:
     """A run this process writes: its identity, what get_run answers, and its writer."""
@@ -88,8 +100,24 @@ class LiveRun:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
+def run_book(root: Path, durability: str, heartbeat_s: float) -> RunBook:
+    """The :class:`RunBook` of the spool ``root`` in this process, made on first use.
+
+    MLflow builds a tracking store per URI (``spool:``, ``spool:///abs`` may name one folder)
+    and an artifact repository per run; all of them write a run through this one book, so a
+    process has one writer, one segment and one in-memory state per run. The first caller's
+    durability and heartbeat settings hold for the process (they come from the same settings).
+    """
+    with _BOOKS_LOCK:
+        book = _BOOKS.get(root)
+        if book is None:
+            book = RunBook(root, ExperimentBook(root), durability, heartbeat_s)
+            _BOOKS[root] = book
+        return book
+
+
 class RunBook:
-    """The runs one spool store writes in this process."""
+    """The runs this process writes into one spool root (see :func:`run_book`)."""
 
     def __init__(
         self, root: Path, experiments: ExperimentBook, durability: str, heartbeat_s: float

@@ -41,6 +41,9 @@ class RunState:
     # ``latest``: a group that supersedes it replaces it without touching ``latest`` key by key.
     # Readers see ``latest`` after RunBook.get() merged it.
     pending: tuple[int, int, dict[str, float]] | None = None
+    # Files logged to the run, artifact path -> size, as far as this process knows (the spool
+    # when the run was read, then what this process logged): what a new file must not clash with.
+    artifacts: dict[str, int] = field(default_factory=dict)
     started: bool = True  # a valid run_start was found (a run can be resumed or logged into)
     opened_here: bool = False  # this process created or resumed it: it ends it at SIGTERM
 
@@ -83,6 +86,7 @@ def read_run(root: Path, run_id: str) -> RunState | None:
         params=dict(exp.params),
         tags=tags,
         latest=latest,
+        artifacts={path: ref.size for path, ref in exp.artifacts.items()},
         started=exp.started,
     )
 

@@ -141,6 +141,14 @@ class StoreVerifyReport:
         return not self.corrupt and not self.unsafe
 
 
+def stored_object_path(root: str | os.PathLike[str], digest: Digest | str) -> Path:
+    """Where the object ``digest`` lives in the store at ``root``, computed without opening the
+    store (which would create its folders): for readers on another host, such as ``ff-sync``
+    uploading files, which check what they find there themselves."""
+    hexdigest = Digest.coerce(digest).hexdigest
+    return Path(root) / "objects" / hexdigest[:2] / hexdigest[2:]
+
+
 class ArtifactStore:
     """Content-addressed storage of artifacts under ``root`` (see the module docs for layout,
     crash and concurrency guarantees). The root and its folders are created if missing.
@@ -361,7 +369,7 @@ class ArtifactStore:
             )
 
     def _object_path(self, digest: Digest) -> Path:
-        return self._objects / digest.hexdigest[:2] / digest.hexdigest[2:]
+        return stored_object_path(self._root, digest)
 
     def _entry(self, logical: str, digest: Digest, size: int) -> ArtifactEntry:
         return ArtifactEntry(logical, str(digest), size, store_root=self._root)

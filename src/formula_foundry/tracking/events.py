@@ -39,6 +39,7 @@ K_PARAMS: Final = "params"
 K_METRICS: Final = "metrics"
 K_TAGS: Final = "tags"
 K_ARTIFACT_REF: Final = "artifact_ref"
+K_ARTIFACT: Final = "artifact"
 K_RUN_END: Final = "run_end"
 K_HEARTBEAT: Final = "heartbeat"
 K_TAG_DELETE: Final = "tag_delete"
@@ -50,6 +51,7 @@ KINDS: Final = frozenset(
         K_METRICS,
         K_TAGS,
         K_ARTIFACT_REF,
+        K_ARTIFACT,
         K_RUN_END,
         K_HEARTBEAT,
         K_TAG_DELETE,

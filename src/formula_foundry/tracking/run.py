@@ -7,6 +7,7 @@ hands these out.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -25,6 +26,7 @@ from formula_foundry.tracking.events import (
     FORMAT_VERSION,
     INT64_MAX,
     INT64_MIN,
+    K_ARTIFACT,
     K_ARTIFACT_REF,
     K_METRICS,
     K_PARAMS,
@@ -98,6 +100,9 @@ class _NullWriter:
     def append(self, record: dict[str, Any]) -> None:
         pass
 
+    def append_many(self, records: list[dict[str, Any]]) -> None:
+        pass
+
     def append_metric(self, t: int, step: int, key_json: bytes, value_json: bytes) -> None:
         pass
 
@@ -111,8 +116,8 @@ class _NullWriter:
 class _EndedWriter:
     """Stands in for the writer once a run has ended, so the hot path needs no state check."""
 
-    def __init__(self, run_uuid: str, status: str) -> None:
-        self._msg = f"run {run_uuid} has ended ({status}); cannot log {{what}} to it"
+    def __init__(self, spool_run_id: str, status: str) -> None:
+        self._msg = f"run {spool_run_id} has ended ({status}); cannot log {{what}} to it"
 
     def append(self, record: dict[str, Any]) -> None:
         data, kind = record.get("d"), record.get("k")
@@ -120,9 +125,14 @@ class _EndedWriter:
             what = f"{kind} {', '.join(map(repr, data))}"
         elif kind == K_ARTIFACT_REF:
             what = f"artifact reference {record.get('path')!r}"
+        elif kind == K_ARTIFACT:
+            what = f"artifact {record.get('path')!r}"
         else:
             what = f"{kind} events"
         raise RunStateError(self._msg.format(what=what))
+
+    def append_many(self, records: list[dict[str, Any]]) -> None:
+        self.append(records[0])
 
     def append_metric(self, t: int, step: int, key_json: bytes, value_json: bytes) -> None:
         raise RunStateError(self._msg.format(what=f"{K_METRICS} {orjson.loads(key_json)!r}"))
@@ -304,6 +314,39 @@ class Run:
             data[key] = string_value(value, key, "tag", MAX_TAG_VALUE_LENGTH, run)
         if data:
             self._writer.append({"v": _V, "s": 0, "t": now_ms(), "k": K_TAGS, "d": data})
+
+    # -- artifact files --------------------------------------------------------------------
+
+    def log_artifact(self, local_path: str | Path, artifact_path: str | None = None) -> None:
+        """Log a file (or every file under a folder) as an artifact of this run.
+
+        The bytes go into the artifact store (``artifacts.store_root``: content-addressed,
+        stored once however often they are logged) and the spool records where they belong;
+        ``ff-sync`` uploads them into the MLflow run's artifacts at ``<artifact_path>/<name>``
+        (a folder's files at ``<artifact_path>/<folder name>/<path inside it>``), as
+        ``mlflow.log_artifact`` would.
+        Use :meth:`log_artifact_reference` for files that stay in the store and only need to
+        be named in MLflow.
+        """
+        if isinstance(self._writer, _NullWriter):
+            return
+        if isinstance(self._writer, _EndedWriter):
+            self._writer.append({"k": K_ARTIFACT, "path": str(local_path)})
+        if not isinstance(local_path, (str, os.PathLike)):
+            raise ValidationError(
+                f"run {self.run_id}: log_artifact needs a file or folder path, got {local_path!r}"
+            )
+        from formula_foundry.substrate import ArtifactStore
+        from formula_foundry.tracking.artifact_files import artifact_prefix, artifact_records
+
+        if os.path.isdir(local_path):
+            # As MLflow's log_artifact: a folder keeps its name under ``artifact_path``.
+            name = Path(local_path).resolve().name
+            artifact_path = artifact_prefix(artifact_path, self.run_id) + name
+        store = ArtifactStore(self._tracker.settings.artifact_store_root)
+        records = artifact_records(store, local_path, artifact_path, self.run_id)
+        if records:
+            self._writer.append_many(records)  # one write: the whole folder or none of it
 
     # -- artifact references ---------------------------------------------------------------
 

@@ -41,6 +41,7 @@ from formula_foundry.sync.engine.payloads import (
 from formula_foundry.sync.engine.scan import SegmentFile
 from formula_foundry.sync.engine.sink import ArtifactRef
 from formula_foundry.tracking.events import (
+    K_ARTIFACT,
     K_ARTIFACT_REF,
     K_METRICS,
     K_PARAMS,
@@ -86,6 +87,8 @@ class ExpectedRun:
     tags: dict[str, str] = field(default_factory=dict)
     metrics: dict[str, set[Point]] = field(default_factory=dict)
     refs: dict[str, dict[str, object]] = field(default_factory=dict)
+    # Files logged to the run (``artifact`` events): artifact path -> the object, last one wins.
+    artifacts: dict[str, ArtifactRef] = field(default_factory=dict)
     events: int = 0
 
 
@@ -153,6 +156,11 @@ class _Builder:
                 if (self.path, ev.offset) in self.refused:
                     return  # the destination could never store its document
                 run.refs[ref.path] = ref.to_json()
+            elif ev.kind == K_ARTIFACT:
+                obj = self.check.artifact(ev)
+                if (self.path, ev.offset) in self.refused:
+                    return  # the destination refused the file (docs/sync.md, quarantine)
+                run.artifacts[obj.path] = obj
             else:
                 return  # segment headers, heartbeats: nothing reaches the destination
         except InvalidRecord:
@@ -161,9 +169,8 @@ class _Builder:
 
     def run_start(self, ev: Event) -> None:
         run = self.run
-        spec = run_spec(
-            run.spool_run_id, ev
-        )  # the replay's own reading: invalid for both or neither
+        # The replay's own reading: invalid for both or neither.
+        spec = run_spec(run.spool_run_id, ev)
         if run.started:
             if run.status != "RUNNING" and ev.data.get("resume") is not False:
                 run.status, run.end_time = "RUNNING", None  # a resumed run runs again

@@ -249,6 +249,7 @@ class _RunChecker:
         yield from self._tags(exp, stored)
         yield from self._metrics(exp, stored)
         yield from self._refs(exp, stored)
+        yield from self._files(exp, stored)
 
     def _info(self, exp: ExpectedRun, stored: StoredRun) -> Iterator[Difference]:
         spool_run_id = exp.spool_run_id
@@ -317,6 +318,16 @@ class _RunChecker:
             if w != g:
                 yield _diff(exp.spool_run_id, _kind("artifact_ref", w, g), path, w, g)
 
+    def _files(self, exp: ExpectedRun, stored: StoredRun) -> Iterator[Difference]:
+        if not exp.artifacts:
+            return  # files the run never logged through the spool are not ours to judge
+        actual = self.reader.artifact_files(stored.mlflow_run_id)
+        for path, ref in sorted(exp.artifacts.items()):
+            w, g = (ref.size, ref.digest), actual.get(path)
+            if w != g:
+                kind = "missing_artifact" if g is None else "artifact_mismatch"
+                yield _diff(exp.spool_run_id, kind, path, list(w), None if g is None else list(g))
+
 
 def _system_tag(key: str) -> bool:
     # ff.sync.*: what the sync itself notes on a run, e.g. why it ended a dead run.
@@ -348,6 +359,9 @@ _MESSAGES: Final = {
     "missing_artifact_ref": "artifact reference {key!r} is missing",
     "extra_artifact_ref": "artifact reference {key!r} is not in the spool",
     "artifact_ref_mismatch": "artifact reference {key!r} differs from the spool",
+    "missing_artifact": "artifact {key!r} ({expected[0]} bytes) is missing",
+    "artifact_mismatch": "artifact {key!r} holds {actual[0]} bytes, {actual[1]}; the spool "
+    "logged {expected[0]} bytes, {expected[1]}",
 }
 
 

@@ -20,7 +20,7 @@ class Batch:
     """The events of one segment gathered for one ``log_batch`` (and the references sent
     right after it), within the sink's limits."""
 
-    __slots__ = ("events", "metrics", "n", "param_src", "params", "refs", "tags")
+    __slots__ = ("events", "files", "metrics", "n", "param_src", "params", "refs", "tags")
 
     def __init__(self) -> None:
         self.metrics: list[Row] = []
@@ -28,6 +28,8 @@ class Batch:
         self.param_src: dict[str, Event] = {}
         self.tags: dict[str, str] = {}
         self.refs: list[tuple[ArtifactRef, Event]] = []  # with its event, to quarantine it
+        # Files to upload (``artifact`` events): a batch holds them alone (see replayer).
+        self.files: list[tuple[ArtifactRef, Event]] = []
         self.events = 0
         self.n = 0  # metrics + params + tags: what counts against the batch's total limit
 

@@ -37,6 +37,7 @@ import dataclasses
 import threading
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Final
 
 from formula_foundry.config import Settings
@@ -111,6 +112,12 @@ class StoppableSink:
     def log_artifact_ref(self, mlflow_run_id: str, ref: ArtifactRef) -> None:
         self._check()
         self.inner.log_artifact_ref(mlflow_run_id, ref)
+
+    def upload_artifacts(
+        self, mlflow_run_id: str, files: Sequence[tuple[ArtifactRef, Path]]
+    ) -> list[tuple[ArtifactRef, str]]:
+        self._check()
+        return self.inner.upload_artifacts(mlflow_run_id, files)
 
     def delete_tag(self, mlflow_run_id: str, key: str) -> None:
         self._check()

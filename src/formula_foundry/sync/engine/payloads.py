@@ -227,20 +227,28 @@ class PayloadChecker:
     @staticmethod
     def artifact_ref(ev: Event) -> ArtifactRef:
         """The reference an ``artifact_ref`` event records."""
-        d = ev.data
-        path, digest, size, store = d.get("path"), d.get("digest"), d.get("size"), d.get("store")
-        try:
-            validate_logical_path(path)
-        except InvalidLogicalPath as exc:
-            raise InvalidRecord(f"artifact_ref: {exc}") from None
-        if not isinstance(digest, str) or not _DIGEST.fullmatch(digest):
-            raise InvalidRecord(
-                f"artifact_ref {path!r}: digest {shown(digest)} is not sha256:<64 hex>"
-            )
-        if type(size) is not int or not 0 <= size <= INT64_MAX:
-            raise InvalidRecord(
-                f"artifact_ref {path!r}: size {shown(size)} is not an integer in [0, {INT64_MAX}]"
-            )
-        if type(store) is not str or not store or "\x00" in store:
-            raise InvalidRecord(f"artifact_ref {path!r}: store {shown(store)} is not a path")
-        return ArtifactRef(str(path), digest, size, store, ev.t)
+        return _stored_object(ev, "artifact_ref")
+
+    @staticmethod
+    def artifact(ev: Event) -> ArtifactRef:
+        """The stored file an ``artifact`` event logs (same fields as a reference)."""
+        return _stored_object(ev, "artifact")
+
+
+def _stored_object(ev: Event, kind: str) -> ArtifactRef:
+    """``path``, ``digest``, ``size`` and ``store`` of an ``artifact_ref`` or ``artifact``."""
+    d = ev.data
+    path, digest, size, store = d.get("path"), d.get("digest"), d.get("size"), d.get("store")
+    try:
+        validate_logical_path(path)
+    except InvalidLogicalPath as exc:
+        raise InvalidRecord(f"{kind}: {exc}") from None
+    if not isinstance(digest, str) or not _DIGEST.fullmatch(digest):
+        raise InvalidRecord(f"{kind} {path!r}: digest {shown(digest)} is not sha256:<64 hex>")
+    if type(size) is not int or not 0 <= size <= INT64_MAX:
+        raise InvalidRecord(
+            f"{kind} {path!r}: size {shown(size)} is not an integer in [0, {INT64_MAX}]"
+        )
+    if type(store) is not str or not store or "\x00" in store:
+        raise InvalidRecord(f"{kind} {path!r}: store {shown(store)} is not a path")
+    return ArtifactRef(str(path), digest, size, store, ev.t)

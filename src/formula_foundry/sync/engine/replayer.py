@@ -8,8 +8,9 @@ For each run, the destination run is found or created first
   limits; an event larger than a batch is split, and progress stays before it until its
   last part is committed;
 * ``artifact_ref`` becomes a small JSON document, sent right after the batch it follows;
-  one the destination can never take (:class:`~formula_foundry.sync.engine.sink.RecordRejected`: its
-  document cannot be written) is quarantined as ``refused`` and the run goes on;
+  ``artifact`` (a logged file) is uploaded in a batch of files alone (``uploads``); one the
+  destination can never take (``RecordRejected``) is quarantined as ``refused``, the run
+  goes on;
 * ``run_end``, ``tag_delete`` and a ``run_start`` that reopens an ended run are barriers: the
   batch goes first, then the status or deletion, so the destination sees spool order.
 
@@ -49,9 +50,11 @@ from formula_foundry.sync.engine.sink import (
 )
 from formula_foundry.sync.engine.stale import end_run, reopen, revive
 from formula_foundry.sync.engine.sync_state import RunRecord, SegmentProgress
+from formula_foundry.sync.engine.uploads import ObjectUnavailable, upload, wait_for_object
 from formula_foundry.tracking.events import (
     INT64_MAX,
     INT64_MIN,
+    K_ARTIFACT,
     K_ARTIFACT_REF,
     K_METRICS,
     K_PARAMS,
@@ -65,6 +68,8 @@ from formula_foundry.tracking.events import (
 from formula_foundry.tracking.spool_reader import Event, SegmentReader
 
 _REFS_PER_BATCH: Final = 100
+# Files per upload: a pass killed mid-upload sends at most this many again.
+_FILES_PER_UPLOAD: Final = 100
 
 
 class _Blocked(Exception):
@@ -148,6 +153,9 @@ class Replayer:
         self.report.segments += 1
         try:
             self._items(cur, reader)
+        except ObjectUnavailable as exc:
+            wait_for_object(self.report, cur, exc)
+            return
         except (UnsupportedSpoolVersion, SpoolCorrupt) as exc:
             kind = "version" if isinstance(exc, UnsupportedSpoolVersion) else "header"
             self.cx.quarantine(sid, seg.path, 1, 0, kind, str(exc))
@@ -158,6 +166,8 @@ class Replayer:
             self.report.unreadable.append(
                 f"run {sid}: {seg.path}: {unreadable_reason(exc)}; not synced, retried next pass"
             )
+            if cur.batch.files:
+                cur.batch, cur.pos = Batch(), cur.saved  # uploaded when the segment is read
             self._flush(cur)
             return
         except DestinationRejected as exc:
@@ -166,6 +176,12 @@ class Replayer:
             self.cx.quarantine(sid, seg.path, cur.saved[1] + 1, cur.saved[0], "refused", str(exc))
             self.report.blocked.append(f"run {sid}: {exc}")
             raise _Blocked() from exc
+        if cur.batch.files:
+            try:
+                self._flush(cur)  # the segment's last files: uploaded before its end is recorded
+            except ObjectUnavailable as exc:
+                wait_for_object(self.report, cur, exc)
+                return
         clean = reader.tail == "clean"
         cur.pos = (reader.end_offset, reader.end_line, reader.last_seq)
         cur.done = cur.done and clean
@@ -232,6 +248,11 @@ class Replayer:
         check_time(ev)
         if ev.t > ctx.last_t:
             ctx.last_t = ev.t
+        if kind == K_ARTIFACT:
+            self._file(cur, ev)
+            return
+        if cur.batch.files:
+            self._flush(cur)  # files travel in batches of their own
         if kind == K_METRICS:
             self._add(cur, ev, K_METRICS, self.check.metric_rows(ev))
         elif kind == K_PARAMS:
@@ -284,6 +305,19 @@ class Replayer:
         else:  # the segment header, heartbeats: nothing to send
             cur.pos = (ev.end, ev.line, ev.seq)
 
+    def _file(self, cur: Cursor, ev: Event) -> None:
+        ref = self.check.artifact(ev)
+        b = cur.batch
+        if b.size() or b.refs:
+            self._flush(cur)  # so that a missing object stops the segment right before it
+        b = cur.batch
+        b.files.append((ref, ev))
+        # Full for the fast metric path: a metric event after it takes the checked path.
+        b.n = self.sink.limits.total
+        self._advance(cur, ev)
+        if len(b.files) >= _FILES_PER_UPLOAD:
+            self._flush(cur)
+
     @staticmethod
     def _advance(cur: Cursor, ev: Event) -> None:
         cur.pos = (ev.end, ev.line, ev.seq)
@@ -323,6 +357,8 @@ class Replayer:
     def _flush(self, cur: Cursor, size_seen: int = -1) -> None:
         """Send the batch, then record the position it reaches (``size_seen`` -1: mid-file)."""
         b, ctx = cur.batch, cur.ctx
+        if b.files:
+            upload(self.cx, cur)
         if b.metrics or b.params or b.tags:
             self._send(cur)
         for ref, ev in b.refs:

@@ -86,6 +86,8 @@ class SyncReport:
     runs: int = 0
     events: int = 0
     metrics: int = 0
+    files: int = 0  # logged files uploaded (``artifact`` events)
+    file_bytes: int = 0
     segments: int = 0
     quarantined: int = 0
     conflicts: int = 0
@@ -123,6 +125,8 @@ class SyncReport:
         self.runs += other.runs
         self.events += other.events
         self.metrics += other.metrics
+        self.files += other.files
+        self.file_bytes += other.file_bytes
         self.segments += other.segments
         self.quarantined += other.quarantined
         self.conflicts += other.conflicts
@@ -140,6 +144,8 @@ class SyncReport:
             f"{self.events} event{'s' if self.events != 1 else ''}",
             f"{self.quarantined} quarantined",
         ]
+        if self.files:
+            parts.insert(2, f"{self.files} file{'s' if self.files != 1 else ''} uploaded")
         if self.blocked:
             parts.append(f"{len(self.blocked)} refused")
         if self.waiting:

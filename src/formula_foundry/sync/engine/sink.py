@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Final, Protocol
 
 from formula_foundry.errors import EXIT_PARTIAL, SyncError
@@ -156,11 +157,11 @@ class Sink(Protocol):
     limits: BatchLimits
 
     def find_run(self, spool_run_id: str, experiment: str | None) -> RemoteRun | None:
-        """The run tagged ``ff.run_uuid = run_uuid`` (deleted ones too), or ``None``."""
+        """The run tagged ``ff.run_uuid = spool_run_id`` (deleted ones too), or ``None``."""
         ...
 
     def create_run(self, spec: RunSpec) -> RemoteRun:
-        """Create the run (and its experiment if needed), tagged with ``spec.run_uuid``."""
+        """Create the run (and its experiment if needed), tagged with ``spec.spool_run_id``."""
         ...
 
     def get_params(self, mlflow_run_id: str) -> dict[str, str]:
@@ -179,6 +180,15 @@ class Sink(Protocol):
 
     def log_artifact_ref(self, mlflow_run_id: str, ref: ArtifactRef) -> None:
         """Write the reference's small JSON document among the run's artifacts."""
+        ...
+
+    def upload_artifacts(
+        self, mlflow_run_id: str, files: Sequence[tuple[ArtifactRef, Path]]
+    ) -> list[tuple[ArtifactRef, str]]:
+        """Upload each local file to ``ref.path`` among the run's artifacts, replacing what is
+        there; return once the destination holds every file whole. The files it can never
+        take come back with the reason (quarantined, the run goes on); a failure retrying may
+        fix raises ``StoreUnavailable``."""
         ...
 
     def delete_tag(self, mlflow_run_id: str, key: str) -> None:

@@ -328,6 +328,13 @@ class MlflowSink(IdentityTags):
                 raise
             raise err from exc
 
+    def upload_artifacts(
+        self, mlflow_run_id: str, files: Sequence[tuple[ArtifactRef, Path]]
+    ) -> list[tuple[ArtifactRef, str]]:
+        from formula_foundry.sync.mlflow.artifact_upload import upload_artifacts
+
+        return upload_artifacts(self, self._client, mlflow_run_id, files)
+
     def delete_tag(self, mlflow_run_id: str, key: str) -> None:
         client = self._client
 

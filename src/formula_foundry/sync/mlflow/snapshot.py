@@ -21,6 +21,7 @@ uses (a whole-store dump would hold every metric of every run at once).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import tempfile
@@ -159,6 +160,29 @@ def _refs(client: Any, mlflow_run_id: str) -> dict[str, Any]:
             local = client.download_artifacts(mlflow_run_id, path, tmp)
             refs[path] = json.loads(Path(local).read_text(encoding="utf-8"))
     return refs
+
+
+def _files(client: Any, mlflow_run_id: str) -> dict[str, tuple[int, str]]:
+    """Artifact path → (size, ``sha256:<hex>``) of every file of the run, reference documents
+    aside; each file downloaded (to a temporary folder) and hashed."""
+    pending: list[str | None] = [None]
+    files: list[str] = []
+    while pending:
+        for item in client.list_artifacts(mlflow_run_id, pending.pop()):
+            if item.path == ARTIFACT_REF_DIR:
+                continue
+            (pending if item.is_dir else files).append(item.path)
+    out: dict[str, tuple[int, str]] = {}
+    with tempfile.TemporaryDirectory(prefix="ff-verify-") as tmp, _no_progress_bars():
+        for path in sorted(files):
+            local = Path(client.download_artifacts(mlflow_run_id, path, tmp))
+            digest = hashlib.sha256()
+            with local.open("rb") as f:
+                while chunk := f.read(1 << 20):
+                    digest.update(chunk)
+            out[path] = (local.stat().st_size, "sha256:" + digest.hexdigest())
+            local.unlink()
+    return out
 
 
 @contextlib.contextmanager
@@ -320,6 +344,13 @@ class StoreReader:
             lambda: self._client.get_metric_history(mlflow_run_id, key),
         )
         return [(int(m.step), int(m.timestamp), float(m.value)) for m in points]
+
+    def artifact_files(self, mlflow_run_id: str) -> dict[str, tuple[int, str]]:
+        """Artifact path → (size, digest) of each uploaded file (downloaded and hashed)."""
+        return self._call(
+            f"read the artifacts of run {mlflow_run_id}",
+            lambda: _files(self._client, mlflow_run_id),
+        )
 
     def artifact_refs(self, mlflow_run_id: str) -> dict[str, Any]:
         """Logical path → the artifact reference document stored for it."""

@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
 import sqlalchemy as sa
@@ -153,6 +154,11 @@ class BulkSink:
 
     def log_artifact_ref(self, mlflow_run_id: str, ref: ArtifactRef) -> None:
         self.inner.log_artifact_ref(mlflow_run_id, ref)
+
+    def upload_artifacts(
+        self, mlflow_run_id: str, files: Sequence[tuple[ArtifactRef, Path]]
+    ) -> list[tuple[ArtifactRef, str]]:
+        return self.inner.upload_artifacts(mlflow_run_id, files)
 
     def delete_tag(self, mlflow_run_id: str, key: str) -> None:
         self.inner.delete_tag(mlflow_run_id, key)

@@ -1,0 +1,84 @@
+"""Files logged to runs (``artifact`` events): found in their artifact store, handed to the sink.
+
+The replay gathers a run's consecutive ``artifact`` events into one upload (a folder logged at
+once is one write in the spool, so one upload here), sent after the batch before them. Each
+object must be in its store, as a regular file of the recorded size, before anything is sent:
+one that is not (a store not mounted on this host, a file removed by hand) stops the run's
+segment right before the upload, reported as unreadable, and the next pass tries again from
+there. Nothing is skipped, so nothing is lost: the run waits until the store is back.
+
+The destination is checked after the upload (the sink compares what it holds with the sizes
+sent); only then does the segment's progress move past the events. A pass killed mid-upload
+leaves the progress before them, so the next pass uploads them again and overwrites whatever
+half-written file the destination kept: a final tree never holds a partial file.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from functools import partial
+from pathlib import Path
+
+import orjson
+
+from formula_foundry.substrate.artifact_store import stored_object_path
+from formula_foundry.sync.engine.batch import Batch, Cursor
+from formula_foundry.sync.engine.report import SyncReport
+from formula_foundry.sync.engine.runs import SyncContext
+from formula_foundry.sync.engine.sink import ArtifactRef
+
+
+class ObjectUnavailable(OSError):
+    """A logged file's object is not (yet) readable in its store from this host."""
+
+
+def local_files(refs: list[ArtifactRef]) -> list[tuple[ArtifactRef, Path]]:
+    """Each file's object in its store, the last event of a path winning (as in MLflow, a file
+    logged twice to one path holds the later bytes); :class:`ObjectUnavailable` if one is
+    missing, is not a regular file, or has another size than its event says."""
+    latest: dict[str, ArtifactRef] = {}
+    for ref in refs:
+        latest.pop(ref.path, None)  # re-insert: upload in the order last logged
+        latest[ref.path] = ref
+    out = []
+    for ref in latest.values():
+        path = stored_object_path(ref.store, ref.digest)
+        try:
+            st = os.lstat(path)
+        except OSError as exc:
+            raise ObjectUnavailable(
+                f"artifact {ref.path!r}: object {ref.digest} is not readable in store "
+                f"{ref.store} ({exc.strerror}; is the artifact store visible from this host?)"
+            ) from None
+        if not stat.S_ISREG(st.st_mode) or st.st_size != ref.size:
+            what = "not a regular file" if not stat.S_ISREG(st.st_mode) else f"{st.st_size} bytes"
+            raise ObjectUnavailable(
+                f"artifact {ref.path!r}: object {ref.digest} in store {ref.store} is {what}, "
+                f"not the {ref.size} bytes logged"
+            )
+        out.append((ref, path))
+    return out
+
+
+def upload(cx: SyncContext, cur: Cursor) -> None:
+    """Upload the files of the cursor's batch into its run; the ones the destination can never
+    take are quarantined as ``refused`` (the run goes on)."""
+    ctx, files = cur.ctx, cur.batch.files
+    found = local_files([ref for ref, _ in files])
+    events = {ref.path: ev for ref, ev in files}
+    for ref, why in cx.call(partial(cx.sink.upload_artifacts, ctx.mlflow_run_id, found)):
+        ev = events[ref.path]
+        raw = orjson.dumps(ev.data)
+        cx.quarantine(ctx.spool_run_id, cur.seg.path, ev.line, ev.offset, "refused", why, raw)
+    cx.report.files += len(found)
+    cx.report.file_bytes += sum(ref.size for ref, _ in found)
+
+
+def wait_for_object(report: SyncReport, cur: Cursor, exc: ObjectUnavailable) -> None:
+    """A logged file's object is missing: the segment stops right before its upload (the
+    batch before it is acknowledged already) and the next pass tries again from there."""
+    cur.batch, cur.pos = Batch(), cur.saved
+    report.unreadable.append(
+        f"run {cur.ctx.spool_run_id}: {cur.seg.path}: {exc}; not synced, retried next pass"
+    )

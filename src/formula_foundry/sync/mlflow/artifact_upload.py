@@ -1,0 +1,100 @@
+"""Uploading logged files into a destination run's artifacts, through MLflow's client.
+
+MLflow's client writes each file where the run's artifact URI says (a local folder, an
+``mlflow server`` proxying ``mlflow-artifacts:``, any store MLflow supports). A local folder
+gets a hidden temporary file renamed into place, so a file is never left half-written under
+its name; a server receives the whole body or fails the request. Afterwards the run's listing
+must show each file at its full size before the engine records the upload as done.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Sequence
+from functools import partial
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from formula_foundry.errors import FormulaFoundryError, StoreUnavailable
+from formula_foundry.sync.engine.refusals import local_refusal, quoted
+from formula_foundry.sync.engine.sink import ArtifactRef
+
+if TYPE_CHECKING:
+    from formula_foundry.sync.mlflow.client_sink import MlflowSink
+
+
+def upload_artifacts(
+    sink: MlflowSink, client: Any, mlflow_run_id: str, files: Sequence[tuple[ArtifactRef, Path]]
+) -> list[tuple[ArtifactRef, str]]:
+    """The sink's ``upload_artifacts`` (see :class:`~formula_foundry.sync.engine.sink.Sink`)."""
+    rejected: list[tuple[ArtifactRef, str]] = []
+    sent: list[ArtifactRef] = []
+    # MLflow names an uploaded file after the local one; objects are named by digest, so
+    # each goes up through a link carrying its artifact name (its content is read through
+    # the link: MLflow's local store writes a temporary file and renames it, a server
+    # receives the bytes).
+    with tempfile.TemporaryDirectory(prefix="ff-upload-") as tmp:
+        for i, (ref, obj) in enumerate(files):
+            folder, _, name = ref.path.rpartition("/")
+            link = Path(tmp) / str(i) / name
+            link.parent.mkdir()
+            link.symlink_to(obj)
+            why = _upload_one(sink, client, mlflow_run_id, ref, str(link), folder or None)
+            if why is None:
+                sent.append(ref)
+            else:
+                rejected.append((ref, why))
+    _check_uploaded(sink, client, mlflow_run_id, sent)
+    return rejected
+
+
+def _upload_one(
+    sink: MlflowSink,
+    client: Any,
+    mlflow_run_id: str,
+    ref: ArtifactRef,
+    local: str,
+    folder: str | None,
+) -> str | None:
+    """Upload one file; the reason the destination can never take it, or ``None``."""
+    what = f"upload {quoted(ref.path)} to run {mlflow_run_id}"
+    try:
+        client.log_artifact(mlflow_run_id, local, folder)
+    except FormulaFoundryError:
+        raise
+    except Exception as exc:
+        local_why = local_refusal(exc)
+        if local_why is not None:
+            return (
+                f"{sink.description} cannot store artifact {quoted(ref.path)} of run "
+                f"{mlflow_run_id}: {local_why}"
+            )
+        err = sink.classify(exc, what)
+        if err is None:
+            raise
+        raise err from exc
+    return None
+
+
+def _check_uploaded(
+    sink: MlflowSink, client: Any, mlflow_run_id: str, sent: Sequence[ArtifactRef]
+) -> None:
+    """The destination holds each file sent, at its full size; ``StoreUnavailable`` (the
+    retry uploads again) if not."""
+    by_folder: dict[str, dict[str, int]] = {}
+    for ref in sent:
+        by_folder.setdefault(ref.path.rpartition("/")[0], {})[ref.path] = ref.size
+    for folder, want in by_folder.items():
+        listed = sink.call(
+            f"list the artifacts of run {mlflow_run_id}",
+            partial(client.list_artifacts, mlflow_run_id, folder or None),
+        )
+        have = {info.path: info.file_size for info in listed if not info.is_dir}
+        for path, size in want.items():
+            # A server's listing leaves a size of 0 out (protobuf defaults), hence None.
+            if path not in have or (have[path] or 0) != size:
+                raise StoreUnavailable(
+                    f"{sink.description}: artifact {quoted(path)} of run {mlflow_run_id} "
+                    f"holds {have.get(path)} bytes after the upload, not {size}; "
+                    "uploading it again"
+                )

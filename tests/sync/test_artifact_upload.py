@@ -1,0 +1,152 @@
+"""Files logged to a run (``Run.log_artifact``) reach the destination run's artifacts whole,
+once, through MLflow's own client: a local artifact root, PostgreSQL's, and an ``mlflow
+server`` proxying its artifacts."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from formula_foundry.substrate.artifact_store import stored_object_path
+from tests.sync.conftest import Destination, Project
+
+LOG = """
+import sys
+from pathlib import Path
+src = Path(sys.argv[1])
+with tracker.start_run(run_name="files") as run:
+    run.log_artifact(src / "config.yaml")
+    run.log_artifact(src / "plots", "figures")
+    run.log_artifact(src / "config.yaml", "copies/again")
+    (src / "config.yaml").write_text("lr: 0.2\\n")  # logged again below: the later bytes win
+    run.log_artifact(src / "config.yaml")
+    run.log_metric("loss", 0.5)
+    print(run.run_id)
+"""
+
+
+def _sources(root: Path) -> Path:
+    src = root / "src"
+    (src / "plots" / "sub").mkdir(parents=True)
+    (src / "config.yaml").write_text("lr: 0.1\n")
+    (src / "plots" / "a.png").write_bytes(bytes(range(256)) * 40)
+    (src / "plots" / "sub" / "b.txt").write_text("b" * 10_000)
+    (src / "plots" / "empty").write_bytes(b"")
+    return src
+
+
+def _tree(project: Project, run_id: str) -> dict[str, bytes]:
+    """Every artifact file of the destination run (reference documents aside), downloaded."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=project.uri)
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    (found,) = client.search_runs(experiments, filter_string=f"tags.`ff.run_uuid` = '{run_id}'")
+    out: dict[str, bytes] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(client.download_artifacts(found.info.run_id, "", tmp))
+        for path in sorted(local.rglob("*")):
+            if path.is_file():
+                out[path.relative_to(local).as_posix()] = path.read_bytes()
+    return out
+
+
+def test_logged_files_are_uploaded_once(project: Project, destination: Destination) -> None:
+    src = _sources(project.root)
+    run_id = project.spool(LOG, str(src)).strip()
+    first = project.sync()
+    assert first.exit_code == 0, first
+    assert first.files == 5  # six events: config.yaml twice at one path, in one upload batch
+    expected = {
+        "config.yaml": b"lr: 0.2\n",
+        "figures/plots/a.png": bytes(range(256)) * 40,
+        "figures/plots/sub/b.txt": b"b" * 10_000,
+        "figures/plots/empty": b"",
+        "copies/again/config.yaml": b"lr: 0.1\n",
+    }
+    assert _tree(project, run_id) == expected
+    again = project.sync()
+    assert again.files == 0 and again.exit_code == 0  # nothing is sent twice
+    replay = project.sync(replay=True)
+    assert replay.exit_code == 0
+    assert _tree(project, run_id) == expected  # a full resend writes the same tree
+
+
+def test_a_missing_object_waits_and_nothing_after_it_is_lost(project: Project) -> None:
+    src = _sources(project.root)
+    run_id = project.spool(LOG, str(src)).strip()
+    store = project.root / "data" / "artifacts"
+    digest = "sha256:" + __import__("hashlib").sha256(b"b" * 10_000).hexdigest()
+    obj = stored_object_path(store, digest)
+    hidden = obj.with_name(obj.name + ".away")
+    os.rename(obj, hidden)
+    waiting = project.sync()
+    assert waiting.exit_code == 1
+    assert any("b.txt" in u and "not readable in store" in u for u in waiting.unreadable)
+    assert project.snapshot()["runs"][run_id]["metrics"] == {}  # stopped before the metric
+    os.rename(hidden, obj)
+    done = project.sync()
+    assert done.exit_code == 0 and not done.unreadable
+    assert _tree(project, run_id)["figures/plots/sub/b.txt"] == b"b" * 10_000
+    assert project.snapshot()["runs"][run_id]["metrics"]
+
+
+def test_a_truncated_object_is_not_uploaded(project: Project) -> None:
+    src = _sources(project.root)
+    run_id = project.spool(LOG, str(src)).strip()
+    digest = "sha256:" + __import__("hashlib").sha256(bytes(range(256)) * 40).hexdigest()
+    obj = stored_object_path(project.root / "data" / "artifacts", digest)
+    os.chmod(obj, 0o644)
+    with obj.open("r+b") as f:
+        f.truncate(100)
+    report = project.sync()
+    assert report.exit_code == 1
+    assert any("a.png" in u and "100 bytes" in u for u in report.unreadable), report.unreadable
+    assert "figures/plots/a.png" not in _tree(project, run_id)
+
+
+@pytest.mark.parametrize("where", ["missing", "folder"])
+def test_logging_what_is_not_there_names_it(project: Project, where: str) -> None:
+    out = project.python(
+        """
+        from formula_foundry.errors import ValidationError
+        from formula_foundry.tracking import get_tracker
+        import sys
+        with get_tracker().start_run() as run:
+            try:
+                run.log_artifact(sys.argv[1], sys.argv[2] or None)
+            except ValidationError as exc:
+                print(exc)
+        """,
+        "nope.txt" if where == "missing" else ".",
+        "" if where == "missing" else "../up",
+    ).stdout
+    assert ("nope.txt" in out and "no such file" in out) or "'../up'" in out, out
+
+
+def test_verify_checks_each_uploaded_file(project: Project) -> None:
+    import json
+
+    src = _sources(project.root)
+    run_id = project.spool(LOG, str(src)).strip()
+    assert project.sync().exit_code == 0
+    clean = project.ff_sync("verify", "--json")
+    assert clean.returncode == 0, clean.stdout + clean.stderr
+    # Damage one uploaded file behind MLflow's back: verify names it, with both digests.
+    (artifacts,) = (project.root / "data" / "mlflow" / "artifacts").glob(
+        "*/*/artifacts/figures/plots/sub/b.txt"
+    )
+    artifacts.write_text("c" * 10_000)
+    damaged = project.ff_sync("verify", "--json")
+    assert damaged.returncode != 0
+    assert damaged.stdout, damaged.stderr
+    diffs = json.loads(damaged.stdout)["differences"]
+    assert [(d["run"], d["kind"], d["key"]) for d in diffs] == [
+        (run_id, "artifact_mismatch", "figures/plots/sub/b.txt")
+    ], diffs
+    artifacts.unlink()
+    gone = json.loads(project.ff_sync("verify", "--json").stdout)["differences"]
+    assert [d["kind"] for d in gone] == ["missing_artifact"]
