@@ -1,6 +1,6 @@
 """One segment file per writing process: append framed events, under a durability policy.
 
-Layout: ``<spool_root>/<run_uuid>/seg-<start ms>-<host>-<pid>-<random>.jsonl``. A process writes
+Layout: ``<spool_root>/<run id>/seg-<start ms>-<host>-<pid>-<random>.jsonl``. A process writes
 only segments it created (``O_EXCL``), so writers never share a file and need no lock between
 processes; threads of one process serialise on a ``threading.Lock`` so lines never interleave
 and sequence numbers follow file order. A child created by ``fork`` never writes into its
@@ -138,9 +138,9 @@ def _safe_host(host: str) -> str:
 class SegmentWriter:
     """Appends events of one run to this process's segment of that run."""
 
-    def __init__(self, spool_root: Path, run_uuid: str, durability: str = "write") -> None:
-        self.run_dir = spool_root / run_uuid
-        self.run_uuid = run_uuid
+    def __init__(self, spool_root: Path, spool_run_id: str, durability: str = "write") -> None:
+        self.run_dir = spool_root / spool_run_id
+        self.spool_run_id = spool_run_id
         if durability not in ("write", "fsync", "buffered"):
             raise ConfigError(
                 f"durability must be one of write, fsync, buffered, got {durability!r}"
@@ -289,7 +289,7 @@ class SegmentWriter:
         except OSError as exc:
             self._refuse_link()
             raise SpoolWriteError(
-                f"run {self.run_uuid}: cannot create spool folder {self.run_dir}: "
+                f"run {self.spool_run_id}: cannot create spool folder {self.run_dir}: "
                 f"{exc.strerror or exc}"
             ) from None
         dir_fd = self._open_run_dir()
@@ -301,7 +301,7 @@ class SegmentWriter:
     def _refuse_link(self) -> None:
         if os.path.islink(self.run_dir):
             raise SpoolWriteError(
-                f"run {self.run_uuid}: spool folder {self.run_dir} is a symbolic link; the "
+                f"run {self.spool_run_id}: spool folder {self.run_dir} is a symbolic link; the "
                 "spool must be a real folder (ff-sync does not follow links in the spool)"
             )
 
@@ -318,7 +318,7 @@ class SegmentWriter:
         except OSError as exc:
             self._refuse_link()
             raise SpoolWriteError(
-                f"run {self.run_uuid}: cannot open spool folder {self.run_dir}: "
+                f"run {self.spool_run_id}: cannot open spool folder {self.run_dir}: "
                 f"{exc.strerror or exc}"
             ) from None
 
@@ -337,12 +337,12 @@ class SegmentWriter:
                 continue
             except OSError as exc:
                 raise SpoolWriteError(
-                    f"run {self.run_uuid}: cannot create spool segment in {self.run_dir}: "
+                    f"run {self.spool_run_id}: cannot create spool segment in {self.run_dir}: "
                     f"{exc.strerror}"
                 ) from None
             break
         else:  # pragma: no cover - 8 random collisions in a row
-            raise SpoolWriteError(f"run {self.run_uuid}: cannot pick a new segment name")
+            raise SpoolWriteError(f"run {self.spool_run_id}: cannot pick a new segment name")
         self._fd, self._size, self.path = fd, 0, self.run_dir / name
         self._last_seq = 0
         header: dict[str, Any] = {
@@ -351,7 +351,7 @@ class SegmentWriter:
             "t": started,
             "k": K_SEGMENT,
             "format": FORMAT_VERSION,
-            "run": self.run_uuid,
+            "run": self.spool_run_id,
             "host": _HOST,
             "pid": pid,
             "segment": name,
@@ -374,7 +374,7 @@ class SegmentWriter:
 
     def _refuse_long(self, kind: object, size: int) -> NoReturn:
         raise ValidationError(
-            f"run {self.run_uuid}: one {kind} event of {size} bytes is longer than a spool "
+            f"run {self.spool_run_id}: one {kind} event of {size} bytes is longer than a spool "
             f"line may be ({MAX_LINE_BYTES} bytes); log fewer keys per call"
         )
 
@@ -430,7 +430,7 @@ class SegmentWriter:
                 with contextlib.suppress(OSError):
                     os.ftruncate(self._fd, start)
             raise SpoolWriteError(
-                f"run {self.run_uuid}: could not write to spool segment {self.path}: "
+                f"run {self.spool_run_id}: could not write to spool segment {self.path}: "
                 f"{exc.strerror or exc} ({lost})"
             ) from None
         self._size = start + done
@@ -457,7 +457,7 @@ class SegmentWriter:
             os.fdatasync(self._fd)
         except OSError as exc:
             raise SpoolWriteError(
-                f"run {self.run_uuid}: fsync of {self.path} failed: {exc.strerror}"
+                f"run {self.spool_run_id}: fsync of {self.path} failed: {exc.strerror}"
             ) from None
 
     def _after_fork_in_child(self) -> None:

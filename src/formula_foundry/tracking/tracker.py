@@ -15,7 +15,7 @@ import uuid
 import weakref
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, runtime_checkable
 
 from formula_foundry.errors import (
     FormulaFoundryError,
@@ -39,6 +39,7 @@ from formula_foundry.tracking.liveness import (
     start_heartbeat,
 )
 from formula_foundry.tracking.resume import (
+    RunOrigin,
     check_run_id,
     find_origin,
     give_back_ff_run_id,
@@ -68,7 +69,7 @@ class ManifestLike(Protocol):
 class RunArtifactsLike(Protocol):
     """What ``start_run(run_artifacts=...)`` needs: the substrate run's id and folder.
 
-    If the object also has ``link_tracking_run(run_uuid, experiment, run_name)``, it is called
+    If the object also has ``link_tracking_run(spool_run_id, experiment, run_name)``, it is called
     so the run directory records which tracking runs used it.
     """
 
@@ -207,40 +208,28 @@ class Tracker:
         log_system_metrics: bool | None,
     ) -> Run:
         """The part of :meth:`start_run` after the names and ``FF_RUN_ID`` are settled."""
-        origin = None
-        renamed = False
         resumed = run_id is not None and not self.settings.disabled
-        if run_id is None:
-            run_id = uuid.uuid4().hex
-        else:
-            run_id = check_run_id(run_id)
-            origin = find_origin(self.settings.spool_root, run_id)
-        if origin is not None:
-            if experiment_name is not None and experiment_name != origin.experiment:
-                raise ValidationError(
-                    f"run {run_id} belongs to experiment {origin.experiment!r}; cannot resume "
-                    f"it in {experiment_name!r}"
-                )
-            renamed = run_name is not None and run_name != origin.run_name
-            experiment, run_name = origin.experiment, run_name or origin.run_name
-        if run_name is None:
-            run_name = f"run-{run_id[:8]}"
-
-        initial = _initial_tags(tags, manifest, run_artifacts, description, run_id)
+        who = self._identity(run_id, run_name, experiment_name, experiment)
+        initial = _initial_tags(tags, manifest, run_artifacts, description, who.run_id)
         # Validate the initial tags through the same rules as set_tags before anything is written.
         checked = {
-            _valid_tag_key(k, run_id): string_value(v, k, "tag", MAX_TAG_VALUE_LENGTH, run_id)
+            _valid_tag_key(k, who.run_id): string_value(
+                v, k, "tag", MAX_TAG_VALUE_LENGTH, who.run_id
+            )
             for k, v in initial.items()
         }
-        if renamed:  # the run keeps its first start's name unless the tag changes it, as in MLflow
-            checked[RUN_NAME_TAG] = run_name
+        if who.renamed:  # the run keeps its first start's name unless the tag changes it (MLflow)
+            checked[RUN_NAME_TAG] = who.run_name
         writer: SegmentWriter | _NullWriter = (
             _NullWriter()
             if self.settings.disabled
-            else SegmentWriter(self.settings.spool_root, run_id, self.settings.durability)
+            else SegmentWriter(self.settings.spool_root, who.run_id, self.settings.durability)
         )
-        parent_id = origin.parent if origin is not None else (parent.run_id if parent else None)
-        run = Run(self, run_id, run_name, experiment, parent_id, writer)
+        if who.origin is not None:
+            parent_id = who.origin.parent
+        else:
+            parent_id = parent.run_id if parent else None
+        run = Run(self, who.run_id, who.run_name, who.experiment, parent_id, writer)
         if resumed:
             run._unread = self.settings.spool_root
         # Link first: if the run directory cannot record the run, nothing is spooled, rather
@@ -248,29 +237,8 @@ class Tracker:
         if run_artifacts is not None and not self.settings.disabled:
             link = getattr(run_artifacts, "link_tracking_run", None)
             if callable(link):
-                link(run_id, experiment, run_name)
-        # Text the job did not choose (a non-UTF-8 file name in argv, $USER) never fails it.
-        argv = [utf8_text(arg) for arg in sys.argv]
-        start: dict[str, Any] = {
-            "v": _V,
-            "s": 0,
-            "t": now_ms(),
-            "k": K_RUN_START,
-            "run": run_id,
-            "experiment": experiment,
-            "name": run_name,
-            "parent": run.parent_run_id,
-            "user": utf8_text(_user()),
-            "host": utf8_text(hostname()),
-            "pid": os.getpid(),
-            "source": argv[0] if argv and argv[0] else "<python>",
-            "command": argv,
-            "resume": origin is not None,
-        }
-        job = job_from_env()
-        if job is not None:
-            start["job"] = job  # ff-sync asks the scheduler about it (sync/engine/scheduler.py)
-        writer.append(start)
+                link(who.run_id, who.experiment, who.run_name)
+        writer.append(_run_start_event(run, resume=who.origin is not None))
         if checked:
             writer.append({"v": _V, "s": 0, "t": now_ms(), "k": K_TAGS, "d": checked})
         self._stack().append(run)
@@ -278,8 +246,33 @@ class Tracker:
         if log_system_metrics is None:  # the settings speak for top-level runs only
             log_system_metrics = parent is None and self.settings.system_metrics
         if log_system_metrics:
-            self._sample(run, attached=False, resumed=origin is not None)
+            self._sample(run, attached=False, resumed=who.origin is not None)
         return run
+
+    def _identity(
+        self,
+        run_id: str | None,
+        run_name: str | None,
+        experiment_name: str | None,
+        experiment: str,
+    ) -> _Identity:
+        """The run's id, name and experiment: new, or those of the run ``run_id`` continues
+        (its experiment cannot change; a new name renames it)."""
+        if run_id is None:
+            run_id = uuid.uuid4().hex
+            return _Identity(run_id, run_name or f"run-{run_id[:8]}", experiment, None, False)
+        run_id = check_run_id(run_id)
+        origin = find_origin(self.settings.spool_root, run_id)
+        if origin is None:
+            return _Identity(run_id, run_name or f"run-{run_id[:8]}", experiment, None, False)
+        if experiment_name is not None and experiment_name != origin.experiment:
+            raise ValidationError(
+                f"run {run_id} belongs to experiment {origin.experiment!r}; cannot resume "
+                f"it in {experiment_name!r}"
+            )
+        renamed = run_name is not None and run_name != origin.run_name
+        name = run_name or origin.run_name or f"run-{run_id[:8]}"
+        return _Identity(run_id, name, origin.experiment, origin, renamed)
 
     def attach_run(self, run_id: str, *, log_system_metrics: bool = False) -> Run:
         """Log into a run started elsewhere (another rank, a pool worker): a segment of its own.
@@ -365,6 +358,40 @@ class Tracker:
         for run in reversed(runs):
             with contextlib.suppress(RunStateError):
                 run.end(status, reason=reason)
+
+
+class _Identity(NamedTuple):
+    run_id: str
+    run_name: str
+    experiment: str
+    origin: RunOrigin | None  # the spooled run this start continues
+    renamed: bool
+
+
+def _run_start_event(run: Run, *, resume: bool) -> dict[str, Any]:
+    """The ``run_start`` event of ``run`` (docs/spool-format.md)."""
+    # Text the job did not choose (a non-UTF-8 file name in argv, $USER) never fails it.
+    argv = [utf8_text(arg) for arg in sys.argv]
+    start: dict[str, Any] = {
+        "v": _V,
+        "s": 0,
+        "t": now_ms(),
+        "k": K_RUN_START,
+        "run": run.run_id,
+        "experiment": run.experiment_name,
+        "name": run.run_name,
+        "parent": run.parent_run_id,
+        "user": utf8_text(_user()),
+        "host": utf8_text(hostname()),
+        "pid": os.getpid(),
+        "source": argv[0] if argv and argv[0] else "<python>",
+        "command": argv,
+        "resume": resume,
+    }
+    job = job_from_env()
+    if job is not None:
+        start["job"] = job  # ff-sync asks the scheduler about it (sync/engine/scheduler.py)
+    return start
 
 
 def _check_flag(value: object) -> None:
