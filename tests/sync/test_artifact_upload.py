@@ -150,3 +150,20 @@ def test_verify_checks_each_uploaded_file(project: Project) -> None:
     artifacts.unlink()
     gone = json.loads(project.ff_sync("verify", "--json").stdout)["differences"]
     assert [d["kind"] for d in gone] == ["missing_artifact"]
+
+
+def test_status_shows_the_bytes_still_to_upload(project: Project) -> None:
+    import json
+
+    src = _sources(project.root)
+    project.spool(LOG, str(src))
+    pending = json.loads(project.ff_sync("status", "--json").stdout)
+    logged = 2 * 8 + 10240 + 10_000 + 0 + 8  # config.yaml three times, a.png, b.txt, empty
+    (dest,) = pending["destinations"]
+    assert dest["totals"]["bytes_pending_upload"] == logged
+    assert dest["runs"][0]["bytes_pending_upload"] == logged
+    table = project.ff_sync("status").stdout
+    assert "KiB of files to upload" in table, table
+    assert project.sync().exit_code == 0
+    done = json.loads(project.ff_sync("status", "--json").stdout)["destinations"][0]
+    assert done["totals"]["bytes_pending_upload"] == 0

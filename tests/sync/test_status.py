@@ -84,6 +84,7 @@ def test_counts_match_what_the_passes_sync(project: Project) -> None:
         "events_synced": first.events,
         "events_pending": 4,
         "events_quarantined": 0,
+        "bytes_pending_upload": 0,
         "runs_pending": 1,
         "runs_dead": 0,
     }

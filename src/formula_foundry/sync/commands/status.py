@@ -53,7 +53,7 @@ from formula_foundry.sync.engine.sync_state import (
     STATE_FILE,
     SegmentProgress,
 )
-from formula_foundry.tracking.events import K_RUN_END, K_RUN_START, K_SEGMENT
+from formula_foundry.tracking.events import K_ARTIFACT, K_RUN_END, K_RUN_START, K_SEGMENT
 from formula_foundry.tracking.spool_reader import Event, SegmentReader
 
 JSON_VERSION: Final = 1
@@ -130,6 +130,7 @@ class RunStatus:
     events_synced: int = 0
     events_pending: int = 0
     events_quarantined: int = 0
+    bytes_pending_upload: int = 0  # logged files (``artifact`` events) not uploaded yet
     last_sync_ms: int | None = None
     last_event_ms: int | None = None
     ended: bool = False  # an end event is synced or pending after the last run_start
@@ -151,6 +152,7 @@ class RunStatus:
             "events_synced": self.events_synced,
             "events_pending": self.events_pending,
             "events_quarantined": self.events_quarantined,
+            "bytes_pending_upload": self.bytes_pending_upload,
             "last_sync_ms": self.last_sync_ms,
             "last_event_ms": self.last_event_ms,
             "dead": self.dead,
@@ -184,6 +186,7 @@ class DestinationStatus:
             "events_synced": sum(r.events_synced for r in self.runs),
             "events_pending": sum(r.events_pending for r in self.runs),
             "events_quarantined": sum(r.events_quarantined for r in self.runs),
+            "bytes_pending_upload": sum(r.bytes_pending_upload for r in self.runs),
             "runs_pending": sum(1 for r in self.runs if r.events_pending),
             "runs_dead": sum(1 for r in self.runs if r.dead),
         }
@@ -368,6 +371,8 @@ def _count_pending(run: RunStatus, seg: SegmentFile, prog: SegmentProgress | Non
                 run.last_event_ms = item.t
             if item.kind == K_RUN_END:
                 run.ended = True
+            elif item.kind == K_ARTIFACT and type(size := item.data.get("size")) is int:
+                run.bytes_pending_upload += max(size, 0)
             elif item.kind == K_RUN_START:
                 run.ended = False
     except SpoolError:

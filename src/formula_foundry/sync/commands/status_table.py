@@ -92,6 +92,9 @@ def render_table(report: StatusReport) -> str:
             note = "ended by sync (silent)" if r.ended_by_sync else "dead?" if r.dead else ""
             if r.problems:
                 note = f"{note}, not all synced (below)" if note else "not all synced (below)"
+            if r.bytes_pending_upload:
+                upload = f"{_size(r.bytes_pending_upload)} of files to upload"
+                note = f"{note}, {upload}" if note else upload
             rows.append(
                 (
                     r.run,
@@ -163,6 +166,8 @@ def _run_block(r: RunStatus, now_ms: int) -> list[str]:
     )
     if r.status is not None and not (r.events_synced or r.events_pending or r.problems):
         counts = "no longer in the spool (collected by ff-sync gc?)"
+    if r.bytes_pending_upload:
+        counts += f"; {_size(r.bytes_pending_upload)} of logged files to upload"
     out = [f"run {r.run}"]
     if r.status is None:
         out.append(f"  status:        not synced yet; {r.events_pending} events pending")
@@ -180,3 +185,11 @@ def _run_block(r: RunStatus, now_ms: int) -> list[str]:
         out.append(f"  note:          {'ended by sync (silent)' if r.ended_by_sync else 'dead?'}")
     out += [f"  not synced:    {p}" for p in r.problems]
     return out
+
+
+def _size(n: int) -> str:
+    units = ("bytes", "KiB", "MiB", "GiB")
+    value, power = float(n), 0
+    while value >= 1024 and power < len(units) - 1:
+        value, power = value / 1024, power + 1
+    return f"{n} bytes" if power == 0 else f"{value:.1f} {units[power]}"
