@@ -64,6 +64,8 @@ _SCHEMA: dict[str, dict[str, tuple[type | tuple[type, ...], Any]]] = {
         "stale_after_s": ((int, float), 3600.0),
         "bulk": (bool, True),
         "workers": (int, 4),
+        # Logged files larger than this are referenced, not uploaded (null: upload all).
+        "upload_max_bytes": ((int, type(None)), None),
     },
 }
 
@@ -89,6 +91,7 @@ class Settings:
     stale_after_s: float
     sync_bulk: bool
     sync_workers: int
+    sync_upload_max_bytes: int | None
     system_metrics: bool = False
     system_metrics_interval_s: float = 10.0
     # The node part of system metric names (system/<node>/...); None: decided per process.
@@ -230,6 +233,10 @@ def _build(values: dict[str, dict[str, Any]], path: Path | None, root: Path) -> 
     ):
         if value < 0:
             raise ConfigError(f"{where}: {name} must be >= 0, got {value!r}")
+    if sy["upload_max_bytes"] is not None and sy["upload_max_bytes"] < 0:
+        raise ConfigError(
+            f"{where}: sync.upload_max_bytes must be >= 0 or null, got {sy['upload_max_bytes']!r}"
+        )
     if not 1 <= sy["workers"] <= 64:
         raise ConfigError(f"{where}: sync.workers must be between 1 and 64, got {sy['workers']!r}")
     if not tr["default_experiment"].strip():
@@ -253,6 +260,7 @@ def _build(values: dict[str, dict[str, Any]], path: Path | None, root: Path) -> 
         stale_after_s=float(sy["stale_after_s"]),
         sync_bulk=bool(sy["bulk"]),
         sync_workers=int(sy["workers"]),
+        sync_upload_max_bytes=sy["upload_max_bytes"],
         system_metrics=system_metrics,
         system_metrics_interval_s=interval_s,
         system_metrics_node=node,

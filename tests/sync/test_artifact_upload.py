@@ -167,3 +167,21 @@ def test_status_shows_the_bytes_still_to_upload(project: Project) -> None:
     assert project.sync().exit_code == 0
     done = json.loads(project.ff_sync("status", "--json").stdout)["destinations"][0]
     assert done["totals"]["bytes_pending_upload"] == 0
+
+
+def test_files_above_the_upload_limit_are_referenced(project: Project) -> None:
+    import json
+
+    text = project.config.read_text()
+    project.config.write_text(text.replace("sync:\n", "sync:\n  upload_max_bytes: 9000\n", 1))
+    src = _sources(project.root)
+    run_id = project.spool(LOG, str(src)).strip()
+    report = project.sync()
+    assert report.exit_code == 0 and report.files == 3  # config.yaml x2 paths, empty
+    tree = _tree(project, run_id)
+    assert "figures/plots/a.png" not in tree and "figures/plots/sub/b.txt" not in tree
+    doc = json.loads(tree["ff_artifact_refs/figures/plots/a.png.json"])
+    assert (doc["logical_path"], doc["size_bytes"]) == ("figures/plots/a.png", 10240)
+    assert doc["store_root"] == str(project.root / "data" / "artifacts")
+    verified = project.ff_sync("verify", "--json")
+    assert verified.returncode == 0, verified.stdout + verified.stderr

@@ -5,7 +5,7 @@ compared with what the destination holds (:class:`formula_foundry.sync.mlflow.sn
 the one module here that imports MLflow). Every difference is reported: a missing or
 duplicated run, missing or extra metric points, params and tags that are missing, extra or
 different, a wrong experiment, start time, status or end time, missing or different artifact
-reference documents.
+reference documents, logged files missing or with other bytes (each downloaded and hashed).
 
 What the replay legitimately leaves out or changes is not a difference: records it
 quarantines (the same reader and payload checks decide), the value of a param whose
@@ -21,8 +21,7 @@ paths. A segment the replay quarantines whole — broken header, unknown format,
 naming another run (a copied file) — is expected to be absent; a run made only of such
 segments is expected not to exist at all.
 
-It streams: one run's expected and stored data at a time. Kinds and JSON keys are
-documented in docs/operations.md.
+It streams one run at a time. Kinds and JSON keys: docs/operations.md.
 """
 
 from __future__ import annotations
@@ -137,7 +136,7 @@ def verify(settings: Settings, *, on_difference: DifferenceFn | None = None) -> 
     report = VerifyReport(redact_uri(uri))
     view = StateView(settings.sync_state_dir / destination_key(uri))
     reader = StoreReader(uri)
-    checker = _RunChecker(reader, reader.index(), view)
+    checker = _RunChecker(reader, reader.index(), view, settings.sync_upload_max_bytes)
 
     def add(diff: Difference) -> None:
         report.differences.append(diff)
@@ -205,8 +204,15 @@ def _usable_segments(
 
 
 class _RunChecker:
-    def __init__(self, reader: StoreReader, index: dict[str, list[str]], view: StateView) -> None:
+    def __init__(
+        self,
+        reader: StoreReader,
+        index: dict[str, list[str]],
+        view: StateView,
+        upload_max_bytes: int | None = None,
+    ) -> None:
         self.reader, self.index, self.view = reader, index, view
+        self.upload_max_bytes = upload_max_bytes  # larger logged files: a reference document
         quarantined = list(view.quarantine())
         self.conflicted = {
             str(q.get("run")) for q in quarantined if q.get("kind") == "param_conflict"
@@ -311,18 +317,26 @@ class _RunChecker:
                 if points:
                     yield _points(exp.spool_run_id, kind, key, points)
 
+    def _too_big(self, size: int) -> bool:
+        return self.upload_max_bytes is not None and size > self.upload_max_bytes
+
     def _refs(self, exp: ExpectedRun, stored: StoredRun) -> Iterator[Difference]:
         actual: dict[str, Any] = self.reader.artifact_refs(stored.mlflow_run_id)
-        for path in sorted(exp.refs.keys() | actual.keys()):
-            w, g = exp.refs.get(path), actual.get(path)
+        want = dict(exp.refs)
+        for path, ref in exp.artifacts.items():
+            if self._too_big(ref.size):
+                want[path] = ref.to_json()  # referenced, not uploaded (sync.upload_max_bytes)
+        for path in sorted(want.keys() | actual.keys()):
+            w, g = want.get(path), actual.get(path)
             if w != g:
                 yield _diff(exp.spool_run_id, _kind("artifact_ref", w, g), path, w, g)
 
     def _files(self, exp: ExpectedRun, stored: StoredRun) -> Iterator[Difference]:
-        if not exp.artifacts:
+        files = {p: ref for p, ref in exp.artifacts.items() if not self._too_big(ref.size)}
+        if not files:
             return  # files the run never logged through the spool are not ours to judge
         actual = self.reader.artifact_files(stored.mlflow_run_id)
-        for path, ref in sorted(exp.artifacts.items()):
+        for path, ref in sorted(files.items()):
             w, g = (ref.size, ref.digest), actual.get(path)
             if w != g:
                 kind = "missing_artifact" if g is None else "artifact_mismatch"

@@ -90,6 +90,8 @@ class SyncContext:
     policy: RetryPolicy
     files_by_run: dict[str, list[SegmentFile]]
     stale_after_s: float
+    # Logged files above this size get a reference document instead of an upload.
+    upload_max_bytes: int | None = None
 
     def call(self, fn: Callable[[], T]) -> T:
         """Call the sink with the retry policy."""

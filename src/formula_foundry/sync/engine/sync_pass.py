@@ -219,6 +219,7 @@ def _pass(
             policy=policy,
             files_by_run=files_by_run,
             stale_after_s=settings.stale_after_s,
+            upload_max_bytes=settings.sync_upload_max_bytes,
         )
         _replay(cx, lambda: sink_factory(settings), workers_for(settings), pending, progress_fn)
         _end_dead(cx, settings, unscanned, pending.keys(), verdict)

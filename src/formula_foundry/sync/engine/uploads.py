@@ -26,7 +26,8 @@ from formula_foundry.substrate.artifact_store import stored_object_path
 from formula_foundry.sync.engine.batch import Batch, Cursor
 from formula_foundry.sync.engine.report import SyncReport
 from formula_foundry.sync.engine.runs import SyncContext
-from formula_foundry.sync.engine.sink import ArtifactRef
+from formula_foundry.sync.engine.sink import ArtifactRef, RecordRejected
+from formula_foundry.tracking.spool_reader import Event
 
 
 class ObjectUnavailable(OSError):
@@ -63,16 +64,29 @@ def local_files(refs: list[ArtifactRef]) -> list[tuple[ArtifactRef, Path]]:
 
 def upload(cx: SyncContext, cur: Cursor) -> None:
     """Upload the files of the cursor's batch into its run; the ones the destination can never
-    take are quarantined as ``refused`` (the run goes on)."""
-    ctx, files = cur.ctx, cur.batch.files
+    take are quarantined as ``refused`` (the run goes on). Files above ``sync.upload_max_bytes``
+    get the reference document of ``log_artifact_reference`` instead: they stay in the store."""
+    ctx, limit = cur.ctx, cx.upload_max_bytes
+    files = [(ref, ev) for ref, ev in cur.batch.files if limit is None or ref.size <= limit]
+    for ref, ev in cur.batch.files:
+        if limit is not None and ref.size > limit:
+            try:
+                cx.call(partial(cx.sink.log_artifact_ref, ctx.mlflow_run_id, ref))
+            except RecordRejected as exc:
+                _refused(cx, cur, ev, str(exc))
+    if not files:
+        return
     found = local_files([ref for ref, _ in files])
     events = {ref.path: ev for ref, ev in files}
     for ref, why in cx.call(partial(cx.sink.upload_artifacts, ctx.mlflow_run_id, found)):
-        ev = events[ref.path]
-        raw = orjson.dumps(ev.data)
-        cx.quarantine(ctx.spool_run_id, cur.seg.path, ev.line, ev.offset, "refused", why, raw)
+        _refused(cx, cur, events[ref.path], why)
     cx.report.files += len(found)
     cx.report.file_bytes += sum(ref.size for ref, _ in found)
+
+
+def _refused(cx: SyncContext, cur: Cursor, ev: Event, why: str) -> None:
+    raw = orjson.dumps(ev.data)
+    cx.quarantine(cur.ctx.spool_run_id, cur.seg.path, ev.line, ev.offset, "refused", why, raw)
 
 
 def wait_for_object(report: SyncReport, cur: Cursor, exc: ObjectUnavailable) -> None:
