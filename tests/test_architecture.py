@@ -34,8 +34,9 @@ ONLY_IN = {
         "sync/mlflow/client_sink.py",
         "sync/mlflow/internals.py",
         "sync/mlflow/snapshot.py",
-        # The drop-in implements MLflow's store interfaces: only these two modules of it.
+        # The drop-in implements MLflow's store interfaces: only these modules of it.
         "dropin/store.py",
+        "dropin/artifacts.py",
         "dropin/registry.py",
     },
     "sqlalchemy": {
@@ -44,8 +45,8 @@ ONLY_IN = {
         "sync/mlflow/store_access.py",
     },
 }
-# The folders (and the drop-in's two store modules) that may import MLflow or SQLAlchemy.
-MLFLOW_HOME = ("sync/mlflow/", "dropin/store.py", "dropin/registry.py")
+# The folders (and the drop-in's store modules) that may import MLflow or SQLAlchemy.
+MLFLOW_HOME = ("sync/mlflow/", "dropin/store.py", "dropin/artifacts.py", "dropin/registry.py")
 HEAVY = ("mlflow", "yaml", "click", "numpy", "pandas", "sqlalchemy", "torch", "psutil", "pynvml")
 # What each part may not import (module-name prefixes).
 LAYERS = {

@@ -243,3 +243,37 @@ def test_iter_digests_skips_stray_files(store: ArtifactStore) -> None:
     (store.root / "objects" / "zz" / "junk").write_bytes(b"")
     (store.root / "objects" / ".nfs0001").write_bytes(b"")
     assert [str(d) for d in store.iter_digests()] == [entry.digest]
+
+
+class _Trickle:
+    """A stream that hands out at most ``step`` bytes per read, as a pipe may."""
+
+    def __init__(self, data: bytes, step: int) -> None:
+        self.data, self.pos, self.step = data, 0, step
+
+    def readinto(self, view: memoryview) -> int:
+        n = min(len(view), self.step, len(self.data) - self.pos)
+        view[:n] = self.data[self.pos : self.pos + n]
+        self.pos += n
+        return n
+
+
+@pytest.mark.parametrize("size_from_small", [-1, 0, 1, None])
+@pytest.mark.parametrize("step", [1 << 30, 4096])
+def test_copy_and_hash_around_the_small_file_bound(
+    tmp_path: Path, size_from_small: int | None, step: int
+) -> None:
+    # Files within SMALL bytes are copied inline, larger ones by the writer thread: the bytes
+    # and the digest are the same either way, also when reads come in small pieces.
+    from formula_foundry.substrate.streaming import SMALL, copy_and_hash
+
+    size = 0 if size_from_small is None else SMALL + size_from_small
+    data = os.urandom(size)
+    out = tmp_path / "out"
+    fd = os.open(out, os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        digest, n = copy_and_hash(_Trickle(data, step), fd, chunk_size=65536)
+    finally:
+        os.close(fd)
+    assert (str(digest), n) == ("sha256:" + hashlib.sha256(data).hexdigest(), len(data))
+    assert out.read_bytes() == data

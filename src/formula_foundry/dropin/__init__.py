@@ -5,10 +5,13 @@
     ff-sync                # later, anywhere that sees the spool
 
 MLflow finds :class:`~formula_foundry.dropin.store.SpoolStore` through its
-``mlflow.tracking_store`` entry point. Every write becomes the same spool events, through the
-same writer and validation rules, as :mod:`formula_foundry.tracking`; ``ff-sync`` replays them
-like any other run. Reads are answered from the spool. See docs/mlflow-dropin.md.
+``mlflow.tracking_store`` entry point, and the runs' files through
+:class:`~formula_foundry.dropin.artifacts.SpoolArtifactRepository` (``mlflow.artifact_repository``).
+Every write becomes the same spool events, through the same writer and validation rules, as
+:mod:`formula_foundry.tracking`; a file's bytes go into the artifact store. ``ff-sync`` replays
+them like any other run. Reads are answered from the spool. See docs/mlflow-dropin.md.
 
-Only :mod:`~formula_foundry.dropin.store` and :mod:`~formula_foundry.dropin.registry` import
-MLflow; the rest (URIs, experiment ids, the runs this process logs, reading runs back) does not.
+Only :mod:`~formula_foundry.dropin.store`, :mod:`~formula_foundry.dropin.artifacts` and
+:mod:`~formula_foundry.dropin.registry` import MLflow; the rest (URIs, experiment ids, the runs
+this process logs, their files, reading runs back) does not.
 """

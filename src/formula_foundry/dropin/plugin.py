@@ -26,7 +26,7 @@ def registry_store(store_uri: str | None = None, tracking_uri: str | None = None
 
 
 def artifact_repository(artifact_uri: str, *args: Any, **kwargs: Any) -> Any:
-    from formula_foundry.dropin.registry import SpoolArtifactRepository
+    from formula_foundry.dropin.artifacts import SpoolArtifactRepository
 
     cls: Any = SpoolArtifactRepository  # as above
     return cls(artifact_uri, *args, **kwargs)

@@ -1,9 +1,8 @@
-"""The model registry and artifact repository of ``spool:`` URIs: present, and honest.
+"""The model registry of ``spool:`` URIs: present, and honest.
 
-MLflow resolves a model-registry store for the tracking URI even in code that only logs, and
-an artifact repository for each run's artifact URI; an unknown scheme fails there. These
-answer every call with an error naming the call and what to do instead (listing a run's
-artifacts finds none).
+MLflow resolves a model-registry store for the tracking URI even in code that only logs; an
+unknown scheme fails there. This one answers every call with an error naming the call and what
+to do instead. (The files of spool runs: :mod:`formula_foundry.dropin.artifacts`.)
 """
 
 from __future__ import annotations
@@ -12,23 +11,18 @@ from typing import Any
 
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
-from mlflow.store.artifact.artifact_repo import ArtifactRepository
 from mlflow.store.model_registry.abstract_store import AbstractStore as RegistryStore
 
-_WHY = {
-    "model registry": "the model registry of a spool: tracking URI is not kept on the node; "
-    "register models after ff-sync has replayed the spool, against the MLflow store it "
-    "replays into",
-    "artifacts": "artifacts of spool: runs are not recorded yet (params, metrics and tags are); "
-    "keep files in formula-foundry's ArtifactStore and log a reference, or log them after "
-    "ff-sync has replayed the spool, against the MLflow store it replays into",
-}
+_WHY = (
+    "the model registry of a spool: tracking URI is not kept on the node; register models "
+    "after ff-sync has replayed the spool, against the MLflow store it replays into"
+)
 
 
-def _refusal(what: str, name: str) -> Any:
+def _refusal(name: str) -> Any:
     def refuse(self: Any, *args: Any, **kwargs: Any) -> Any:
         raise MlflowException(
-            f"{name}() is not available on a spool: {_WHY[what]}", INVALID_PARAMETER_VALUE
+            f"{name}() is not available on a spool: {_WHY}", INVALID_PARAMETER_VALUE
         )
 
     refuse.__name__ = name
@@ -42,23 +36,15 @@ class SpoolRegistryStore(RegistryStore):
         super().__init__(store_uri, tracking_uri)
 
 
-class SpoolArtifactRepository(ArtifactRepository):
-    """Artifacts of ``spool:`` runs: not recorded yet; listing finds none."""
-
-    def list_artifacts(self, path: str | None = None) -> list[Any]:
-        return []
-
-
-def _refuse_the_rest(cls: type, base: type, what: str) -> None:
+def _refuse_the_rest(cls: type, base: type) -> None:
     """Every public method of ``base`` that ``cls`` does not define refuses clearly."""
     abstract: frozenset[str] = getattr(base, "__abstractmethods__", frozenset())
     for name in dir(base):
         if name in cls.__dict__ or (name.startswith("_") and name not in abstract):
             continue
         if callable(getattr(base, name, None)) and not isinstance(getattr(base, name), type):
-            setattr(cls, name, _refusal(what, name))
+            setattr(cls, name, _refusal(name))
     setattr(cls, "__abstractmethods__", frozenset())  # noqa: B010 - mypy knows no such attribute
 
 
-_refuse_the_rest(SpoolRegistryStore, RegistryStore, "model registry")
-_refuse_the_rest(SpoolArtifactRepository, ArtifactRepository, "artifacts")
+_refuse_the_rest(SpoolRegistryStore, RegistryStore)

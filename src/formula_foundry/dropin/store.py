@@ -41,12 +41,13 @@ from mlflow.utils.name_utils import _generate_random_name
 from mlflow.utils.search_utils import SearchExperimentsUtils, SearchUtils
 
 from formula_foundry.dropin.experiments import Experiment as SpoolExperiment
-from formula_foundry.dropin.experiments import ExperimentBook, experiment_id
+from formula_foundry.dropin.experiments import experiment_id
 from formula_foundry.dropin.points import stored
-from formula_foundry.dropin.run_book import RunBook
+from formula_foundry.dropin.run_book import run_book
 from formula_foundry.dropin.spool_runs import RunState, metric_history, run_ids
 from formula_foundry.dropin.spool_uri import canonical_uri, spool_root
 from formula_foundry.errors import (
+    ArtifactNotFound,
     ConfigError,
     FormulaFoundryError,
     RunStateError,
@@ -62,10 +63,11 @@ _SUPPORTED: Final = (
 )
 
 
-def _error(exc: FormulaFoundryError) -> MlflowException:
+def mlflow_error(exc: FormulaFoundryError) -> MlflowException:
+    """Our error as the MlflowException MLflow's own stores raise for the same fault."""
     if isinstance(exc, ValidationError | ConfigError):
         return MlflowException(str(exc), INVALID_PARAMETER_VALUE)
-    if isinstance(exc, RunStateError):
+    if isinstance(exc, RunStateError | ArtifactNotFound):
         return MlflowException(str(exc), RESOURCE_DOES_NOT_EXIST)
     if isinstance(exc, SpoolWriteError):
         return MlflowException(str(exc), INTERNAL_ERROR)
@@ -80,7 +82,7 @@ def _mlflow_errors(fn: Callable[..., T]) -> Callable[..., T]:
         try:
             return fn(*args, **kwargs)
         except FormulaFoundryError as exc:
-            raise _error(exc) from None
+            raise mlflow_error(exc) from None
 
     return wrapper
 
@@ -191,11 +193,12 @@ class SpoolStore(AbstractStore):
             root = spool_root(store_uri or "spool:")
             settings = load_settings()
         except FormulaFoundryError as exc:
-            raise _error(exc) from None
+            raise mlflow_error(exc) from None
         self.root = root
         self.uri = canonical_uri(root)
-        self._experiments = ExperimentBook(root)
-        self._runs = RunBook(root, self._experiments, settings.durability, settings.heartbeat_s)
+        # Shared with the artifact repositories of its runs: one writer per run and process.
+        self._runs = run_book(root, settings.durability, settings.heartbeat_s)
+        self._experiments = self._runs.experiments
         _skip_spark_probe()
         with contextlib.suppress(Exception):  # an MLflow without these internals: only slower
             _resolve_registry(self.uri)
@@ -404,7 +407,7 @@ class SpoolStore(AbstractStore):
                 m = metric
                 self._runs.log_metric(run_id, m.key, m.value, m.timestamp, m.step)
         except FormulaFoundryError as exc:
-            raise _error(exc) from None
+            raise mlflow_error(exc) from None
 
     def log_batch(
         self, run_id: str, metrics: list[Metric], params: list[Param], tags: list[RunTag]
@@ -424,7 +427,7 @@ class SpoolStore(AbstractStore):
                 [(t.key, t.value) for t in tags],
             )
         except FormulaFoundryError as exc:
-            raise _error(exc) from None
+            raise mlflow_error(exc) from None
 
     def log_batch_async(
         self, run_id: str, metrics: list[Metric], params: list[Param], tags: list[RunTag]
@@ -453,6 +456,19 @@ class SpoolStore(AbstractStore):
     def log_inputs(self, run_id: str, datasets: Any = None, models: Any = None) -> None:
         if datasets or models:
             _unsupported("log_inputs")(self)
+
+    def search_logged_models(
+        self,
+        experiment_ids: list[str],
+        filter_string: str | None = None,
+        datasets: list[dict[str, Any]] | None = None,
+        max_results: int | None = None,
+        order_by: list[dict[str, Any]] | None = None,
+        page_token: str | None = None,
+    ) -> PagedList[Any]:
+        # A spool holds no logged model (creating one is refused). MLflow looks for them
+        # whenever it lists or downloads a run's artifacts by path (``runs:/<id>/<path>``).
+        return PagedList([], None)
 
     @_mlflow_errors
     def delete_tag(self, run_id: str, key: str) -> None:

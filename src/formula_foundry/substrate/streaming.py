@@ -5,6 +5,10 @@ writes the same buffer out and then returns it to the pool. Hashing and writing 
 the GIL, so they overlap: throughput approaches the slower of the two instead of their sum.
 The writer also flushes to disk every ``sync_every`` bytes, so the final fsync of a huge file
 is short and the dirty page cache stays bounded.
+
+A stream that ends within its first :data:`SMALL` bytes (plots, configs, the text and JSON
+files MLflow code logs one by one) is hashed and written in the caller's thread: no buffers
+to allocate, no thread to start, for files where those would cost more than the copy.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from formula_foundry.substrate.digest import CHUNK_SIZE, Digest, SupportsReadint
 __all__ = ["copy_and_hash"]
 
 BUFFERS: Final = 4  # 4 x 4 MiB in flight: enough to keep both threads busy
+SMALL: Final = 256 * 1024
 SYNC_EVERY: Final = 64 * 1024 * 1024
 _datasync = getattr(os, "fdatasync", os.fsync)  # macOS has no fdatasync
 
@@ -39,6 +44,36 @@ def copy_and_hash(
     Errors of either side are raised here after the writer thread has stopped. The caller
     still has to fsync ``dst_fd``.
     """
+    head = memoryview(bytearray(SMALL))
+    filled = _fill(src, head)
+    hasher = hashlib.sha256(head[:filled])
+    write_all(dst_fd, head[:filled])
+    if filled < SMALL:
+        return Digest(hasher.hexdigest()), filled
+    return _copy_rest(src, dst_fd, hasher, filled, chunk_size, buffers, sync_every)
+
+
+def _fill(src: SupportsReadinto, view: memoryview) -> int:
+    """Read into ``view`` until it is full or the stream ends; the bytes read."""
+    filled = 0
+    while filled < len(view):
+        n = src.readinto(view[filled:])
+        if not n:
+            break
+        filled += n
+    return filled
+
+
+def _copy_rest(
+    src: SupportsReadinto,
+    dst_fd: int,
+    hasher: hashlib._Hash,
+    size: int,
+    chunk_size: int,
+    buffers: int,
+    sync_every: int,
+) -> tuple[Digest, int]:
+    """The threaded copy of a large stream, after its first ``size`` bytes."""
     free: queue.SimpleQueue[memoryview] = queue.SimpleQueue()
     full: queue.SimpleQueue[tuple[memoryview, int] | None] = queue.SimpleQueue()
     for _ in range(buffers):
@@ -62,8 +97,6 @@ def copy_and_hash(
 
     thread = threading.Thread(target=writer, name="ff-artifact-writer", daemon=True)
     thread.start()
-    hasher = hashlib.sha256()
-    size = 0
     try:
         while not failure:
             view = free.get()

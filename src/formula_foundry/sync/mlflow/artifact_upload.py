@@ -9,6 +9,8 @@ must show each file at its full size before the engine records the upload as don
 
 from __future__ import annotations
 
+import contextlib
+import os
 import tempfile
 from collections.abc import Sequence
 from functools import partial
@@ -18,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from formula_foundry.errors import FormulaFoundryError, StoreUnavailable
 from formula_foundry.sync.engine.refusals import local_refusal, quoted
 from formula_foundry.sync.engine.sink import ArtifactRef
+from formula_foundry.sync.mlflow.internals import local_upload_leftovers
 
 if TYPE_CHECKING:
     from formula_foundry.sync.mlflow.client_sink import MlflowSink
@@ -33,6 +36,9 @@ def upload_artifacts(
     # each goes up through a link carrying its artifact name (its content is read through
     # the link: MLflow's local store writes a temporary file and renames it, a server
     # receives the bytes).
+    _remove_leftovers(
+        sink, client, mlflow_run_id, {ref.path.rpartition("/")[0] for ref, _ in files}
+    )
     with tempfile.TemporaryDirectory(prefix="ff-upload-") as tmp:
         for i, (ref, obj) in enumerate(files):
             folder, _, name = ref.path.rpartition("/")
@@ -46,6 +52,27 @@ def upload_artifacts(
                 rejected.append((ref, why))
     _check_uploaded(sink, client, mlflow_run_id, sent)
     return rejected
+
+
+def _remove_leftovers(sink: MlflowSink, client: Any, mlflow_run_id: str, folders: set[str]) -> None:
+    """Remove what an upload into these folders left when its process was killed (only ff-sync
+    writes into a synced run's artifacts, and one ff-sync at a time per destination)."""
+    found = sink.call(
+        f"open the artifacts of run {mlflow_run_id}",
+        lambda: local_upload_leftovers(client, mlflow_run_id),
+    )
+    if found is None:
+        return
+    root, prefix = found
+    for folder in folders:
+        try:
+            entries = list(os.scandir(root / folder if folder else root))
+        except FileNotFoundError:
+            continue  # nothing uploaded there yet
+        for entry in entries:
+            if entry.name.startswith(prefix) and entry.is_file(follow_symlinks=False):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry.path)
 
 
 def _upload_one(

@@ -96,3 +96,23 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def local_upload_leftovers(client: Any, mlflow_run_id: str) -> tuple[Path, str] | None:
+    """The run's artifact folder and the prefix of the temporary files MLflow's local artifact
+    store writes before renaming them into place, when the run's artifacts are written on this
+    host; ``None`` otherwise (a server, a cloud store, another MLflow layout).
+
+    A process killed mid-upload leaves such a file behind (MLflow removes it only on an
+    exception); the next upload into the folder removes it.
+    """
+    try:
+        from mlflow.store.artifact import local_artifact_repo as local
+
+        repo = client._tracking_client._get_artifact_repo(mlflow_run_id)
+        prefix = local._TEMP_ARTIFACT_PREFIX
+    except (ImportError, AttributeError):  # pragma: no cover - another MLflow layout
+        return None
+    if not isinstance(repo, local.LocalArtifactRepository) or not isinstance(prefix, str):
+        return None
+    return Path(repo.artifact_dir), prefix
