@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from formula_foundry.errors import FormulaFoundryError, StoreUnavailable
 from formula_foundry.sync.engine.refusals import local_refusal, quoted
 from formula_foundry.sync.engine.sink import ArtifactRef
-from formula_foundry.sync.mlflow.internals import local_upload_leftovers
+from formula_foundry.sync.mlflow.internals import list_run_artifacts, local_upload_leftovers
 
 if TYPE_CHECKING:
     from formula_foundry.sync.mlflow.client_sink import MlflowSink
@@ -40,10 +40,13 @@ def upload_artifacts(
         sink, client, mlflow_run_id, {ref.path.rpartition("/")[0] for ref, _ in files}
     )
     with tempfile.TemporaryDirectory(prefix="ff-upload-") as tmp:
-        for i, (ref, obj) in enumerate(files):
+        seen: dict[str, int] = {}
+        for ref, obj in files:
             folder, _, name = ref.path.rpartition("/")
-            link = Path(tmp) / str(i) / name
-            link.parent.mkdir()
+            # One staging folder; a name met again goes one folder deeper per repeat.
+            repeat = seen[name] = seen.get(name, -1) + 1
+            link = Path(tmp, *([str(repeat)] if repeat else []), name)
+            link.parent.mkdir(exist_ok=True)
             link.symlink_to(obj)
             why = _upload_one(sink, client, mlflow_run_id, ref, str(link), folder or None)
             if why is None:
@@ -114,7 +117,7 @@ def _check_uploaded(
     for folder, want in by_folder.items():
         listed = sink.call(
             f"list the artifacts of run {mlflow_run_id}",
-            partial(client.list_artifacts, mlflow_run_id, folder or None),
+            partial(list_run_artifacts(client, mlflow_run_id), folder or None),
         )
         have = {info.path: info.file_size for info in listed if not info.is_dir}
         for path, size in want.items():

@@ -116,3 +116,15 @@ def local_upload_leftovers(client: Any, mlflow_run_id: str) -> tuple[Path, str] 
     if not isinstance(repo, local.LocalArtifactRepository) or not isinstance(prefix, str):
         return None
     return Path(repo.artifact_dir), prefix
+
+
+def list_run_artifacts(client: Any, mlflow_run_id: str) -> Callable[[str | None], Any]:
+    """``list_artifacts(path)`` of the run's cached artifact repository: one request per
+    listing, where ``MlflowClient.list_artifacts`` first reads the run twice and searches its
+    logged models (four requests to a server)."""
+    try:
+        repo = client._tracking_client._get_artifact_repo(mlflow_run_id)
+        listing: Callable[[str | None], Any] = repo.list_artifacts
+    except AttributeError:  # pragma: no cover - another MLflow layout: the public call
+        return lambda path: client.list_artifacts(mlflow_run_id, path)
+    return listing
