@@ -25,6 +25,8 @@ CONFIG_ENV_VARS = (
     "FF_SYSTEM_METRICS",
     "FF_SYSTEM_METRICS_INTERVAL_S",
     "FF_SYSTEM_METRICS_NODE",
+    "FF_CAPTURE_OUTPUT",
+    "FF_CONSOLE_MAX_BYTES",
     # The batch job's variables the tracker turns into tags: a suite run inside a Slurm (or
     # PBS, LSF) allocation must log what it logs elsewhere.
     *JOB_FACTS.values(),

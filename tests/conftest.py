@@ -40,6 +40,8 @@ FAST: tuple[str, ...] = (
     "tests/sync/test_quarantine.py",
     "tests/sync/test_gc_lagging.py",
     "tests/sync/test_verify.py::test_a_clean_sync_verifies",
+    "tests/sync/test_tail.py",
+    "tests/sync/test_console_sync.py",
     "tests/dropin/test_store.py",
     "tests/dropin/test_artifacts.py::test_client_calls_in_process_log_list_and_download",
     "tests/dropin/test_artifacts.py::test_artifact_uris_split_at_the_run_folder_whatever_the_paths_hold",

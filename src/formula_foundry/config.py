@@ -15,7 +15,8 @@ Relative paths in environment variables resolve against the working directory, l
 path typed in a shell. Overrides: ``MLFLOW_TRACKING_URI`` (backend store URI),
 ``FF_SPOOL_ROOT`` (spool root), ``FF_TRACKING_DISABLED`` (1/true/yes: no-op tracker),
 ``FF_DURABILITY`` (write | fsync | buffered), ``FF_SYSTEM_METRICS`` (1/0),
-``FF_SYSTEM_METRICS_INTERVAL_S`` (seconds), ``FF_SYSTEM_METRICS_NODE`` (a name).
+``FF_SYSTEM_METRICS_INTERVAL_S`` (seconds), ``FF_SYSTEM_METRICS_NODE`` (a name),
+``FF_CAPTURE_OUTPUT`` (1/0), ``FF_CONSOLE_MAX_BYTES`` (bytes).
 """
 
 from __future__ import annotations
@@ -47,6 +48,10 @@ _SCHEMA: dict[str, dict[str, tuple[type | tuple[type, ...], Any]]] = {
         "system_metrics": (bool, False),
         "system_metrics_interval_s": ((int, float), 10.0),
         "system_metrics_node": (str, ""),
+        # Console capture of the runs a process starts (docs/observability.md); off by default.
+        "capture_output": (bool, False),
+        # Bytes of output one process spools into one run; what comes after is counted only.
+        "console_max_bytes": (int, 100 * 1024 * 1024),
     },
     "spool": {
         "root": (str, "data/runs"),
@@ -96,6 +101,8 @@ class Settings:
     system_metrics_interval_s: float = 10.0
     # The node part of system metric names (system/<node>/...); None: decided per process.
     system_metrics_node: str | None = None
+    capture_output: bool = False
+    console_max_bytes: int = 100 * 1024 * 1024
     raw: Mapping[str, Mapping[str, Any]] = field(repr=False, compare=False, default_factory=dict)
 
 
@@ -223,6 +230,7 @@ def _build(values: dict[str, dict[str, Any]], path: Path | None, root: Path) -> 
             raise ConfigError(f"FF_TRACKING_DISABLED must be 1 or 0, got {env_disabled!r}")
         disabled = flag in _TRUE
     system_metrics, interval_s, node = _system_metrics(tr, where)
+    capture_output, console_max_bytes = _console(tr, where)
 
     for name, value in (
         ("spool.heartbeat_s", sp["heartbeat_s"]),
@@ -264,6 +272,8 @@ def _build(values: dict[str, dict[str, Any]], path: Path | None, root: Path) -> 
         system_metrics=system_metrics,
         system_metrics_interval_s=interval_s,
         system_metrics_node=node,
+        capture_output=capture_output,
+        console_max_bytes=console_max_bytes,
         raw=values,
     )
 
@@ -305,6 +315,35 @@ def _system_metrics(tr: Mapping[str, Any], where: str) -> tuple[bool, float, str
                 f"'/'; it becomes one part of the names system/<node>/...), got {node!r}"
             )
     return on, float(interval), node or None
+
+
+def _console(tr: Mapping[str, Any], where: str) -> tuple[bool, int]:
+    """tracking.capture_output and tracking.console_max_bytes, each overridden by its
+    variable (FF_CAPTURE_OUTPUT, FF_CONSOLE_MAX_BYTES)."""
+    on = _flag("FF_CAPTURE_OUTPUT", bool(tr["capture_output"]))
+    limit: int = tr["console_max_bytes"]
+    src = f"{where}: tracking.console_max_bytes"
+    env_limit = os.environ.get("FF_CONSOLE_MAX_BYTES")
+    if env_limit:
+        src = "FF_CONSOLE_MAX_BYTES"
+        try:
+            limit = int(env_limit.strip())
+        except ValueError:
+            raise ConfigError(f"{src} must be a whole number of bytes, got {env_limit!r}") from None
+    if limit < 0:
+        raise ConfigError(f"{src} must be >= 0 bytes, got {limit!r}")
+    return on, limit
+
+
+def _flag(variable: str, default: bool) -> bool:
+    """``default``, unless the environment variable says 1 or 0 (true/false, yes/no, on/off)."""
+    value = os.environ.get(variable)
+    if value is None:
+        return default
+    flag = value.strip().lower()
+    if flag not in _TRUE | _FALSE:
+        raise ConfigError(f"{variable} must be 1 or 0, got {value!r}")
+    return flag in _TRUE
 
 
 def _path(root: Path, value: str) -> Path:

@@ -43,6 +43,9 @@ K_ARTIFACT: Final = "artifact"
 K_RUN_END: Final = "run_end"
 K_HEARTBEAT: Final = "heartbeat"
 K_TAG_DELETE: Final = "tag_delete"
+# Bytes a process wrote to its stdout or stderr while a run captured them (tracking/console.py);
+# ff-sync sends nothing for them, ``ff-sync tail`` prints them.
+K_CONSOLE: Final = "console"
 KINDS: Final = frozenset(
     {
         K_SEGMENT,
@@ -55,6 +58,7 @@ KINDS: Final = frozenset(
         K_RUN_END,
         K_HEARTBEAT,
         K_TAG_DELETE,
+        K_CONSOLE,
     }
 )
 

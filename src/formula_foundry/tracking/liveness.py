@@ -3,7 +3,9 @@
 A single daemon thread per process appends one ``heartbeat`` event to each active run every
 ``spool.heartbeat_s`` seconds — never on the ``log_*`` path — so ``ff-sync`` can tell a quiet
 run from a dead one. SIGTERM (a batch scheduler's time limit or preemption) ends the process's
-active runs as KILLED before the process goes, when no other handler was installed.
+active runs as KILLED before the process goes, when no other handler was installed. Ending a
+run that captures the console gives the process its stdout and stderr back first
+(``Run.end``).
 """
 
 from __future__ import annotations
@@ -110,7 +112,9 @@ def install_excepthook(end_all: Callable[[str, str], None]) -> None:
     KILLED), with the exception as the reason, before the previous hook prints it.
 
     Without it the interpreter's exit would end them FINISHED: a crashed job whose runs read
-    as successes. Chains to whatever hook was installed; installed once per process.
+    as successes. While a run captures the console, the previous hook prints first, so the
+    traceback is in the run's console. Chains to whatever hook was installed; installed once
+    per process.
     """
     global _excepthook_installed
     if _excepthook_installed:
@@ -119,14 +123,30 @@ def install_excepthook(end_all: Callable[[str, str], None]) -> None:
 
     def hook(exc_type: type[BaseException], exc: BaseException, tb: TracebackType | None) -> None:
         # An interactive interpreter reports the exception and goes on: the runs go on too.
-        if not (sys.flags.interactive or hasattr(sys, "ps1")):
-            status = "KILLED" if issubclass(exc_type, KeyboardInterrupt) else "FAILED"
-            with contextlib.suppress(Exception):
-                end_all(status, _exception_reason(exc_type, exc))
+        if sys.flags.interactive or hasattr(sys, "ps1"):
+            previous(exc_type, exc, tb)
+            return
+        status = "KILLED" if issubclass(exc_type, KeyboardInterrupt) else "FAILED"
+        if _capturing():
+            # The traceback is what the run's console most needs: printed while captured.
+            try:
+                previous(exc_type, exc, tb)
+            finally:
+                with contextlib.suppress(Exception):
+                    end_all(status, _exception_reason(exc_type, exc))
+            return
+        with contextlib.suppress(Exception):
+            end_all(status, _exception_reason(exc_type, exc))
         previous(exc_type, exc, tb)
 
     sys.excepthook = hook
     _excepthook_installed = True
+
+
+def _capturing() -> bool:
+    """Whether a run captures this process's console (tracking/console.py, loaded only then)."""
+    console = sys.modules.get(__package__ + ".console") if __package__ else None
+    return bool(console is not None and console.capturing())
 
 
 def _exception_reason(exc_type: type[BaseException], exc: BaseException) -> str:

@@ -51,6 +51,7 @@ from formula_foundry.tracking.spool_writer import (
 )
 
 if TYPE_CHECKING:
+    from formula_foundry.tracking.console import ConsoleCapture
     from formula_foundry.tracking.system_metrics import SystemSampler
     from formula_foundry.tracking.tracker import Tracker
 
@@ -178,6 +179,8 @@ class Run:
         self._attached = False
         # The system-metrics sampler of this run, if it has one (tracking/system_metrics.py).
         self._sampler: SystemSampler | None = None
+        # The console capture of this run, if it has one (tracking/console.py).
+        self._console: ConsoleCapture | None = None
         self.status = "RUNNING"
 
     def __repr__(self) -> str:
@@ -479,6 +482,9 @@ class Run:
         sampler, self._sampler = self._sampler, None
         if sampler is not None:
             sampler.stop()  # its last, partial window goes in before the run_end event
+        console, self._console = self._console, None
+        if console is not None:
+            console.stop()  # the fds back, and the last chunk in before the run_end event
         writer = self._writer
         if self._attached:
             # An attached worker detaches; ending the run is its owner's business.

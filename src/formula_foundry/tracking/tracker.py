@@ -137,6 +137,7 @@ class Tracker:
         description: str | None = None,
         run_id: str | None = None,
         log_system_metrics: bool | None = None,
+        capture_output: bool | None = None,
     ) -> Run:
         """Start a run and return its handle (also a context manager).
 
@@ -155,8 +156,14 @@ class Tracker:
         ``log_system_metrics``: sample CPU, memory, disk, network and the job's GPUs into the
         run in the background (docs/observability.md). ``None``: ``$FF_SYSTEM_METRICS``, else
         ``tracking.system_metrics``, for a top-level run; a nested run samples only if asked.
+
+        ``capture_output``: tee this process's stdout and stderr (file descriptors 1 and 2:
+        C extensions and child processes too) into the run's spool until it ends
+        (docs/observability.md). ``None``: ``$FF_CAPTURE_OUTPUT``, else
+        ``tracking.capture_output``, for a top-level run; a nested run captures only if asked.
         """
-        _check_flag(log_system_metrics)
+        _check_flag("log_system_metrics", log_system_metrics)
+        _check_flag("capture_output", capture_output)
         stack = self._stack()
         parent = stack[-1] if stack else None
         if parent is not None and not nested:
@@ -187,6 +194,7 @@ class Tracker:
                 run_artifacts=run_artifacts,
                 description=description,
                 log_system_metrics=log_system_metrics,
+                capture_output=capture_output,
             )
         except BaseException:
             if env_run_id:
@@ -206,6 +214,7 @@ class Tracker:
         run_artifacts: RunArtifactsLike | None,
         description: str | None,
         log_system_metrics: bool | None,
+        capture_output: bool | None,
     ) -> Run:
         """The part of :meth:`start_run` after the names and ``FF_RUN_ID`` are settled."""
         resumed = run_id is not None and not self.settings.disabled
@@ -247,6 +256,10 @@ class Tracker:
             log_system_metrics = parent is None and self.settings.system_metrics
         if log_system_metrics:
             self._sample(run, attached=False, resumed=who.origin is not None)
+        if capture_output is None:  # the same: the settings speak for top-level runs only
+            capture_output = parent is None and self.settings.capture_output
+        if capture_output:
+            self._capture(run)
         return run
 
     def _identity(
@@ -274,7 +287,9 @@ class Tracker:
         name = run_name or origin.run_name or f"run-{run_id[:8]}"
         return _Identity(run_id, name, origin.experiment, origin, renamed)
 
-    def attach_run(self, run_id: str, *, log_system_metrics: bool = False) -> Run:
+    def attach_run(
+        self, run_id: str, *, log_system_metrics: bool = False, capture_output: bool = False
+    ) -> Run:
         """Log into a run started elsewhere (another rank, a pool worker): a segment of its own.
 
         The handle never ends the run: leaving its ``with`` block (or ``end()``) only closes
@@ -284,8 +299,13 @@ class Tracker:
         under names of its own (``system/<host>-rank<N>/...``; docs/observability.md). The
         settings never turn it on here: workers inherit them, and would repeat one host's
         series once per worker.
+
+        ``capture_output=True``: this process's stdout and stderr go into the run too (its
+        own segment says which host and process); never from the settings, for the same
+        reason.
         """
-        _check_flag(log_system_metrics)
+        _check_flag("log_system_metrics", log_system_metrics)
+        _check_flag("capture_output", capture_output)
         run_id = check_run_id(run_id)
         if self.settings.disabled:
             # Nothing is spooled, so there is nothing to find: the handle logs nowhere, as
@@ -314,6 +334,8 @@ class Tracker:
         self._register(run)
         if log_system_metrics:
             self._sample(run, attached=True, resumed=True)
+        if capture_output:
+            self._capture(run)
         return run
 
     def _sample(self, run: Run, *, attached: bool, resumed: bool) -> None:
@@ -324,6 +346,15 @@ class Tracker:
         from formula_foundry.tracking.system_metrics import sample_run
 
         run._sampler = sample_run(run, self.settings, attached=attached, resumed=resumed)
+
+    def _capture(self, run: Run) -> None:
+        """Start the run's console capture (not in disabled mode: nothing is written)."""
+        if self.settings.disabled:
+            return
+        # Deferred: only a run that captures loads the capture (and ctypes, for fflush).
+        from formula_foundry.tracking.console import capture_run
+
+        run._console = capture_run(run, self.settings)
 
     def _register(self, run: Run) -> None:
         with self._active_lock:
@@ -394,9 +425,9 @@ def _run_start_event(run: Run, *, resume: bool) -> dict[str, Any]:
     return start
 
 
-def _check_flag(value: object) -> None:
+def _check_flag(name: str, value: object) -> None:
     if value is not None and not isinstance(value, bool):
-        raise ValidationError(f"log_system_metrics must be True, False or None, got {value!r}")
+        raise ValidationError(f"{name} must be True, False or None, got {value!r}")
 
 
 def _initial_tags(

@@ -350,6 +350,46 @@ def verify_command(opts: SyncOptions, as_json: bool) -> None:
     sys.exit(_run(body))
 
 
+@main.command("tail")
+@click.argument("run_id", metavar="RUN_ID")
+@click.option(
+    "-f",
+    "--follow",
+    is_flag=True,
+    help="Print new output as it is spooled, until the run ends (or Ctrl-C).",
+)
+@click.option(
+    "--stream",
+    type=click.Choice(["stdout", "stderr"]),
+    help="Only this stream (where both went to one place, they were captured as one: shown whole).",
+)
+@click.pass_obj
+def tail_command(opts: SyncOptions, run_id: str, follow: bool, stream: str | None) -> None:
+    """Print the console output a run captured (start_run(capture_output=True)).
+
+    Reads the run's spool, never MLflow: any host that sees the spool can follow a job
+    while it runs. The output of several processes of the run is merged in time order, each
+    process's bytes after a line `==> <host> pid <pid> <==`. Remarks (the capture's size cap
+    reached, bytes dropped) go to stderr.
+
+    \b
+    Exit codes:
+      0   done (with --follow: the run ended, or Ctrl-C)
+      2   usage or configuration error, or no such run in the spool
+    """
+    from formula_foundry.sync.commands.tail import tail_to
+
+    def note(line: str) -> None:
+        _err(f"ff-sync tail: {one_line(line, limit=1000)}")
+
+    def body() -> int:
+        spool_root = opts.settings().spool_root
+        tail_to(sys.stdout.buffer, note, spool_root, run_id, stream=stream, follow=follow)
+        return EXIT_OK
+
+    sys.exit(_run(body))
+
+
 def run() -> None:
     """The ``ff-sync`` command: :func:`main` in a process that skips MLflow's unused imports."""
     from formula_foundry.sync.mlflow.lean_imports import hide_unused_modules
