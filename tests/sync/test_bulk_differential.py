@@ -16,9 +16,12 @@ import dataclasses
 import functools
 import math
 import os
+import re
 import shutil
 import sqlite3
 import tempfile
+import threading
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -31,7 +34,7 @@ from formula_foundry.config import Settings, load_settings
 from formula_foundry.errors import ParamConflictError
 from formula_foundry.sync import sync_once
 from formula_foundry.sync.engine.destination import destination_key
-from formula_foundry.sync.engine.sink import BatchLimits
+from formula_foundry.sync.engine.sink import BatchLimits, DestinationRejected
 from formula_foundry.sync.mlflow.client_sink import MlflowSink, open_sink
 from formula_foundry.sync.mlflow.sql_bulk import (
     KNOWN_REVISIONS,
@@ -368,6 +371,49 @@ def test_a_deleted_run_refuses_bulk_metrics_as_it_refuses_log_batch(
     assert "must be in the 'active' state" in reports[True][0]
 
 
+def test_a_run_deleted_while_a_batch_waits_for_the_lock_gets_none_of_it(
+    template: Path, tmp_path: Path
+) -> None:
+    # The run is checked inside the batch's own write transaction: a writer holding the lock
+    # that deletes the run before it lets go leaves the batch refused, not written to it.
+    db = tmp_path / "store.db"
+    shutil.copy(template, db)
+    s = _settings(tmp_path, f"sqlite:///{db}", True)
+    run = Tracker(s).start_run(run_name="raced", experiment_name="diff")
+    run.log_metric("loss", 1.0, step=0)
+    assert sync_once(s).exit_code == 0
+    con = sqlite3.connect(db, isolation_level=None)
+    ((mlflow_run_id,),) = con.execute(
+        "SELECT run_uuid FROM tags WHERE key = 'ff.run_uuid' AND value = ?", (run.run_id,)
+    )
+    sink = open_sink(s)
+    assert isinstance(sink, BulkSink)
+    outcome: list[BaseException | None] = []
+
+    def write() -> None:
+        try:
+            sink.log_batch(mlflow_run_id, [("loss", 2.0, T0, 1)], (), ())
+            outcome.append(None)
+        except BaseException as exc:
+            outcome.append(exc)
+
+    con.execute("BEGIN IMMEDIATE")
+    writer = threading.Thread(target=write)
+    writer.start()
+    writer.join(0.5)  # long enough to reach the run's check (before the fix it passed here)
+    con.execute("UPDATE runs SET lifecycle_stage = 'deleted' WHERE run_uuid = ?", (mlflow_run_id,))
+    con.execute("COMMIT")
+    writer.join()
+    sink.close()
+    (error,) = outcome
+    assert isinstance(error, DestinationRejected), error
+    assert "must be in the 'active' state" in str(error)
+    steps = [row[0] for row in con.execute("SELECT step FROM metrics")]
+    latest = list(con.execute("SELECT step, value FROM latest_metrics"))
+    con.close()
+    assert steps == [0] and latest == [(0, 1.0)]
+
+
 def test_known_revision_is_the_installed_mlflow_head() -> None:
     from alembic.script import ScriptDirectory
     from mlflow.store.db.utils import _get_alembic_config
@@ -377,15 +423,23 @@ def test_known_revision_is_the_installed_mlflow_head() -> None:
 
 
 @pytest.fixture(scope="module")
-def pg_pair(template: Path) -> Iterator[tuple[str, str]]:
-    """Two migrated PostgreSQL databases on a throw-away cluster: bulk and log_batch."""
-    from tests._services import create_database, migrated_template, postgres_cluster
+def pg_template(template: Path) -> Iterator[tuple[str, str]]:
+    """A throw-away PostgreSQL cluster: its admin URI, and a database MLflow migrated."""
+    from tests._services import migrated_template, postgres_cluster
 
     with postgres_cluster() as admin:
-        name = migrated_template(admin, template.parent / "pg-scratch")
-        pair = create_database(admin, template=name), create_database(admin, template=name)
-        assert _sink_kind(template.parent, pair[0], bulk=True) is BulkSink
-        yield pair
+        yield admin, migrated_template(admin, template.parent / "pg-scratch")
+
+
+@pytest.fixture(scope="module")
+def pg_pair(template: Path, pg_template: tuple[str, str]) -> tuple[str, str]:
+    """Two migrated PostgreSQL databases: bulk and log_batch."""
+    from tests._services import create_database
+
+    admin, name = pg_template
+    pair = create_database(admin, template=name), create_database(admin, template=name)
+    assert _sink_kind(template.parent, pair[0], bulk=True) is BulkSink
+    return pair
 
 
 @pytest.mark.postgres
@@ -399,6 +453,34 @@ def test_bulk_path_on_postgresql_writes_what_log_batch_writes(
     # No reset between examples: each compares only the runs it made.
     with tempfile.TemporaryDirectory(dir=template.parent) as tmp:
         run_scenario(*pg_pair, Path(tmp), sc)
+
+
+@pytest.mark.postgres
+def test_bulk_path_without_temporary_tables_writes_what_log_batch_writes(
+    template: Path, pg_template: tuple[str, str]
+) -> None:
+    # A user who may not create temporary tables (the bulk path's staging table for COPY)
+    # gets the rows inserted as bound values instead: the same store.
+    import psycopg
+
+    from tests._services import create_database
+
+    admin, name = pg_template
+    bulk_uri, plain_uri = (create_database(admin, template=name) for _ in range(2))
+    database, role = bulk_uri.rsplit("/", 1)[1], f"ff_no_temp_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(bulk_uri, autocommit=True) as conn:
+        conn.execute(f"CREATE ROLE {role} LOGIN")
+        conn.execute(f'REVOKE TEMPORARY ON DATABASE "{database}" FROM PUBLIC')
+        conn.execute(f"GRANT ALL ON ALL TABLES IN SCHEMA public TO {role}")
+        conn.execute(f"GRANT ALL ON ALL SEQUENCES IN SCHEMA public TO {role}")
+        row = conn.execute(
+            "SELECT has_database_privilege(%s, current_database(), 'TEMPORARY')", (role,)
+        ).fetchone()
+    assert row == (False,)
+    user_uri = re.sub(r"://[^@/]*@", f"://{role}@", bulk_uri, count=1)
+    assert _sink_kind(template.parent, user_uri, bulk=True) is BulkSink
+    with tempfile.TemporaryDirectory(dir=template.parent) as tmp:
+        run_scenario(user_uri, plain_uri, Path(tmp), TIES)
 
 
 def test_a_stored_zero_keeps_its_sign_when_an_equal_value_replaces_it() -> None:

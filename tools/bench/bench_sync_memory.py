@@ -3,7 +3,8 @@
 
 Usage::
 
-    python tools/bench/bench_sync_memory.py [--small-mb 100] [--big-mb 1024] [--dir DIR]
+    python tools/bench/bench_sync_memory.py [--small-mb 100] [--big-mb 1024] [--repeat 3]
+                                            [--dir DIR]
 
 Two spools are written with the real tracker (20 runs, ``log_metrics`` of 10 keys per call,
 200-character keys so that a gigabyte is a few million points rather than tens of millions),
@@ -13,14 +14,18 @@ same way in the same script, are processes that only import MLflow and open the 
 store (what any MLflow client pays before it writes anything): with every import, and with
 pandas, SciPy and PyArrow hidden as the ``ff-sync`` command hides them.
 
-Printed: peak RSS of the baseline, of the small and of the big sync, and the ratio big/small
-(flat memory: close to 1.00) and the increment of each sync over the lean baseline.
+Each spool is synced ``--repeat`` times (small, big, small, big, ...), each time by a fresh
+process into a fresh store with a fresh sync state. Printed: peak RSS of the baseline, of each
+sync, and per round the ratio big/small (flat memory: close to 1.00) and the increment of each
+sync over the lean baseline; then the median and range over the rounds.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -83,26 +88,39 @@ def write_spool(project: Path, megabytes: int, env: dict[str, str]) -> int:
     return spool_size(project / "data" / "runs")
 
 
+def _fresh_destination(project: Path) -> None:
+    """Forget what an earlier round synced: the store, its artifacts, the sync state."""
+    for folder in (project / "data" / "mlflow", project / "data" / "sync"):
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--small-mb", type=int, default=100)
     parser.add_argument("--big-mb", type=int, default=1024)
+    parser.add_argument("--repeat", type=int, default=3, help="rounds of both syncs")
     parser.add_argument("--dir", type=Path, default=None)
     args = parser.parse_args()
     ff_sync = str(Path(sys.executable).with_name("ff-sync"))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("FF_", "MLFLOW_"))}
-    results: dict[str, tuple[float, float, int, int]] = {}
+    peaks: dict[str, list[float]] = {"small": [], "big": []}
     with tempfile.TemporaryDirectory(prefix="ff-bench-mem-", dir=args.dir) as tmp:
+        sizes = {}
         for name, mb in (("small", args.small_mb), ("big", args.big_mb)):
-            project = Path(tmp) / name
-            size = write_spool(project, mb, env)
-            rss, secs, code = peak_rss_mib([ff_sync, "-q"], project, env)
-            if code != 0:
-                raise SystemExit(f"ff-sync exited {code} on the {name} spool")
-            results[name] = (rss, secs, code, size)
-            print(
-                f"{name}: {size / 2**20:8.0f} MiB spool synced in {secs:6.0f} s, peak {rss:.1f} MiB"
-            )
+            sizes[name] = write_spool(Path(tmp) / name, mb, env)
+        for i in range(args.repeat):
+            for name in ("small", "big"):
+                project = Path(tmp) / name
+                _fresh_destination(project)
+                rss, secs, code = peak_rss_mib([ff_sync, "-q"], project, env)
+                if code != 0:
+                    raise SystemExit(f"ff-sync exited {code} on the {name} spool")
+                peaks[name].append(rss)
+                print(
+                    f"round {i + 1}, {name}: {sizes[name] / 2**20:6.0f} MiB spool synced in "
+                    f"{secs:5.0f} s, peak {rss:.1f} MiB",
+                    flush=True,
+                )
         base_project = Path(tmp) / "small"
         config = str(base_project / "config" / "mlflow.yaml")
         bases = {}
@@ -111,16 +129,20 @@ def main() -> int:
             bases[kind], _, code = peak_rss_mib(cmd, base_project, env)
             if code != 0:
                 raise SystemExit("the baseline process failed")
-    small, big = results["small"][0], results["big"][0]
     base = bases["lean"]
     print(
         f"baseline: import MLflow and open a SQLite store: peak {bases['full']:.1f} MiB, "
         f"{base:.1f} MiB without pandas/SciPy/PyArrow (as ff-sync imports it)"
     )
-    print(
-        f"peak RSS: small {small:.1f} MiB (+{small - base:.1f} over baseline), "
-        f"big {big:.1f} MiB (+{big - base:.1f}); big / small = {big / small:.3f}"
-    )
+    ratios = [b / s for s, b in zip(peaks["small"], peaks["big"], strict=True)]
+    for name in ("small", "big"):
+        p, median = sorted(peaks[name]), statistics.median(peaks[name])
+        print(
+            f"peak RSS {name}: median {median:.1f} MiB (+{median - base:.1f} over baseline), "
+            f"range {p[0]:.1f}-{p[-1]:.1f} MiB"
+        )
+    r = sorted(ratios)
+    print(f"big / small: median {statistics.median(r):.3f}, range {r[0]:.3f}-{r[-1]:.3f}")
     return 0
 
 
