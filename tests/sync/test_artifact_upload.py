@@ -5,6 +5,7 @@ server`` proxying its artifacts."""
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -185,3 +186,55 @@ def test_files_above_the_upload_limit_are_referenced(project: Project) -> None:
     assert doc["store_root"] == str(project.root / "data" / "artifacts")
     verified = project.ff_sync("verify", "--json")
     assert verified.returncode == 0, verified.stdout + verified.stderr
+
+
+RESERVED = """
+import sys
+from pathlib import Path
+src = Path(sys.argv[1])
+with tracker.start_run(run_name="reserved") as run:
+    run.log_artifact(src / ".artifact.uploading.keep")
+    run.log_artifact(src / "config.yaml", "out")
+    print(run.run_id)
+"""
+
+
+def test_a_name_mlflow_reserves_is_refused_not_swept_away(project: Project) -> None:
+    """A local artifact root: a file named like MLflow's temporary files would be deleted by
+    the next upload's sweep of killed uploads, so it is refused by name (MLflow refuses it
+    too), and the files beside it arrive."""
+    src = _sources(project.root)
+    (src / ".artifact.uploading.keep").write_text("mine")
+    run_id = project.spool(RESERVED, str(src)).strip()
+    report = project.sync()
+    assert report.exit_code == 1 and report.quarantined == 1, report
+    lines = report.quarantine_file.read_text()
+    assert ".artifact.uploading.keep" in lines and "reserved" in lines, lines
+    assert _tree(project, run_id) == {"out/config.yaml": b"lr: 0.1\n"}
+
+
+AGAIN = """
+import sys
+from pathlib import Path
+with tracker.start_run(run_id=sys.argv[2] or None) as run:
+    run.log_artifact(Path(sys.argv[1]) / "config.yaml", "out")
+    print(run.run_id)
+"""
+
+
+def test_a_symlink_planted_in_the_artifact_root_is_not_followed_out(project: Project) -> None:
+    src = _sources(project.root)
+    run_id = project.spool(AGAIN, str(src), "").strip()
+    assert project.sync().exit_code == 0
+    (uploaded,) = (project.root / "data" / "mlflow" / "artifacts").rglob("out")
+    outside = project.root / "outside"
+    outside.mkdir()
+    # The run's folder "out" now leads outside the root: the file logged there again (the run
+    # resumed) must not be written through the link.
+    shutil.rmtree(uploaded)
+    uploaded.symlink_to(outside)
+    assert project.spool(AGAIN, str(src), run_id).strip() == run_id
+    report = project.sync()
+    assert report.exit_code == 1, report
+    assert "leads out of the run's artifact root" in report.quarantine_file.read_text()
+    assert list(outside.iterdir()) == []

@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,6 +21,7 @@ from formula_foundry.errors import FormulaFoundryError, StoreUnavailable
 from formula_foundry.sync.engine.refusals import local_refusal, quoted
 from formula_foundry.sync.engine.sink import ArtifactRef
 from formula_foundry.sync.mlflow.internals import list_run_artifacts, local_upload_leftovers
+from formula_foundry.sync.mlflow.local_upload import LocalRoot
 
 if TYPE_CHECKING:
     from formula_foundry.sync.mlflow.client_sink import MlflowSink
@@ -32,40 +33,60 @@ def upload_artifacts(
     """The sink's ``upload_artifacts`` (see :class:`~formula_foundry.sync.engine.sink.Sink`)."""
     rejected: list[tuple[ArtifactRef, str]] = []
     sent: list[ArtifactRef] = []
-    # MLflow names an uploaded file after the local one; objects are named by digest, so
-    # each goes up through a link carrying its artifact name (its content is read through
-    # the link: MLflow's local store writes a temporary file and renames it, a server
-    # receives the bytes).
-    _remove_leftovers(
+    found = _remove_leftovers(
         sink, client, mlflow_run_id, {ref.path.rpartition("/")[0] for ref, _ in files}
     )
     with tempfile.TemporaryDirectory(prefix="ff-upload-") as tmp:
-        seen: dict[str, int] = {}
+        send = (
+            LocalRoot(*found).copy_in
+            if found is not None
+            else _Staged(client, mlflow_run_id, Path(tmp)).send
+        )
         for ref, obj in files:
-            folder, _, name = ref.path.rpartition("/")
-            # One staging folder; a name met again goes one folder deeper per repeat.
-            repeat = seen[name] = seen.get(name, -1) + 1
-            link = Path(tmp, *([str(repeat)] if repeat else []), name)
-            link.parent.mkdir(exist_ok=True)
-            link.symlink_to(obj)
-            why = _upload_one(sink, client, mlflow_run_id, ref, str(link), folder or None)
+            why = _upload_one(sink, mlflow_run_id, ref, partial(send, obj, ref.path, ref.size))
             if why is None:
                 sent.append(ref)
             else:
                 rejected.append((ref, why))
-    _check_uploaded(sink, client, mlflow_run_id, sent)
+    if found is None:  # a local copy checked its size itself
+        _check_uploaded(sink, client, mlflow_run_id, sent)
     return rejected
 
 
-def _remove_leftovers(sink: MlflowSink, client: Any, mlflow_run_id: str, folders: set[str]) -> None:
+class _Staged:
+    """Uploads through MLflow's client, which names an uploaded file after the local one;
+    objects are named by digest, so each goes up through a link carrying its artifact name
+    (its content is read through the link)."""
+
+    def __init__(self, client: Any, mlflow_run_id: str, staging: Path) -> None:
+        self.client = client
+        self.mlflow_run_id = mlflow_run_id
+        self.staging = staging
+        self.seen: dict[str, int] = {}
+
+    def send(self, obj: Path, artifact_path: str, size: int) -> None:
+        del size  # checked in the listing afterwards
+        folder, _, name = artifact_path.rpartition("/")
+        # One staging folder; a name met again goes one folder deeper per repeat.
+        repeat = self.seen[name] = self.seen.get(name, -1) + 1
+        link = Path(self.staging, *([str(repeat)] if repeat else []), name)
+        link.parent.mkdir(exist_ok=True)
+        link.symlink_to(obj)
+        self.client.log_artifact(self.mlflow_run_id, str(link), folder or None)
+
+
+def _remove_leftovers(
+    sink: MlflowSink, client: Any, mlflow_run_id: str, folders: set[str]
+) -> tuple[Path, str] | None:
     """Remove what an upload into these folders left when its process was killed (only ff-sync
-    writes into a synced run's artifacts, and one ff-sync at a time per destination)."""
+    writes into a synced run's artifacts, and one ff-sync at a time per destination); the run's
+    local artifact folder and MLflow's temporary prefix, ``None`` if it is not on this host."""
     found = sink.call(
         f"open the artifacts of run {mlflow_run_id}",
         lambda: local_upload_leftovers(client, mlflow_run_id),
     )
     if found is None:
-        return
+        return None
     root, prefix = found
     for folder in folders:
         try:
@@ -76,34 +97,30 @@ def _remove_leftovers(sink: MlflowSink, client: Any, mlflow_run_id: str, folders
             if entry.name.startswith(prefix) and entry.is_file(follow_symlinks=False):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(entry.path)
+    return found
 
 
 def _upload_one(
-    sink: MlflowSink,
-    client: Any,
-    mlflow_run_id: str,
-    ref: ArtifactRef,
-    local: str,
-    folder: str | None,
+    sink: MlflowSink, mlflow_run_id: str, ref: ArtifactRef, send: Callable[[], str | None]
 ) -> str | None:
     """Upload one file; the reason the destination can never take it, or ``None``."""
     what = f"upload {quoted(ref.path)} to run {mlflow_run_id}"
     try:
-        client.log_artifact(mlflow_run_id, local, folder)
+        why = send()
     except FormulaFoundryError:
         raise
     except Exception as exc:
-        local_why = local_refusal(exc)
-        if local_why is not None:
-            return (
-                f"{sink.description} cannot store artifact {quoted(ref.path)} of run "
-                f"{mlflow_run_id}: {local_why}"
-            )
-        err = sink.classify(exc, what)
-        if err is None:
-            raise
-        raise err from exc
-    return None
+        why = local_refusal(exc)
+        if why is None:
+            err = sink.classify(exc, what)
+            if err is None:
+                raise
+            raise err from exc
+    if why is None:
+        return None
+    return (
+        f"{sink.description} cannot store artifact {quoted(ref.path)} of run {mlflow_run_id}: {why}"
+    )
 
 
 def _check_uploaded(
