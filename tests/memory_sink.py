@@ -29,11 +29,13 @@ from formula_foundry.sync.engine.sink import (
     ArtifactRef,
     BatchLimits,
     MetricRow,
+    ModelSpec,
     RemoteRun,
     RunMissing,
     RunSpec,
     StoredParamConflict,
 )
+from formula_foundry.tracking.events import MODEL_ID_TAG
 
 T = TypeVar("T")
 
@@ -57,6 +59,105 @@ class MemoryRun:
     files: dict[str, bytes] = field(default_factory=dict)
 
 
+@dataclass
+class MemoryModel:
+    """One destination logged model, as MLflow would hold it."""
+
+    model_id: str
+    experiment: str
+    name: str
+    source_run: str
+    model_type: str | None
+    status: str = "PENDING"
+    params: dict[str, str] = field(default_factory=dict)
+    tags: dict[str, str] = field(default_factory=dict)
+    metrics: set[tuple[str, int, int, float | str]] = field(default_factory=set)
+    outputs: dict[str, int] = field(default_factory=dict)  # run -> step
+    files: dict[str, bytes] = field(default_factory=dict)
+
+
+class MemoryModels:
+    """The model calls of a :class:`MemorySink` (its ``model_sink()``), counted and failing
+    with the sink's calls."""
+
+    def __init__(self, sink: MemorySink) -> None:
+        self.sink = sink
+
+    def _model(self, model_id: str) -> MemoryModel:
+        return self.sink.models[model_id]
+
+    def find_model(self, spool_model_id: str, experiment: str | None) -> str | None:
+        def find() -> str | None:
+            found = [
+                m.model_id
+                for m in self.sink.models.values()
+                if m.tags.get(MODEL_ID_TAG) == spool_model_id
+            ]
+            return min(found) if found else None
+
+        return self.sink._call("find_model", find)
+
+    def create_model(self, spec: ModelSpec) -> str:
+        def create() -> str:
+            model_id = f"mm{next(self.sink._ids):04d}"
+            run = self.sink._run(spec.mlflow_run_id)
+            self.sink.models[model_id] = MemoryModel(
+                model_id, run.experiment, spec.name, spec.mlflow_run_id, spec.model_type,
+                params=dict(spec.params), tags=spec.creation_tags(),
+            )  # fmt: skip
+            return model_id
+
+        return self.sink._call("create_model", create)
+
+    def log_model_params(self, model_id: str, params: Sequence[tuple[str, str]]) -> None:
+        def write() -> None:
+            model = self._model(model_id)
+            for key, value in params:
+                assert model.params.setdefault(key, value) == value, f"model param {key}"
+
+        self.sink._call("log_model_params", write)
+
+    def set_model_tags(self, model_id: str, tags: Sequence[tuple[str, str]]) -> None:
+        self.sink._call("set_model_tags", lambda: self._model(model_id).tags.update(tags))
+
+    def delete_model_tag(self, model_id: str, key: str) -> None:
+        self.sink._call("delete_model_tag", lambda: self._model(model_id).tags.pop(key, None))
+
+    def log_model_metrics(
+        self, mlflow_run_id: str, model_id: str, metrics: Sequence[MetricRow]
+    ) -> None:
+        def write() -> None:
+            self.sink._run(mlflow_run_id)
+            for key, value, t, step in metrics:
+                v: float | str = "NaN" if value != value else value
+                self._model(model_id).metrics.add((key, step, t, v))
+
+        self.sink._call("log_model_metrics", write)
+
+    def log_model_output(self, mlflow_run_id: str, model_id: str, step: int) -> None:
+        def write() -> None:
+            self._model(model_id).outputs.setdefault(mlflow_run_id, step)
+
+        self.sink._call("log_model_output", write)
+
+    def finalize_model(self, model_id: str, status: str) -> None:
+        def write() -> None:
+            self._model(model_id).status = status
+
+        self.sink._call("finalize_model", write)
+
+    def upload_model_artifacts(
+        self, model_id: str, files: Sequence[tuple[ArtifactRef, Path]]
+    ) -> list[tuple[ArtifactRef, str]]:
+        for ref, local in files:  # one call per file, as for a run's files
+
+            def write(ref: ArtifactRef = ref, local: Path = local) -> None:
+                self._model(model_id).files[ref.path] = local.read_bytes()
+
+            self.sink._call("upload_model_artifact", write)
+        return []
+
+
 class MemorySink:
     """A destination in a dict; thread-safe (the parallel pass shares one)."""
 
@@ -70,6 +171,7 @@ class MemorySink:
     ) -> None:
         self.limits = limits
         self.runs: dict[str, MemoryRun] = {}
+        self.models: dict[str, MemoryModel] = {}
         self.calls: list[str] = []
         self._fail_at = set(fail_at)
         self._after = after
@@ -181,6 +283,9 @@ class MemorySink:
 
     def close(self) -> None:
         pass
+
+    def model_sink(self) -> MemoryModels:
+        return MemoryModels(self)
 
     # -- reading it back ----------------------------------------------------------------
 

@@ -1,12 +1,17 @@
-"""The bulk metric path writes exactly what MLflow's own ``log_batch`` path writes.
+"""The direct SQL path writes exactly what MLflow's own client writes.
 
-Each example spools arbitrary events with the real tracker (several runs and keys, repeated
-and out-of-order steps, equal steps with other timestamps or values, NaN, ±inf, -0.0,
-params set twice), in phases; after each phase both destinations are synced with the real
-library pass (``sync_once``): one with ``sync.bulk`` on, one with it off. Some passes
+With ``sync.bulk`` on, a store whose schema is known is written by SQL without MLflow
+(``SqlSink``: runs, experiments, params, tags, statuses, identity tags, metrics in bulk); with
+it off, through MLflow's client. Each example spools arbitrary events with the real tracker
+(several runs and keys, odd param and tag keys and values, renames, ends with a reason and
+resumes of the child run, repeated and out-of-order steps, equal steps with other
+timestamps or values, NaN, ±inf, -0.0, params set twice), in phases; after each phase both
+destinations are synced with the real library pass (``sync_once``): one with ``sync.bulk``
+on, one with it off. Some passes
 "crash" after committing (their progress is thrown away), so the next pass sends those
 batches again; batch sizes are drawn too, so the two paths cut the stream differently.
-Then the two SQLite databases must hold the same rows, table by table.
+Then the two databases must hold the same rows, table by table (runs, metrics,
+latest_metrics, params, tags, experiments and their tags).
 """
 
 from __future__ import annotations
@@ -31,19 +36,14 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from formula_foundry.config import Settings, load_settings
-from formula_foundry.errors import ParamConflictError
+from formula_foundry.errors import ParamConflictError, ValidationError
 from formula_foundry.sync import sync_once
 from formula_foundry.sync.engine.destination import destination_key
 from formula_foundry.sync.engine.sink import BatchLimits, DestinationRejected
 from formula_foundry.sync.mlflow.client_sink import MlflowSink, open_sink
-from formula_foundry.sync.mlflow.sql_bulk import (
-    KNOWN_REVISIONS,
-    BulkSink,
-    as_flushed,
-    fold_latest,
-    open_bulk,
-    sql_rows,
-)
+from formula_foundry.sync.mlflow.sql_bulk import as_flushed, fold_latest, sql_rows
+from formula_foundry.sync.mlflow.sql_sink import SqlSink, open_sql_sink
+from formula_foundry.sync.mlflow.sql_store import KNOWN_REVISIONS
 from formula_foundry.tracking.tracker import Tracker
 
 _ENV = ("FF_CONFIG", "FF_SPOOL_ROOT", "MLFLOW_TRACKING_URI", "FF_TRACKING_DISABLED")
@@ -140,13 +140,34 @@ def _rows(con: Any, only: set[str]) -> dict[str, list[tuple[Any, ...]]]:
     ff = {r: v for r, v in ff.items() if v in only}
     out: dict[str, list[tuple[Any, ...]]] = {}
     out["runs"] = sorted(
-        (ff[r[0]], *r[1:])
+        (ff[r[0]], *r[1:-1], r[-1].replace(r[0], "<run>"))
         for r in q(
-            "SELECT r.run_uuid, r.name, r.source_type, r.source_name, r.user_id, r.status, "
-            "r.start_time, r.end_time, r.lifecycle_stage, e.name FROM runs r "
+            "SELECT r.run_uuid, r.name, r.source_type, r.source_name, r.entry_point_name, "
+            "r.source_version, r.user_id, r.status, r.start_time, r.end_time, "
+            "r.lifecycle_stage, r.deleted_time, e.name, r.artifact_uri FROM runs r "
             "JOIN experiments e ON e.experiment_id = r.experiment_id"
         )
         if r[0] in ff
+    )
+    names = {r[-3] for r in out["runs"]} | {"Default"}
+    out["experiments"] = sorted(
+        r
+        for r in q("SELECT name, artifact_location, lifecycle_stage, workspace FROM experiments")
+        if r[0] in names
+    )
+    # Identity tags name each state folder (its id, its path): the same tags up to those.
+    states = [r for r in q("SELECT key, value FROM experiment_tags") if r[0].startswith("ff.")]
+    ids = {k.rsplit(".", 1)[1] for k, _ in states if k.startswith("ff.sync.state.")}
+    out["experiment_tags"] = sorted(
+        (
+            functools.reduce(lambda t, i: t.replace(i, "<state>"), ids, k),
+            re.sub(
+                r'"owner":"[^"]*"',
+                "",
+                functools.reduce(lambda t, i: t.replace(i, "<state>"), ids, v),
+            ),
+        )
+        for k, v in states
     )
     for table in ("metrics", "latest_metrics"):
         # The sign of a zero in latest_metrics depends, in MLflow itself, on where the stream
@@ -187,10 +208,25 @@ multi_op = st.tuples(
     st.integers(-1, 2),
     st.integers(0, 2),
 )
-param_op = st.tuples(st.just("p"), st.sampled_from(("lr", "seed")), st.sampled_from(("1", "2")))
-tag_op = st.tuples(st.just("t"), st.sampled_from(("phase", "note")), st.sampled_from("xyz"))
+# Keys MLflow takes that are easy to get wrong (space, colon, slash, dot, non-ASCII letters);
+# values of any text, empty, or at MLflow's length limits.
+ODD_KEYS = ("lr", "seed", "a b", "x:y", "dir/sub.k", "\u00fc-k\u00e9")
+text = st.text(st.characters(exclude_categories=["Cs"], exclude_characters="\x00"), max_size=8)
+param_op = st.tuples(
+    st.just("p"), st.sampled_from(ODD_KEYS), st.sampled_from(("1", "2", "", "v" * 6000)) | text
+)
+tag_op = st.tuples(
+    st.just("t"),
+    st.sampled_from(("phase", "note", *ODD_KEYS[2:], "mlflow.runName", "mlflow.note.content")),
+    st.sampled_from(("x", "y", "", "w" * 8000)) | text,
+)
+# The child run ends (with a status and maybe a reason) and another process resumes it.
+resume_op = st.tuples(
+    st.just("r"), st.sampled_from(("FINISHED", "FAILED", "KILLED")), st.none() | text
+)
 op = st.tuples(
-    st.integers(0, 2), st.one_of(metric_op, metric_op, metric_op, multi_op, param_op, tag_op)
+    st.integers(0, 2),
+    st.one_of(metric_op, metric_op, metric_op, multi_op, param_op, tag_op, resume_op),
 )
 phase = st.tuples(st.lists(op, max_size=30), st.booleans())
 scenario = st.fixed_dictionaries(
@@ -205,15 +241,19 @@ scenario = st.fixed_dictionaries(
 
 def _apply(run: Any, item: tuple[Any, ...]) -> None:
     kind = item[0]
+    if kind == "r":
+        return  # run_scenario's
     if kind == "m":
         run.log_metric(item[1], item[2], step=item[3], timestamp=T0 + item[4])
     elif kind == "ms":
         run.log_metrics(item[1], step=item[2], timestamp=T0 + item[3])
     elif kind == "p":
-        with contextlib.suppress(ParamConflictError):  # the tracker refuses a changed value
+        # The tracker refuses a changed value, and what MLflow would refuse.
+        with contextlib.suppress(ParamConflictError, ValidationError):
             run.log_param(item[1], item[2])
     else:
-        run.set_tag(item[1], item[2])
+        with contextlib.suppress(ValidationError):  # a value the tracker refuses
+            run.set_tag(item[1], item[2])
 
 
 def _limits(n: int, params: int) -> BatchLimits:
@@ -228,11 +268,16 @@ def run_scenario(bulk_uri: str, plain_uri: str, work: Path, sc: dict[str, Any]) 
     child = tracker.start_run(run_name="child", nested=True, experiment_name="diff-2")
     runs = [parent, child]
     mp = pytest.MonkeyPatch()
-    mp.setattr(BulkSink, "limits", _limits(sc["bulk_batch"], 100))
+    mp.setattr(SqlSink, "limits", _limits(sc["bulk_batch"], 100))
     mp.setattr(MlflowSink, "limits", _limits(sc["plain_batch"], 100))
     try:
         for i, (ops, crash) in enumerate(sc["phases"]):
             for which, item in ops:
+                if item[0] == "r":
+                    runs[1].end(item[1], reason=item[2] or None)
+                    runs[1] = tracker.start_run(nested=True, run_id=runs[1].run_id)
+                    child = runs[1]
+                    continue
                 _apply(runs[min(which, len(runs) - 1)], item)
             if i == len(sc["phases"]) - 1:
                 child.end("FAILED")
@@ -313,27 +358,30 @@ def _sink_kind(work: Path, db: Path | str, bulk: bool) -> type:
         sink.close()
 
 
-def test_known_schema_gets_the_bulk_path_and_sync_bulk_false_is_honoured(
+def test_known_schema_gets_the_direct_path_and_sync_bulk_false_is_honoured(
     template: Path, tmp_path: Path
 ) -> None:
     db = tmp_path / "store.db"
     shutil.copy(template, db)
-    assert _sink_kind(tmp_path, db, bulk=True) is BulkSink
+    assert _sink_kind(tmp_path, db, bulk=True) is SqlSink
     assert _sink_kind(tmp_path, db, bulk=False) is MlflowSink
 
 
-def test_unknown_schema_revision_falls_back_to_log_batch(template: Path, tmp_path: Path) -> None:
+def test_unknown_schema_revision_falls_back_to_mlflow(template: Path, tmp_path: Path) -> None:
     db = tmp_path / "other.db"
     shutil.copy(template, db)
-    # MLflow refuses to open a store whose revision it does not know, so open it first, then
-    # move the revision on as a newer MLflow's migration would.
-    inner = MlflowSink(f"sqlite:///{db}", tmp_path / "artifacts")
-    assert open_bulk(inner) is not inner
+    s = _settings(tmp_path, f"sqlite:///{db}", True)
+    inner = MlflowSink(s.backend_store_uri, s.artifact_root)
+    direct = open_sql_sink(s, inner)
+    assert direct is not None
+    direct.close()
+    # As a newer MLflow's migration would (MLflow itself then refuses the store: not tested).
     con = sqlite3.connect(db)
     with con:
         con.execute("UPDATE alembic_version SET version_num = 'ffffffffffff'")
     con.close()
-    assert open_bulk(inner) is inner
+    assert open_sql_sink(s) is None
+    assert open_sql_sink(s, inner) is None
 
 
 def test_a_deleted_run_refuses_bulk_metrics_as_it_refuses_log_batch(
@@ -387,7 +435,7 @@ def test_a_run_deleted_while_a_batch_waits_for_the_lock_gets_none_of_it(
         "SELECT run_uuid FROM tags WHERE key = 'ff.run_uuid' AND value = ?", (run.run_id,)
     )
     sink = open_sink(s)
-    assert isinstance(sink, BulkSink)
+    assert isinstance(sink, SqlSink)
     outcome: list[BaseException | None] = []
 
     def write() -> None:
@@ -438,7 +486,7 @@ def pg_pair(template: Path, pg_template: tuple[str, str]) -> tuple[str, str]:
 
     admin, name = pg_template
     pair = create_database(admin, template=name), create_database(admin, template=name)
-    assert _sink_kind(template.parent, pair[0], bulk=True) is BulkSink
+    assert _sink_kind(template.parent, pair[0], bulk=True) is SqlSink
     return pair
 
 
@@ -478,7 +526,7 @@ def test_bulk_path_without_temporary_tables_writes_what_log_batch_writes(
         ).fetchone()
     assert row == (False,)
     user_uri = re.sub(r"://[^@/]*@", f"://{role}@", bulk_uri, count=1)
-    assert _sink_kind(template.parent, user_uri, bulk=True) is BulkSink
+    assert _sink_kind(template.parent, user_uri, bulk=True) is SqlSink
     with tempfile.TemporaryDirectory(dir=template.parent) as tmp:
         run_scenario(user_uri, plain_uri, Path(tmp), TIES)
 

@@ -104,3 +104,41 @@ def test_a_plugin_that_needs_a_hidden_module_gets_a_clear_error(project: Project
     assert "Traceback" not in result.stderr
     again = project.ff_sync(PYTHONPATH=str(plugin), FF_SYNC_IMPORT_ALL="1")
     assert again.returncode == 0, again.stderr
+
+
+# A pass over a store that already exists: what a cron job finds every few minutes.
+FEW_NEW_EVENTS = """
+with tracker.start_run(run_name="small", tags={"team": "si"}) as run:
+    run.log_params({"lr": 0.1, "layers": 4})
+    run.set_tag("phase", "one")
+    run.log_metrics({f"k{i}": 0.5 * i for i in range(10)}, step=0)
+"""
+PASS_ONLY = """
+import json, sys
+from formula_foundry.sync.commands.cli import run
+
+sys.argv = ["ff-sync", "--config", sys.argv[1]]
+try:
+    run()
+except SystemExit as exc:
+    code = exc.code
+names = ("mlflow", "sqlalchemy", "alembic")
+print(json.dumps({"code": code, "loaded": [m for m in names if m in sys.modules]}))
+"""
+
+
+def test_a_few_new_events_into_a_known_store_import_neither_mlflow_nor_sqlalchemy(
+    project: Project, destination: Destination
+) -> None:
+    project.spool(RICH_SPOOL, "5")
+    assert project.sync().exit_code == 0  # the store exists, with its runs and identity
+    project.spool(FEW_NEW_EVENTS)
+    result = project.python(PASS_ONLY, str(project.config), timeout=300)
+    answer = json.loads(result.stdout.strip().splitlines()[-1])
+    # A server is reached through MLflow's client; SQL stores of a known schema are not.
+    expected = ["mlflow"] if destination.kind == "http" else []
+    assert answer["code"] == 0 and [m for m in answer["loaded"] if m == "mlflow"] == expected
+    if destination.kind != "http":
+        assert answer["loaded"] == []
+    # What it wrote is what the spools say, read back through MLflow.
+    assert _run_entry(project)["codes"] == [0, 0]

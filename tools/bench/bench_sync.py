@@ -7,6 +7,7 @@ Usage::
                                      [--idle 1000] [--dir DIR] [--json]
     python tools/bench/bench_sync.py --bulk [--steps 5000] [--repeat 3] [--profile FILE]
     python tools/bench/bench_sync.py --process [--steps 1500] [--repeat 3]
+    python tools/bench/bench_sync.py --small [--repeat 7] [--postgres] [--profile DIR]
 
 Generates spools with the real tracker: ``--runs`` runs × ``--keys`` metric keys × ``--steps``
 steps, one ``log_metric`` event per point, plus 10 params and 5 tags per run. Then, each into
@@ -48,6 +49,15 @@ pass) against a ``log_batch`` script — a Python process that imports MLflow as
 script does, creates the experiment and the runs and logs the same data with
 ``MlflowClient.log_batch`` (1000 metrics per call, params and tags in their own batch),
 computing the values itself instead of reading the spool. Target: ff-sync >= 8x faster.
+
+``--small`` times what a cron job pays every minute: whole ``ff-sync`` processes against a
+store that already holds the synced runs (SQLite; ``--postgres`` adds a database of a
+throw-away PostgreSQL cluster, tests/_services.py). ``--repeat`` rounds, each an idle pass
+(nothing new) then a small pass (one new run, 10 metrics, written beforehand, untimed). It
+prints the median and range of each and the ratio of the medians small / idle (target
+<= 3), and whether each kind of pass imported MLflow. ``--profile DIR`` writes one more
+small pass's ``-X importtime`` log and cProfile file there (not counted) and prints the
+imports that cost most.
 """
 
 from __future__ import annotations
@@ -69,6 +79,7 @@ BULK_TARGET_RATIO = 8.0
 # The bulk pass's rate over bare executemany's (--bulk), and the whole process's (--process).
 RAW_TARGET = 0.6
 PROCESS_TARGET_RATIO = 8.0
+SMALL_TARGET_RATIO = 3.0  # --small: a pass with one new run over an idle pass, at most
 HERE = Path(__file__).resolve()
 PYTHON = sys.executable
 
@@ -497,6 +508,132 @@ def idle_pass(work: Path, segments: int) -> dict[str, object]:
     return {"segments": found, "wall_s": round(best, 3), "mlflow_imported": imported}
 
 
+_SMALL_WRITER = """
+import sys
+from formula_foundry.tracking import get_tracker
+with get_tracker().start_run(run_name=f"small-{sys.argv[1]}") as run:
+    for k in range(10):
+        run.log_metric(f"key{k}", 0.5 * k, step=0)
+"""
+
+
+def _small_store(backend: str, work: Path, admin: str | None) -> str:
+    if backend == "sqlite":
+        return fresh_store(work / "small.db")
+    from tests._services import create_database, migrated_template
+
+    assert admin is not None
+    return create_database(admin, template=migrated_template(admin, work / "pg-scratch"))
+
+
+def _ff_process(ff: str, config: Path, env: dict[str, str]) -> tuple[float, str]:
+    start = time.perf_counter()
+    out = subprocess.run([ff, "--config", str(config)], env=env, capture_output=True, text=True)
+    took = time.perf_counter() - start
+    if out.returncode != 0:
+        raise SystemExit(f"ff-sync failed: {out.stdout}{out.stderr}")
+    return took, out.stdout
+
+
+def _imports_mlflow(config: Path, env: dict[str, str], trace: Path | None = None) -> bool:
+    """Runs one more pass under ``-X importtime``: whether it imported mlflow."""
+    probe = subprocess.run(
+        [PYTHON, "-X", "importtime", "-m", "formula_foundry.sync", "--config", str(config)],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    if trace is not None:
+        trace.write_text(probe.stderr)
+    return any(
+        line.rsplit("|", 1)[-1].strip().split(".")[0] == "mlflow"
+        for line in probe.stderr.splitlines()
+        if line.startswith("import time:")
+    )
+
+
+def _top_imports(trace: Path, n: int = 8) -> list[tuple[str, float]]:
+    """The top-level packages of an ``-X importtime`` log that took longest (cumulative s)."""
+    cost: dict[str, float] = {}
+    for line in trace.read_text().splitlines():
+        parts = line.split("|")
+        if not line.startswith("import time:") or len(parts) != 3 or not parts[1].strip().isdigit():
+            continue
+        name = parts[2].rstrip()
+        if name.startswith(" ") and not name.startswith("  "):  # one space: imported at top
+            top = name.strip()
+            cost[top] = max(cost.get(top, 0.0), int(parts[1]) / 1e6)
+    return sorted(cost.items(), key=lambda kv: -kv[1])[:n]
+
+
+def small_mode(args: argparse.Namespace, work: Path) -> dict[str, object]:
+    """Idle passes against passes with one new run of 10 metrics, whole processes (above)."""
+    import contextlib
+
+    sys.path.insert(0, str(HERE.parents[2]))
+    ff = str(Path(PYTHON).with_name("ff-sync"))
+    result: dict[str, object] = {"target_ratio": SMALL_TARGET_RATIO}
+    with contextlib.ExitStack() as stack:
+        admin = None
+        if args.postgres:
+            from tests._services import postgres_cluster
+
+            admin = stack.enter_context(postgres_cluster())
+        for backend in ("sqlite", "postgresql") if args.postgres else ("sqlite",):
+            base = work / backend
+            spool = base / "runs"
+            spool.mkdir(parents=True)
+            uri = _small_store(backend, base, admin)
+            config = base / "ff.yaml"
+            config.write_text(
+                f"tracking:\n  backend_store_uri: {uri}\n  artifact_root: {base / 'art'}\n"
+                f"spool:\n  root: {spool}\nsync:\n  state_dir: {base / 'state'}\n"
+            )
+            env = {k: v for k, v in os.environ.items() if not k.startswith(("FF_", "MLFLOW_"))}
+            writer = {**env, "FF_SPOOL_ROOT": str(spool), "FF_DURABILITY": "write"}
+
+            def new_run(i: int, writer: dict[str, str] = writer, base: Path = base) -> None:
+                cmd = [PYTHON, "-c", _SMALL_WRITER, str(i)]
+                subprocess.run(cmd, env=writer, check=True, cwd=base)
+
+            new_run(-1)
+            _ff_process(ff, config, env)  # the first pass: identity, experiment, one run
+            idle: list[float] = []
+            small: list[float] = []
+            for i in range(args.repeat):
+                took, out = _ff_process(ff, config, env)
+                if "0 events" not in out:
+                    raise SystemExit(f"the idle pass was not idle: {out}")
+                idle.append(took)
+                new_run(i)
+                took, out = _ff_process(ff, config, env)
+                if "1 run, 12 events" not in out:
+                    raise SystemExit(f"the small pass did not sync one run of 10 metrics: {out}")
+                small.append(took)
+                if not args.json:
+                    print(f"{backend} {i + 1}: idle {idle[-1]:.3f} s, small {small[-1]:.3f} s")
+            idle_imports = _imports_mlflow(config, env)
+            new_run(args.repeat)
+            trace = args.profile / f"small-{backend}.importtime" if args.profile else None
+            small_imports = _imports_mlflow(config, env, trace)
+            row: dict[str, object] = {
+                "idle_s": _spread(idle),
+                "small_s": _spread(small),
+                "ratio": round(_spread(small)["median"] / _spread(idle)["median"], 2),
+                "round_ratios": _spread([s / i for s, i in zip(small, idle, strict=True)], 2),
+                "idle_imports_mlflow": idle_imports,
+                "small_imports_mlflow": small_imports,
+            }
+            if trace is not None:
+                row["top_imports_s"] = _top_imports(trace)
+                new_run(args.repeat + 1)
+                prof = args.profile / f"small-{backend}.prof"
+                cmd = [PYTHON, "-m", "cProfile", "-o", str(prof), ff, "--config", str(config)]
+                subprocess.run(cmd, env=env, check=True, capture_output=True)
+            result[backend] = row
+    return result
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=20)
@@ -506,7 +643,11 @@ def main() -> int:
     )
     ap.add_argument("--bulk", action="store_true", help="bulk SQL path vs log_batch (see above)")
     ap.add_argument("--process", action="store_true", help="whole ff-sync process vs a script")
-    ap.add_argument("--profile", type=Path, default=None, help="cProfile file of a bulk pass")
+    ap.add_argument("--small", action="store_true", help="a pass with one new run vs idle")
+    ap.add_argument("--postgres", action="store_true", help="--small: PostgreSQL too")
+    ap.add_argument(
+        "--profile", type=Path, default=None, help="bulk: cProfile file; --small: a folder"
+    )
     ap.add_argument("--repeat", type=int, default=3, help="rounds (default mode: best of N)")
     ap.add_argument("--idle", type=int, default=1000, help="segments of the idle pass (0: skip)")
     ap.add_argument("--only-idle", action="store_true", help="only the idle pass (--idle N)")
@@ -517,6 +658,8 @@ def main() -> int:
         args.steps = 5000 if args.bulk else 1500 if args.process else 500
     if args.bulk or args.process:
         return run_bulk(args)
+    if args.small:
+        return run_small(args)
     if args.only_idle:
         work = Path(tempfile.mkdtemp(prefix="ff-bench-idle-", dir=args.dir))
         try:
@@ -590,6 +733,24 @@ def run_bulk(args: argparse.Namespace) -> int:
         result["identical"] and result["bulk_over_executemany"]["median"] >= RAW_TARGET  # type: ignore[index]
     )
     return 0 if ok else 1
+
+
+def run_small(args: argparse.Namespace) -> int:
+    """``--small``: print the result, exit 0 if every ratio is within the target."""
+    work = Path(tempfile.mkdtemp(prefix="ff-bench-small-", dir=args.dir))
+    if args.profile is not None:
+        args.profile.mkdir(parents=True, exist_ok=True)
+    try:
+        result = small_mode(args, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for key, value in result.items():
+            print(f"{key:>12}: {value}")
+    rows = [v for v in result.values() if isinstance(v, dict)]
+    return 0 if all(float(r["ratio"]) <= SMALL_TARGET_RATIO for r in rows) else 1
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from formula_foundry.config import Settings, load_settings, spool_uri_path
+from formula_foundry.dropin.models import ModelState, model_book
 from formula_foundry.dropin.run_book import RunBook, run_book
 from formula_foundry.dropin.spool_uri import spool_root
 from formula_foundry.errors import (
@@ -44,6 +45,7 @@ from formula_foundry.sync.commands.expected import expected_run
 from formula_foundry.sync.engine.scan import scan_run
 from formula_foundry.sync.engine.sink import ArtifactRef
 from formula_foundry.tracking.artifact_files import artifact_prefix, artifact_records
+from formula_foundry.tracking.events import check_model_id
 from formula_foundry.tracking.resume import check_run_id
 from formula_foundry.tracking.spool_writer import is_segment_name
 
@@ -58,10 +60,15 @@ class Location:
     root: Path
     run_id: str
     sub: str  # "" (the run's artifact root) or "a/b"
+    model: str | None = None  # a logged model of the run: its files, not the run's
+
+
+MODELS = "models"
 
 
 def parse_artifact_uri(uri: str, tracking_uri: str | None = None) -> Location:
-    """The run and path of ``spool:///<root>/<run id>/artifacts[/<path>]``.
+    """The run and path of ``spool:///<root>/<run id>/artifacts[/<path>]``, or the model and
+    path of ``spool:///<root>/<run id>/models/<model id>/artifacts[/<path>]``.
 
     The spool root may itself hold a folder called ``artifacts``: the split is the one whose
     run folder holds segments (the tracking URI's root first, when it is a spool).
@@ -75,14 +82,26 @@ def parse_artifact_uri(uri: str, tracking_uri: str | None = None) -> Location:
             "spool:///<spool root>/<run id>/artifacts[/<path>] (what the spool store gives a run)"
         )
     hint = _tracking_root(tracking_uri)
-    chosen = next((i for i in splits if Path(*parts[: i - 1]) == hint), None)
+    chosen = next((i for i in splits if _run_folder(parts, i).parent == hint), None)
     if chosen is None:
-        found = (i for i in splits if _holds_segments(Path(*parts[:i])))
+        found = (i for i in splits if _holds_segments(_run_folder(parts, i)))
         chosen = next(found, splits[-1])
     sub = "/".join(parts[chosen + 1 :])
     if sub:
         validate_logical_path(sub)
+    if _model_split(parts, chosen):
+        run_at, model = chosen - 3, check_model_id(parts[chosen - 1])
+        return Location(Path(*parts[:run_at]), check_run_id(parts[run_at]), sub, model)
     return Location(Path(*parts[: chosen - 1]), check_run_id(parts[chosen - 1]), sub)
+
+
+def _model_split(parts: tuple[str, ...], i: int) -> bool:
+    """Whether ``artifacts`` at ``i`` ends ``<run id>/models/<model id>``."""
+    return i >= 4 and parts[i - 2] == MODELS and parts[i - 1].startswith("m-")
+
+
+def _run_folder(parts: tuple[str, ...], i: int) -> Path:
+    return Path(*parts[: i - 2 if _model_split(parts, i) else i])
 
 
 def _tracking_root(tracking_uri: str | None) -> Path | None:
@@ -147,9 +166,15 @@ class RunFiles:
             )
             raise ValidationError(f"run {run}: cannot log artifact {source}: {what}")
         live = self.book.live(run)  # a run that is not in the spool stores nothing
+        model = self._model() if self.location.model else None
         records = artifact_records(ArtifactStore(self.store_root), source, target or None, run)
         if not records:
             return 0  # an empty folder: MLflow's stores keep no empty folder either
+        if model is not None:
+            with self._lock:
+                _check_tree({p: r.size for p, r in model.files.items()}, records, run)
+                model_book(self.book).add_files(model, records)
+            return len(records)
         with live.lock:
             _check_tree(live.state.artifacts, records, run)
             live.writer.append_many(records)  # one write: the whole folder or none of it
@@ -215,8 +240,19 @@ class RunFiles:
             validate_logical_path(cleaned)
         return cleaned
 
+    def _model(self) -> ModelState:
+        state = model_book(self.book).get(self.location.model)
+        if state.run_id != self.location.run_id:
+            raise ArtifactNotFound(
+                f"logged model {state.model_id} belongs to run {state.run_id}, not "
+                f"{self.location.run_id}"
+            )
+        return state
+
     def _current(self) -> dict[str, ArtifactRef]:
         """The run's files as its spool holds them; read again only when a segment grew."""
+        if self.location.model:
+            return dict(self._model().files)
         run = self.location.run_id
         self.book.flush(run)  # a buffered writer of this process: its events into the file
         segments = scan_run(self.location.root, run)

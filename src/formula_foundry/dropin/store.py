@@ -18,6 +18,11 @@ from typing import Any, Final, TypeVar
 from mlflow.entities import (
     Experiment,
     LifecycleStage,
+    LoggedModel,
+    LoggedModelOutput,
+    LoggedModelParameter,
+    LoggedModelStatus,
+    LoggedModelTag,
     Metric,
     Param,
     Run,
@@ -42,6 +47,7 @@ from mlflow.utils.search_utils import SearchExperimentsUtils, SearchUtils
 
 from formula_foundry.dropin.experiments import Experiment as SpoolExperiment
 from formula_foundry.dropin.experiments import experiment_id
+from formula_foundry.dropin.models import ModelState, model_book
 from formula_foundry.dropin.points import stored
 from formula_foundry.dropin.run_book import run_book
 from formula_foundry.dropin.spool_runs import RunState, metric_history, run_ids
@@ -59,7 +65,7 @@ T = TypeVar("T")
 _SUPPORTED: Final = (
     "experiments (create, get, get by name, search), runs (create, get, search by experiment, "
     "filter and order, update status and name), log_batch and everything that uses it, "
-    "log_batch_async, metric history"
+    "log_batch_async, metric history, logged models of a run"
 )
 
 
@@ -182,6 +188,18 @@ def _one_group(metrics: list[Metric]) -> tuple[int, int, dict[str, float]] | Non
     return (t, s, d) if len(d) == len(metrics) else None
 
 
+def _linked(metrics: list[Metric]) -> bool:
+    """Whether a point is linked to a logged model (``model_id``)."""
+    try:
+        return any(m._model_id is not None for m in metrics)
+    except AttributeError:  # not MLflow's Metric: its public fields
+        return any(getattr(m, "model_id", None) is not None for m in metrics)
+
+
+def _pairs(items: list[Param] | list[RunTag]) -> list[tuple[object, object]]:
+    return [(i.key, i.value) for i in items]
+
+
 class SpoolStore(AbstractStore):
     """The tracking store of a ``spool:`` URI."""
 
@@ -199,6 +217,7 @@ class SpoolStore(AbstractStore):
         # Shared with the artifact repositories of its runs: one writer per run and process.
         self._runs = run_book(root, settings.durability, settings.heartbeat_s)
         self._experiments = self._runs.experiments
+        self._models = model_book(self._runs)
         _skip_spark_probe()
         with contextlib.suppress(Exception):  # an MLflow without these internals: only slower
             _resolve_registry(self.uri)
@@ -399,10 +418,12 @@ class SpoolStore(AbstractStore):
 
     def log_metric(self, run_id: str, metric: Metric) -> None:
         try:
-            if metric.__class__ is _METRIC:
+            if metric.__class__ is _METRIC and metric._model_id is None:
                 self._runs.log_metric(
                     run_id, metric._key, metric._value, metric._timestamp, metric._step
                 )
+            elif _linked([metric]):
+                self.log_batch(run_id, [metric], [], [])
             else:
                 m = metric
                 self._runs.log_metric(run_id, m.key, m.value, m.timestamp, m.step)
@@ -413,6 +434,12 @@ class SpoolStore(AbstractStore):
         self, run_id: str, metrics: list[Metric], params: list[Param], tags: list[RunTag]
     ) -> None:
         try:
+            if metrics and _linked(metrics):
+                # The run's points as for any batch, then the model's (checked by then).
+                rows, ps, ts = _rows(metrics), _pairs(params), _pairs(tags)
+                self._runs.log_batch(run_id, rows, ps, ts)
+                self._model_metrics(run_id, metrics)
+                return
             if not params and not tags and metrics:
                 if len(metrics) == 1:
                     self.log_metric(run_id, metrics[0])
@@ -457,6 +484,86 @@ class SpoolStore(AbstractStore):
         if datasets or models:
             _unsupported("log_inputs")(self)
 
+    # -- logged models (dropin/models.py) --------------------------------------------------
+
+    def _model(self, state: ModelState) -> LoggedModel:
+        metrics = [
+            Metric(k, v, t, step, model_id=state.model_id, run_id=state.run_id)
+            for k, v, t, step in state.metrics
+        ]
+        return LoggedModel(
+            experiment_id=experiment_id(state.experiment),
+            model_id=state.model_id,
+            name=state.name,
+            artifact_location=f"{self.uri}/{state.run_id}/models/{state.model_id}/artifacts",
+            creation_timestamp=state.created,
+            last_updated_timestamp=state.updated,
+            model_type=state.model_type,
+            source_run_id=state.run_id,
+            status=LoggedModelStatus(state.status),
+            tags=dict(state.tags),
+            params=dict(state.params),
+            metrics=metrics,
+        )
+
+    @_mlflow_errors
+    def create_logged_model(
+        self,
+        experiment_id: str,
+        name: str | None = None,
+        source_run_id: str | None = None,
+        tags: list[LoggedModelTag] | None = None,
+        params: list[LoggedModelParameter] | None = None,
+        model_type: str | None = None,
+    ) -> LoggedModel:
+        from mlflow.utils.validation import _validate_logged_model_name
+
+        _validate_logged_model_name(name)
+        exp = self._experiments.by_id(str(experiment_id))
+        if exp is None:
+            raise MlflowException(
+                f"Could not create a logged model under experiment with ID {experiment_id}: "
+                f"it is not in the spool {self.root}",
+                RESOURCE_DOES_NOT_EXIST,
+            )
+        state = self._models.create(
+            exp,
+            source_run_id,
+            name or _generate_random_name(),
+            model_type,
+            [(p.key, p.value) for p in params or ()],
+            [(t.key, t.value) for t in tags or ()],
+        )
+        return self._model(state)
+
+    @_mlflow_errors
+    def get_logged_model(self, model_id: str, allow_deleted: bool = False) -> LoggedModel:
+        return self._model(self._models.get(model_id))
+
+    @_mlflow_errors
+    def finalize_logged_model(self, model_id: str, status: LoggedModelStatus) -> LoggedModel:
+        name = status.name if isinstance(status, LoggedModelStatus) else str(status)
+        return self._model(self._models.finalize(model_id, name))
+
+    @_mlflow_errors
+    def log_logged_model_params(self, model_id: str, params: list[LoggedModelParameter]) -> None:
+        self._models.log_params(model_id, [(p.key, p.value) for p in params])
+
+    @_mlflow_errors
+    def set_logged_model_tags(self, model_id: str, tags: list[LoggedModelTag]) -> None:
+        self._models.set_tags(model_id, [(t.key, t.value) for t in tags])
+
+    @_mlflow_errors
+    def delete_logged_model_tag(self, model_id: str, key: str) -> None:
+        self._models.delete_tag(model_id, key)
+
+    @_mlflow_errors
+    def log_outputs(self, run_id: str, models: list[LoggedModelOutput]) -> None:
+        self._state(run_id)
+        for output in models:
+            self._models.log_output(run_id, output.model_id, output.step)
+
+    @_mlflow_errors
     def search_logged_models(
         self,
         experiment_ids: list[str],
@@ -466,9 +573,30 @@ class SpoolStore(AbstractStore):
         order_by: list[dict[str, Any]] | None = None,
         page_token: str | None = None,
     ) -> PagedList[Any]:
-        # A spool holds no logged model (creating one is refused). MLflow looks for them
-        # whenever it lists or downloads a run's artifacts by path (``runs:/<id>/<path>``).
-        return PagedList([], None)
+        # MLflow also looks for models whenever it lists or downloads a run's artifacts by
+        # path (``runs:/<id>/<path>``): answered from the spool, filtered as its stores do.
+        from mlflow.utils.search_utils import SearchLoggedModelsUtils as Search
+
+        names = set()
+        for exp_id in experiment_ids:
+            exp = self._experiments.by_id(str(exp_id))
+            if exp is not None:
+                names.add(exp.name)
+        models = [self._model(s) for s in self._models.search(names)]
+        filtered = Search.filter_logged_models(models, filter_string, datasets)
+        ordered = Search.sort(filtered, order_by)
+        page, token = Search.paginate(ordered, page_token, max_results or 100)
+        return PagedList(page, token)
+
+    def _model_metrics(self, run_id: str, metrics: list[Metric]) -> None:
+        """The points linked to a model (``log_metric(..., model_id=...)``, ``log_model``):
+        the run gets them as MLflow's stores give them to it, the model its own event."""
+        by_model: dict[str, list[tuple[str, float, int, int]]] = {}
+        for m in metrics:
+            if m.model_id is not None:
+                by_model.setdefault(m.model_id, []).append((m.key, m.value, m.timestamp, m.step))
+        for model_id, points in by_model.items():
+            self._models.log_metrics(run_id, model_id, points)
 
     @_mlflow_errors
     def delete_tag(self, run_id: str, key: str) -> None:

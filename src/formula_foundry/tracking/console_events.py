@@ -128,7 +128,9 @@ class Chunker:
         ``final``: everything, then a ``dropped`` event for each stream that lost bytes.
         """
         out: list[tuple[dict[str, Any], str, int]] = []
-        for stream, p in self._pending.items():
+        # Oldest first: spool order is then time order, which ff-sync tail and the console
+        # files in MLflow both follow.
+        for stream, p in sorted(self._pending.items(), key=lambda item: item[1].first_t):
             if p.size:
                 data = b"".join(p.pieces)
                 n = len(data) - (0 if final else unfinished_tail(data))

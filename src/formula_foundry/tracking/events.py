@@ -46,6 +46,30 @@ K_TAG_DELETE: Final = "tag_delete"
 # Bytes a process wrote to its stdout or stderr while a run captured them (tracking/console.py);
 # ff-sync sends nothing for them, ``ff-sync tail`` prints them.
 K_CONSOLE: Final = "console"
+# MLflow 3 logged models, logged through the drop-in (dropin/models.py). They live in the spool
+# of the run that logged them (their source run); ff-sync creates each model under that run's
+# destination run and replays the rest in order (sync/engine/models.py). Every one names its
+# model (``"model"``, a model id); ``model_artifact`` has the fields of ``artifact``.
+K_MODEL_START: Final = "model_start"  # experiment, name, model_type, params, tags
+K_MODEL_PARAMS: Final = "model_params"  # d: {key: value}, write-once as a run's
+K_MODEL_TAGS: Final = "model_tags"  # d: {key: value}
+K_MODEL_TAG_DELETE: Final = "model_tag_delete"  # keys: [key]
+K_MODEL_METRICS: Final = "model_metrics"  # step, d: {key: value} (run metrics linked to it)
+K_MODEL_OUTPUT: Final = "model_output"  # step: the run lists the model among its outputs
+K_MODEL_END: Final = "model_end"  # status: READY or FAILED (finalize_logged_model)
+K_MODEL_ARTIFACT: Final = "model_artifact"  # a file of the model: path, digest, size, store
+MODEL_KINDS: Final = frozenset(
+    {
+        K_MODEL_START,
+        K_MODEL_PARAMS,
+        K_MODEL_TAGS,
+        K_MODEL_TAG_DELETE,
+        K_MODEL_METRICS,
+        K_MODEL_OUTPUT,
+        K_MODEL_END,
+        K_MODEL_ARTIFACT,
+    }
+)
 KINDS: Final = frozenset(
     {
         K_SEGMENT,
@@ -59,10 +83,26 @@ KINDS: Final = frozenset(
         K_HEARTBEAT,
         K_TAG_DELETE,
         K_CONSOLE,
+        *MODEL_KINDS,
     }
 )
 
 RUN_STATUSES: Final = frozenset({"RUNNING", "FINISHED", "FAILED", "KILLED"})
+# What finalize_logged_model may set (MLflow's LoggedModelStatus; a new model is PENDING).
+MODEL_END_STATUSES: Final = frozenset({"READY", "FAILED"})
+# The tag that names a synced model's spool model id: how a replay finds the model again.
+MODEL_ID_TAG: Final = "ff.model_id"
+# A model id: MLflow's own form (``m-`` and 32 hex digits), drawn on the node.
+_MODEL_ID = re.compile(r"m-[0-9a-f]{32}")
+
+
+def check_model_id(value: object) -> str:
+    """A model id as the spool records it (MLflow's form); ValidationError otherwise."""
+    if not isinstance(value, str) or not _MODEL_ID.fullmatch(value):
+        raise ValidationError(f"model id {value!r} is not m-<32 lower-case hex digits>")
+    return value
+
+
 # What a run_end may set (a run never ends RUNNING).
 END_STATUSES: Final = RUN_STATUSES - {"RUNNING"}
 

@@ -2,8 +2,9 @@
 
 The bytes come from the run's ``console`` events (a run started with ``capture_output=True``:
 docs/observability.md), segment by segment with :class:`SegmentReader` — every process of the
-run writes a segment of its own — and are merged in time order. No MLflow, no sync state:
-read access to the spool is enough, so a login node can follow a job while it runs.
+run writes a segment of its own — each process's in the order it spooled them, the processes
+merged in time order. No MLflow, no sync state: read access to the spool is enough, so a login
+node can follow a job while it runs.
 
 Several processes: a line ``==> <host> pid <pid> <==`` goes before the bytes of each when the
 process changes, as ``tail`` does between files. What the capture says about itself (the cap
@@ -16,6 +17,7 @@ bytes.
 
 from __future__ import annotations
 
+import heapq
 import os
 import time
 from collections.abc import Callable
@@ -94,9 +96,14 @@ class _Tail:
             state = self.segments.setdefault(seg.rel, _Segment(seg.order))
             if state.size != seg.size and not state.broken:
                 self._read(seg, state, chunks)
-        sources = {c.source for c in chunks} | self.result.sources
-        for chunk in sorted(chunks, key=lambda c: (c.t, c.order, c.seq)):
-            self._print(chunk, several=len(sources) > 1)
+        by_source: dict[str, list[_Chunk]] = {}
+        for c in sorted(chunks, key=lambda c: (c.order, c.seq)):
+            by_source.setdefault(c.source, []).append(c)
+        several = len(by_source.keys() | self.result.sources) > 1
+        # Each process in spool order (its file in MLflow holds the same bytes: sync/engine/
+        # console_upload.py), the processes merged by the time of each chunk's first byte.
+        for chunk in heapq.merge(*by_source.values(), key=lambda c: c.t):
+            self._print(chunk, several=several)
         life = self.last_life
         self.result.ended = life is not None and life[2] == K_RUN_END
 

@@ -5,7 +5,8 @@ compared with what the destination holds (:class:`formula_foundry.sync.mlflow.sn
 the one module here that imports MLflow). Every difference is reported: a missing or
 duplicated run, missing or extra metric points, params and tags that are missing, extra or
 different, a wrong experiment, start time, status or end time, missing or different artifact
-reference documents, logged files missing or with other bytes (each downloaded and hashed).
+reference documents, logged files and an ended run's console files (one per process) missing
+or with other bytes (each downloaded and hashed).
 
 What the replay legitimately leaves out or changes is not a difference: records it
 quarantines (the same reader and payload checks decide), the value of a param whose
@@ -35,13 +36,9 @@ from formula_foundry.config import Settings
 from formula_foundry.errors import EXIT_OK, EXIT_PARTIAL, MlflowMissing, SpoolError
 from formula_foundry.ids import is_run_id
 from formula_foundry.redact import redact_uri
-from formula_foundry.sync.commands.expected import (
-    ExpectedRun,
-    Point,
-    expected_run,
-    metric_value,
-)
+from formula_foundry.sync.commands.expected import ExpectedRun, Point, expected_run, metric_value
 from formula_foundry.sync.commands.status import StateView
+from formula_foundry.sync.engine.console_upload import expected_console
 from formula_foundry.sync.engine.destination import INSTALL_HINT, destination_key
 from formula_foundry.sync.engine.scan import (
     SegmentFile,
@@ -163,7 +160,10 @@ def verify(settings: Settings, *, on_difference: DifferenceFn | None = None) -> 
         usable = _usable_segments(spool_run_id, segments, add)
         if not usable and spool_run_id not in checker.index:
             continue  # nothing of the run can reach the destination; the reasons are reported
-        for diff in checker.check(expected_run(spool_run_id, usable, checker.refused)):
+        exp = expected_run(spool_run_id, usable, checker.refused)
+        ended, limit = exp.status != "RUNNING", checker.upload_max_bytes
+        exp.artifacts.update(expected_console(usable, ended, limit))  # checked as logged files
+        for diff in checker.check(exp):
             add(diff)
     return report
 

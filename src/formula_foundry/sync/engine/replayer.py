@@ -9,10 +9,9 @@ For each run, the destination run is found or created first
   last part is committed;
 * ``artifact_ref`` becomes a small JSON document, sent right after the batch it follows;
   ``artifact`` (a logged file) is uploaded in a batch of files alone (``uploads``); one the
-  destination can never take (``RecordRejected``) is quarantined as ``refused``, the run
-  goes on;
-* ``run_end``, ``tag_delete`` and a ``run_start`` that reopens an ended run are barriers: the
-  batch goes first, then the status or deletion, so the destination sees spool order.
+  destination can never take (``RecordRejected``) is quarantined as ``refused``, the run goes on;
+* ``run_end``, ``tag_delete``, ``model_*`` (``models``) and a ``run_start`` reopening a run are
+  barriers: the batch goes first, then the status or deletion, so the destination sees spool order.
 
 After each commit the segment's progress moves to the end of the last event it covered. The
 run's record in the state (status, end time, last sign of life) is saved as soon as the
@@ -31,6 +30,8 @@ import orjson
 
 from formula_foundry.errors import SpoolCorrupt, UnsupportedSpoolVersion
 from formula_foundry.sync.engine.batch import Batch, Cursor
+from formula_foundry.sync.engine.console_files import console_seen
+from formula_foundry.sync.engine.models import FILE_KINDS, other_event
 from formula_foundry.sync.engine.params import new_params, resend_without_conflicts
 from formula_foundry.sync.engine.payloads import (
     InvalidRecord,
@@ -54,7 +55,6 @@ from formula_foundry.sync.engine.uploads import ObjectUnavailable, upload, wait_
 from formula_foundry.tracking.events import (
     INT64_MAX,
     INT64_MIN,
-    K_ARTIFACT,
     K_ARTIFACT_REF,
     K_METRICS,
     K_PARAMS,
@@ -68,8 +68,7 @@ from formula_foundry.tracking.events import (
 from formula_foundry.tracking.spool_reader import Event, SegmentReader
 
 _REFS_PER_BATCH: Final = 100
-# Files per upload: a pass killed mid-upload sends at most this many again.
-_FILES_PER_UPLOAD: Final = 100
+_FILES_PER_UPLOAD: Final = 100  # files per upload: a pass killed mid-upload resends at most these
 
 
 class _Blocked(Exception):
@@ -248,7 +247,7 @@ class Replayer:
         check_time(ev)
         if ev.t > ctx.last_t:
             ctx.last_t = ev.t
-        if kind == K_ARTIFACT:
+        if kind in FILE_KINDS:  # a run's files, and a model's (uploads, models)
             self._file(cur, ev)
             return
         if cur.batch.files:
@@ -302,8 +301,9 @@ class Replayer:
                 ctx.status = "RUNNING"
                 self._save_run(ctx)
             self._advance(cur, ev)
-        else:  # the segment header, heartbeats: nothing to send
-            cur.pos = (ev.end, ev.line, ev.seq)
+        else:  # logged models (models); the segment header, heartbeats: nothing to send
+            console_seen(self.cx.state.folder, ctx.spool_run_id, cur.seg, ev)
+            other_event(self.cx, cur, ev, self._flush)
 
     def _file(self, cur: Cursor, ev: Event) -> None:
         ref = self.check.artifact(ev)

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Final, Protocol
 
 from formula_foundry.errors import EXIT_PARTIAL, SyncError
-from formula_foundry.tracking.events import CREATION_SYSTEM_TAGS
+from formula_foundry.tracking.events import CREATION_SYSTEM_TAGS, MODEL_ID_TAG
 
 # (key, value, timestamp ms, step): one metric point, as the spool recorded it.
 MetricRow = tuple[str, float, int, int]
@@ -122,6 +122,23 @@ def artifact_ref_file(logical_path: str) -> str:
     return f"{ARTIFACT_REF_DIR}/{logical_path}.json"
 
 
+@dataclass(frozen=True, slots=True)
+class ModelSpec:
+    """Everything needed to create the destination model of one spooled logged model."""
+
+    spool_model_id: str
+    experiment: str  # by name, as runs
+    mlflow_run_id: str  # its source run in the destination
+    name: str
+    model_type: str | None
+    params: tuple[tuple[str, str], ...]
+    tags: tuple[tuple[str, str], ...]
+
+    def creation_tags(self) -> dict[str, str]:
+        """The model's tags, with ``ff.model_id``: how a replay finds it again."""
+        return {**dict(self.tags), MODEL_ID_TAG: self.spool_model_id}
+
+
 class DestinationRejected(SyncError):
     """The destination refused a write for a reason retrying will not fix."""
 
@@ -201,4 +218,50 @@ class Sink(Protocol):
 
     def close(self) -> None:
         """Release connections."""
+        ...
+
+
+class ModelSink(Protocol):
+    """What the replay of logged models needs from a destination (sync/engine/models.py): a
+    sink that takes them has a ``model_sink()`` method returning one.
+
+    As for runs, every call is idempotent: a model is found by its tag ``ff.model_id`` before
+    one is created, and each write may be sent again after a crash."""
+
+    def find_model(self, spool_model_id: str, experiment: str | None) -> str | None:
+        """The destination id of the model tagged ``ff.model_id = spool_model_id``: in the
+        experiment of that name first, then in every experiment."""
+        ...
+
+    def create_model(self, spec: ModelSpec) -> str:
+        """Create the model (PENDING) with its params and tags, ``ff.model_id`` among them, in
+        one write; return its destination id."""
+        ...
+
+    def log_model_params(self, model_id: str, params: Sequence[tuple[str, str]]) -> None:
+        """Add the params the model lacks (a model's params are write-once)."""
+        ...
+
+    def set_model_tags(self, model_id: str, tags: Sequence[tuple[str, str]]) -> None: ...
+
+    def delete_model_tag(self, model_id: str, key: str) -> None:
+        """Delete tag ``key``; a tag that is not there is already deleted."""
+        ...
+
+    def log_model_metrics(
+        self, mlflow_run_id: str, model_id: str, metrics: Sequence[MetricRow]
+    ) -> None:
+        """Metric points of the run, linked to the model."""
+        ...
+
+    def log_model_output(self, mlflow_run_id: str, model_id: str, step: int) -> None:
+        """List the model among the run's outputs, once."""
+        ...
+
+    def finalize_model(self, model_id: str, status: str) -> None: ...
+
+    def upload_model_artifacts(
+        self, model_id: str, files: Sequence[tuple[ArtifactRef, Path]]
+    ) -> list[tuple[ArtifactRef, str]]:
+        """``upload_artifacts`` into the model's artifact location."""
         ...

@@ -18,7 +18,9 @@
    (:mod:`formula_foundry.sync.engine.parallel`), toward SQLite one;
 5. end dead runs: RUNNING runs silent for ``sync.stale_after_s``, or whose batch job the
    scheduler says has ended, become KILLED (:mod:`formula_foundry.sync.engine.stale`,
-   :mod:`formula_foundry.sync.engine.scheduler`). Step 3 opens the destination for them too.
+   :mod:`formula_foundry.sync.engine.scheduler`). Step 3 opens the destination for them too;
+6. bring the captured consoles up to date (:mod:`formula_foundry.sync.engine.console_upload`);
+   step 3 opens the destination for what an earlier pass left undone there too.
 
 A first pass that fails before the destination was claimed (driver missing, store refused)
 leaves no state folder behind. A destination that stays unavailable through
@@ -41,6 +43,7 @@ from pathlib import Path
 from formula_foundry.config import Settings, load_settings, resolve_store_uri
 from formula_foundry.errors import ConfigError, MlflowMissing, SyncError, SyncLocked
 from formula_foundry.ids import is_run_id
+from formula_foundry.sync.engine.console_upload import console_owed, upload_console
 from formula_foundry.sync.engine.destination import INSTALL_HINT, Destination
 from formula_foundry.sync.engine.destination_id import (
     SPOOL_TAG,
@@ -181,7 +184,8 @@ def _pass(
     verdict = _ask_scheduler(state, unscanned, report) if not pending and not replay else None
     alive = verdict.alive if verdict is not None else set()
     stale = find_stale(state, settings.stale_after_s, pending.keys() | unscanned | alive)
-    if not pending and not stale and not replay and not (verdict and verdict.ended):
+    idle = not pending and not stale and not replay and not (verdict and verdict.ended)
+    if idle and not console_owed(state):
         state_id, generation = state.identity()
         uri = settings.backend_store_uri
         problem = sqlite_problem(
@@ -223,6 +227,7 @@ def _pass(
         )
         _replay(cx, lambda: sink_factory(settings), workers_for(settings), pending, progress_fn)
         _end_dead(cx, settings, unscanned, pending.keys(), verdict)
+        upload_console(cx, files)  # after the runs it ends: their consoles become final
         if identity is not None and isinstance(sink, IdentitySink):
             # Again at the end: a backup taken during this pass is then older than the state.
             with contextlib.suppress(IdentityUnavailable):

@@ -27,6 +27,7 @@ from formula_foundry.sync.engine.batch import Batch, Cursor
 from formula_foundry.sync.engine.report import SyncReport
 from formula_foundry.sync.engine.runs import SyncContext
 from formula_foundry.sync.engine.sink import ArtifactRef, RecordRejected
+from formula_foundry.tracking.events import K_ARTIFACT
 from formula_foundry.tracking.spool_reader import Event
 
 
@@ -67,8 +68,13 @@ def upload(cx: SyncContext, cur: Cursor) -> None:
     take are quarantined as ``refused`` (the run goes on). Files above ``sync.upload_max_bytes``
     get the reference document of ``log_artifact_reference`` instead: they stay in the store."""
     ctx, limit = cur.ctx, cx.upload_max_bytes
-    files = [(ref, ev) for ref, ev in cur.batch.files if limit is None or ref.size <= limit]
-    for ref, ev in cur.batch.files:
+    batch = [(ref, ev) for ref, ev in cur.batch.files if ev.kind == K_ARTIFACT]
+    if len(batch) < len(cur.batch.files):  # a model's files go into the model
+        from formula_foundry.sync.engine.models import upload_model_files  # it imports this
+
+        upload_model_files(cx, cur)
+    files = [(ref, ev) for ref, ev in batch if limit is None or ref.size <= limit]
+    for ref, ev in batch:
         if limit is not None and ref.size > limit:
             try:
                 cx.call(partial(cx.sink.log_artifact_ref, ctx.mlflow_run_id, ref))

@@ -14,9 +14,8 @@ It is imported only when a pass has something to send, so an idle pass never pay
   is both a file and a folder, a name too long, permissions) is refused alone
   (:class:`~formula_foundry.sync.engine.sink.RecordRejected`), never taken for an outage;
 * the destination's identity tags (:mod:`formula_foundry.sync.engine.destination_id`) live on the
-  ``Default`` experiment, or on
-  :data:`~formula_foundry.sync.engine.destination_id.FALLBACK_EXPERIMENT`
-  where that one is deleted or cannot be tagged.
+  ``Default`` experiment, or, where that one is deleted or cannot be tagged, on
+  :data:`~formula_foundry.sync.engine.destination_id.FALLBACK_EXPERIMENT`.
 
 MLflow errors become :class:`~formula_foundry.errors.StoreUnavailable` (retry later),
 :class:`~formula_foundry.errors.ConfigError` (login refused, driver missing: see
@@ -48,6 +47,7 @@ from formula_foundry.sync.engine.sink import (
     ArtifactRef,
     DestinationRejected,
     MetricRow,
+    ModelSink,
     RecordRejected,
     RemoteRun,
     RunMissing,
@@ -56,6 +56,7 @@ from formula_foundry.sync.engine.sink import (
     StoredParamConflict,
     artifact_ref_file,
 )
+from formula_foundry.sync.mlflow.artifact_delete import delete_run_artifacts
 from formula_foundry.sync.mlflow.identity import IdentityTags
 from formula_foundry.sync.mlflow.internals import create_sqlite_store, rest_poster
 from formula_foundry.sync.mlflow.lean_imports import OPT_OUT_ENV, hidden_module
@@ -82,6 +83,7 @@ class MlflowSink(IdentityTags):
     """Writes replayed events into one MLflow tracking URI (SQL store or server)."""
 
     limits = MLFLOW_LIMITS
+    delete_artifacts = delete_run_artifacts  # a console's live parts (engine/console_upload.py)
 
     def __init__(self, uri: str, artifact_root: Path) -> None:
         try:
@@ -362,13 +364,26 @@ class MlflowSink(IdentityTags):
             lambda: self._client.set_terminated(mlflow_run_id, status=status, end_time=end_time),
         )
 
+    def model_sink(self) -> ModelSink:
+        """The logged-model calls of this destination (sync/mlflow/models.py), through MLflow's
+        own client whatever writes the runs (sql_sink writes them in SQL)."""
+        from mlflow import MlflowClient, entities
+
+        from formula_foundry.sync.mlflow.models import ModelWriter
+
+        if "_models" not in self.__dict__:
+            client = self._call("open the store", lambda: MlflowClient(tracking_uri=self.uri))
+            out: ModelSink = ModelWriter(self, client, entities.Metric, entities.LoggedModelOutput)
+            self.__dict__["_models"] = out
+        writer: ModelSink = self.__dict__["_models"]
+        return writer
+
     def close(self) -> None:
         pass
 
 
 def open_sink(settings: Settings) -> Sink:
-    """The sink for ``settings``' destination: bulk metrics for known SQL schemas (sync.bulk)."""
-    from formula_foundry.sync.mlflow.sql_bulk import open_bulk
+    """The sink for ``settings``' destination: direct SQL for known schemas (mlflow/sql_sink.py)."""
+    from formula_foundry.sync.mlflow.sql_sink import open_sink as open_direct_or_mlflow
 
-    sink = MlflowSink(settings.backend_store_uri, settings.artifact_root)
-    return open_bulk(sink) if settings.sync_bulk else sink
+    return open_direct_or_mlflow(settings)
