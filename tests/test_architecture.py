@@ -40,7 +40,6 @@ ONLY_IN = {
         "dropin/registry.py",
     },
     "sqlalchemy": {
-        "sync/mlflow/sql_bulk.py",
         "sync/mlflow/internals.py",
         "sync/mlflow/store_access.py",
     },
