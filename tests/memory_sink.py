@@ -31,6 +31,7 @@ from formula_foundry.sync.engine.sink import (
     MetricRow,
     ModelSpec,
     RemoteRun,
+    RunDataset,
     RunMissing,
     RunSpec,
     StoredParamConflict,
@@ -57,6 +58,10 @@ class MemoryRun:
     refs: dict[str, dict[str, object]] = field(default_factory=dict)
     # Uploaded files: artifact path -> bytes (a file uploaded again is replaced).
     files: dict[str, bytes] = field(default_factory=dict)
+    # Inputs: (name, digest) -> the dataset as first logged (MLflow keeps one input per dataset
+    # and run, with its first tags); the destination ids of the models the run used.
+    datasets: dict[tuple[str, str], RunDataset] = field(default_factory=dict)
+    model_inputs: set[str] = field(default_factory=set)
 
 
 @dataclass
@@ -156,6 +161,17 @@ class MemoryModels:
 
             self.sink._call("upload_model_artifact", write)
         return []
+
+    def log_inputs(
+        self, mlflow_run_id: str, datasets: Sequence[RunDataset], model_ids: Sequence[str]
+    ) -> None:
+        def write() -> None:
+            run = self.sink._run(mlflow_run_id)
+            for ds in datasets:
+                run.datasets.setdefault((ds.name, ds.digest), ds)
+            run.model_inputs.update(self._model(m).model_id for m in model_ids)
+
+        self.sink._call("log_inputs", write)
 
 
 class MemorySink:

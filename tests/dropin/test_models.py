@@ -235,3 +235,78 @@ def test_the_documented_example_logs_loads_and_syncs(tmp_path: Path) -> None:
         run.info.run_id,
     )
     assert {f.path for f in client.list_logged_model_artifacts(model.model_id)} >= {"MLmodel"}
+
+
+def input_events(spool: Path, run_id: str) -> list[Event]:
+    return [
+        e
+        for seg in sorted((spool / run_id).glob("seg-*.jsonl"))
+        for e in SegmentReader(seg)
+        if isinstance(e, Event) and e.kind == "inputs"
+    ]
+
+
+@pytest.mark.usefixtures("in_process")
+def test_log_inputs_is_one_event_of_the_run_read_back_as_mlflow_keeps_it(tmp_path: Path) -> None:
+    from mlflow.entities import Dataset, DatasetInput, InputTag, LoggedModelInput
+
+    spool = tmp_path / "data" / "runs"
+    client = MlflowClient(tracking_uri=spool_uri(spool))
+    run_id = client.create_run("0").info.run_id
+    model = client.create_logged_model("0", source_run_id=run_id)
+    ds = Dataset("train", "d1", "local", '{"uri": "a.csv"}', '{"cols": 2}', '{"rows": 3}')
+    first = DatasetInput(ds, [InputTag("mlflow.data.context", "train")])
+    client.log_inputs(run_id, [first], [LoggedModelInput(model.model_id)])
+    client.log_inputs(run_id, [DatasetInput(ds, [InputTag("mlflow.data.context", "eval")])])
+    (one, two) = input_events(spool, run_id)
+    assert one.data["models"] == [model.model_id]
+    assert one.data["datasets"] == [
+        {"name": "train", "digest": "d1", "source_type": "local", "source": '{"uri": "a.csv"}',
+         "schema": '{"cols": 2}', "profile": '{"rows": 3}',
+         "tags": {"mlflow.data.context": "train"}},
+    ]  # fmt: skip
+    assert "models" not in two.data
+    # Read back in this process and from the spool alone: one input per dataset, first tags.
+    from formula_foundry.dropin.spool_runs import read_run
+    from formula_foundry.dropin.store import SpoolStore
+
+    from_spool = read_run(spool, run_id)
+    assert from_spool is not None
+    for inputs in (
+        client.get_run(run_id).inputs,
+        SpoolStore(spool_uri(spool))._run(from_spool).inputs,
+    ):
+        (got,) = inputs.dataset_inputs
+        assert (got.dataset.name, got.dataset.digest, got.dataset.profile) == (
+            "train",
+            "d1",
+            ds.profile,
+        )
+        assert [(t.key, t.value) for t in got.tags] == [("mlflow.data.context", "train")]
+        assert [m.model_id for m in inputs.model_inputs] == [model.model_id]
+
+
+@pytest.mark.usefixtures("in_process")
+def test_inputs_mlflow_or_the_sync_would_refuse_are_refused_and_write_nothing(
+    tmp_path: Path,
+) -> None:
+    from mlflow.entities import Dataset, DatasetInput, InputTag, LoggedModelInput
+
+    spool = tmp_path / "data" / "runs"
+    client = MlflowClient(tracking_uri=spool_uri(spool))
+    run_id = client.create_run("0").info.run_id
+    ok = Dataset("train", "d1", "local", "a.csv")
+    with pytest.raises(MlflowException, match="digest"):
+        client.log_inputs(run_id, [DatasetInput(Dataset("x", "d" * 37, "local", "a.csv"))])
+    with pytest.raises(MlflowException, match="value"):
+        client.log_inputs(run_id, [DatasetInput(ok, [InputTag("k", "v" * 501)])])
+    with pytest.raises(MlflowException, match="source_type"):
+        client.log_inputs(run_id, [DatasetInput(Dataset("x", "d", "s" * 37, "a.csv"))])
+    with pytest.raises(MlflowException, match="not found") as info:
+        client.log_inputs(run_id, [DatasetInput(ok)], [LoggedModelInput("m-" + "0" * 32)])
+    assert info.value.error_code == "RESOURCE_DOES_NOT_EXIST"
+    with pytest.raises(MlflowException, match="not found"):
+        client.log_inputs("f" * 32, [DatasetInput(ok)])
+    assert input_events(spool, run_id) == []
+    client.log_inputs(run_id, [DatasetInput(ok)])
+    assert len(input_events(spool, run_id)) == 1

@@ -8,10 +8,11 @@ its defaults (params, metrics, plots, model) — straight into MLflow and into a
 Normalised explicitly, because MLflow writes ids and times into them: the ``MLmodel`` file of a
 model (``model_id``, ``model_uuid``, ``run_id``, ``artifact_path``, ``utc_time_created``: the
 spool's ids and times stay in the synced copy, whose bytes are the logged ones). Left out:
-dataset inputs (autolog's ``log_inputs``, which a spool refuses; autolog warns and goes on) and
-``ff.*`` tags. Everything else is compared as is: run params, tags, metric points; every run
-file and every other model file byte for byte; the model's name, status, params, tags, linked
-metrics; and the predictions of ``mlflow.sklearn.load_model("models:/<id>")``.
+``ff.*`` tags. Everything else is compared as is: run params, tags, metric points; the run's
+inputs (autolog's training dataset, one logged with ``mlflow.log_input`` and its tags, the
+model it lists as an input, by name); every run file and every other model file byte for byte;
+the model's name, status, params, tags, linked metrics; and the predictions of
+``mlflow.sklearn.load_model("models:/<id>")``.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ SCRIPT = """
 import json, os
 import numpy as np
 import mlflow
+from mlflow.entities import LoggedModelInput
 import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
@@ -61,6 +63,10 @@ with mlflow.start_run(run_name="diff") as run:
     mlflow.log_table({"x": [1, 2], "y": ["a", "b"]}, "tables/t.json")
     mlflow.log_table({"x": [3], "y": ["c"]}, "tables/t.json")
     LogisticRegression(max_iter=200).fit(X, y)
+    evaluation = mlflow.data.from_numpy(X[:10], source="eval.csv", name="eval")
+    mlflow.log_input(evaluation, context="eval", tags={"split": "first-10"})
+    mlflow.log_input(evaluation, context="again")  # MLflow keeps the first input's tags
+    mlflow.log_input(model=LoggedModelInput(mlflow.last_logged_model().model_id))
 print(json.dumps({"run": run.info.run_id, "model": mlflow.last_logged_model().model_id}))
 """
 
@@ -88,6 +94,7 @@ def files(root):
 
 out = {"runs": {}, "models": {}}
 for run in client.search_runs([exp.experiment_id]):
+    run = client.get_run(run.info.run_id)  # search_runs leaves model inputs out
     tmp = tempfile.mkdtemp()
     out["runs"][run.info.run_name] = {
         "params": run.data.params,
@@ -97,6 +104,14 @@ for run in client.search_runs([exp.experiment_id]):
         "status": run.info.status,
         "files": files(client.download_artifacts(run.info.run_id, "", tmp)),
         "outputs": len(run.outputs.model_outputs) if run.outputs else 0,
+        "datasets": sorted(
+            [i.dataset.name, i.dataset.digest, i.dataset.source_type, i.dataset.source,
+             i.dataset.schema, i.dataset.profile, sorted((t.key, t.value) for t in i.tags)]
+            for i in run.inputs.dataset_inputs
+        ),
+        "model_inputs": sorted(
+            client.get_logged_model(m.model_id).name for m in run.inputs.model_inputs
+        ),
     }
 X = np.random.default_rng(0).normal(size=(60, 3))
 for m in client.search_logged_models([exp.experiment_id]):
@@ -146,7 +161,10 @@ def _same(direct: dict[str, Any], synced: dict[str, Any], spooled_model: str) ->
     run = direct["runs"]["diff"]
     assert {"training_confusion_matrix.png", "tree/sub/b.bin", "tables/t.json"} <= set(run["files"])
     assert run["params"]["max_iter"] == "200" and "training_score" in run["metrics"]
-    assert run["outputs"] == 1
+    assert run["outputs"] == 1 and run["model_inputs"] == ["model"]
+    contexts = {name: dict(tags) for name, *_, tags in run["datasets"]}
+    assert contexts["eval"] == {"mlflow.data.context": "eval", "split": "first-10"}
+    assert len(contexts) == 2 and contexts["dataset"]["mlflow.data.context"] == "train"
     assert {"MLmodel", "model.pkl"} <= set(direct["models"]["model"]["files"])
     assert direct["models"]["model"]["metrics"] and direct["models"]["model"]["status"] == "READY"
 
@@ -160,6 +178,7 @@ def test_autolog_and_every_artifact_call_sync_as_straight_into_sqlite(tmp_path: 
     db = spooled / "synced.db"
     ff_sync(spooled / "spool", db)
     ff_sync(spooled / "spool", db)  # a second pass: nothing twice (READ counts the models)
+    ff_sync(spooled / "spool", db, "verify")  # models, their files and the inputs included
     a = _read(tmp_path / "r1", f"sqlite:///{direct / 'direct.db'}", "models")
     b = _read(tmp_path / "r2", f"sqlite:///{db}", "models")
     _same(a, b, out["model"])
@@ -269,7 +288,8 @@ def test_sigkill_mid_model_upload_then_a_rerun_gives_one_complete_model(project:
 
 MODELS = """
 import mlflow
-from mlflow.entities import LoggedModelOutput, Metric
+import numpy as np
+from mlflow.entities import LoggedModelInput, LoggedModelOutput, Metric
 from pathlib import Path
 mlflow.set_experiment("mem")
 client = mlflow.MlflowClient()
@@ -288,6 +308,10 @@ with mlflow.start_run() as run:
         client.log_outputs(rid, [LoggedModelOutput(m.model_id, 1)])
         client.log_batch(rid, [Metric("acc", 0.9, 1000, 1, model_id=m.model_id)])
         client.finalize_logged_model(m.model_id, "READY" if name == "one" else "FAILED")
+    data = mlflow.data.from_numpy(np.arange(6.0).reshape(3, 2), source="a.csv", name="a")
+    mlflow.log_input(data, context="train", tags={"k": "v"})
+    mlflow.log_input(data, context="again")
+    mlflow.log_input(model=LoggedModelInput(m.model_id))
 print(rid)
 """
 
@@ -303,6 +327,9 @@ def _memory_models(sink: Any) -> dict[str, Any]:
             m.name, runs[m.source_run], m.status, m.params, m.tags, m.metrics,
             {runs[r]: step for r, step in m.outputs.items()}, m.files,
         )  # fmt: skip
+    for r in sink.runs.values():  # the runs' inputs, models by their spool ids
+        spool_ids = sorted(sink.models[d].tags["ff.model_id"] for d in r.model_inputs)
+        out[r.tags["ff.run_uuid"]] = (sorted(r.datasets.values(), key=repr), spool_ids)
     return out
 
 
@@ -319,7 +346,11 @@ def test_a_destination_down_at_any_call_then_a_second_pass_gives_the_same_models
     clean = MemorySink()
     assert _pass(dataclasses.replace(s, sync_state_dir=tmp_path / "clean-state"), clean) == 0
     expected = _memory_models(clean)
-    assert len(expected) == 2
+    assert len(expected) == 3
+    (datasets, model_inputs) = next(v for v in expected.values() if len(v) == 2)
+    (dataset,) = datasets  # one input per dataset and run, with its first tags
+    assert dict(dataset.tags) == {"mlflow.data.context": "train", "k": "v"}
+    assert dataset.name == "a" and dataset.profile and len(model_inputs) == 1
     one = next(v for v in expected.values() if v[0] == "one")
     assert one[2:5] == (
         "READY",
@@ -341,3 +372,102 @@ def test_a_destination_down_at_any_call_then_a_second_pass_gives_the_same_models
             assert _memory_models(broken) == expected, (at, after, broken.calls)
             assert _pass(t, broken, replay=True) == 0  # everything sent again: nothing twice
             assert _memory_models(broken) == expected, (at, after)
+
+
+# -- verify and status: a model's files, the model itself, the run's inputs ---------------------
+
+CHECKED = """
+import json, os
+import numpy as np
+import mlflow
+from mlflow.entities import LoggedModelInput
+mlflow.set_experiment("checked")
+os.makedirs("w/sub", exist_ok=True)
+open("w/MLmodel", "w").write("flavors: {}")
+open("w/sub/x.bin", "wb").write(b"x" * 100)
+with mlflow.start_run() as run:
+    m = mlflow.initialize_logged_model(name="net", params={"p": "1"}, tags={"t": "1"})
+    mlflow.MlflowClient().log_model_artifacts(m.model_id, "w")
+    mlflow.finalize_logged_model(m.model_id, "READY")
+    zeros = mlflow.data.from_numpy(np.zeros((3, 2)), source="z.csv", name="zeros")
+    mlflow.log_input(zeros, context="train", tags={"k": "v"})
+    mlflow.log_input(model=LoggedModelInput(m.model_id))
+print(json.dumps({"run": run.info.run_id, "model": m.model_id, "digest": zeros.digest}))
+"""
+SPOOL_ENV = {"MLFLOW_TRACKING_URI": "spool:", "MLFLOW_DISABLE_TELEMETRY": "true"}
+
+
+def _differences(project: Project) -> list[tuple[str, str | None]]:
+    from tests.sync.test_verify import _json
+
+    code, report = _json(project)
+    found = [(d["kind"], d["key"]) for d in report["differences"]]
+    assert code == (1 if found else 0), report
+    return sorted(found)
+
+
+def test_verify_checks_each_synced_model_its_files_and_the_runs_inputs(project: Project) -> None:
+    out = json.loads(project.python(CHECKED, env=SPOOL_ENV).stdout)
+    mid, digest = out["model"], out["digest"]
+    assert project.ff_sync().returncode == 0
+    assert _differences(project) == []
+    from mlflow import MlflowClient
+
+    client = MlflowClient(project.uri)
+    exps = [e.experiment_id for e in client.search_experiments()]
+    (model,) = client.search_logged_models(exps)
+    folder = Path(model.artifact_location)
+    assert (folder / "sub" / "x.bin").read_bytes() == b"x" * 100  # what the damage below changes
+
+    (folder / "sub" / "x.bin").write_bytes(b"y" * 100)  # same size, other bytes
+    assert _differences(project) == [("model_artifact_mismatch", f"{mid}/sub/x.bin")]
+    (folder / "MLmodel").unlink()
+    assert _differences(project) == [
+        ("missing_model_artifact", f"{mid}/MLmodel"),
+        ("model_artifact_mismatch", f"{mid}/sub/x.bin"),
+    ]
+    client.set_logged_model_tags(model.model_id, {"t": "2"})
+    client.log_model_params(model.model_id, {"extra": "1"})
+    assert _differences(project) == [
+        ("extra_model_param", f"{mid} extra"),
+        ("missing_model_artifact", f"{mid}/MLmodel"),
+        ("model_artifact_mismatch", f"{mid}/sub/x.bin"),
+        ("model_tag_mismatch", f"{mid} t"),
+    ]
+    client.delete_logged_model_tag(model.model_id, "ff.model_id")  # the sync's own lookup tag
+    import sqlite3
+
+    db = sqlite3.connect(project.db)
+    with db:
+        db.execute("DELETE FROM inputs WHERE source_type = 'DATASET'")
+    db.close()
+    assert _differences(project) == [
+        ("missing_dataset_input", f"zeros@{digest}"),
+        ("missing_model", mid),
+        ("missing_model_input", mid),
+    ]
+
+
+def test_verify_reports_a_second_model_carrying_the_same_id(project: Project) -> None:
+    out = json.loads(project.python(CHECKED, env=SPOOL_ENV).stdout)
+    assert project.ff_sync().returncode == 0
+    from mlflow import MlflowClient
+
+    client = MlflowClient(project.uri)
+    exps = [e.experiment_id for e in client.search_experiments()]
+    (model,) = client.search_logged_models(exps)
+    tags = {"ff.model_id": out["model"]}
+    client.create_logged_model(model.experiment_id, name="other", tags=tags)
+    # Which of the two the rest is compared with follows the replay's choice (the lower id).
+    assert ("duplicate_model", out["model"]) in _differences(project)
+
+
+def test_status_counts_a_models_files_as_bytes_pending_upload(project: Project) -> None:
+    from tests.sync.test_status import _json
+
+    project.python(CHECKED, env=SPOOL_ENV)
+    (dest,) = _json(project)["destinations"]
+    assert dest["totals"]["bytes_pending_upload"] == len("flavors: {}") + 100
+    assert project.ff_sync().returncode == 0
+    (dest,) = _json(project)["destinations"]
+    assert dest["totals"]["bytes_pending_upload"] == 0

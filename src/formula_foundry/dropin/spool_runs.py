@@ -17,6 +17,7 @@ from pathlib import Path
 
 from formula_foundry.sync.commands.expected import ExpectedRun, expected_run
 from formula_foundry.sync.engine.scan import scan_run
+from formula_foundry.sync.engine.sink import RunDataset
 from formula_foundry.tracking.events import RESERVED_TAG_PREFIX
 
 Point = tuple[int, int, float]  # step, timestamp ms, value (NaN and ±inf as logged)
@@ -44,6 +45,9 @@ class RunState:
     # Files logged to the run, artifact path -> size, as far as this process knows (the spool
     # when the run was read, then what this process logged): what a new file must not clash with.
     artifacts: dict[str, int] = field(default_factory=dict)
+    # Its inputs (log_inputs): datasets by (name, digest) as first logged, models by id.
+    datasets: dict[tuple[str, str], RunDataset] = field(default_factory=dict)
+    model_inputs: set[str] = field(default_factory=set)
     started: bool = True  # a valid run_start was found (a run can be resumed or logged into)
     opened_here: bool = False  # this process created or resumed it: it ends it at SIGTERM
 
@@ -87,6 +91,8 @@ def read_run(root: Path, run_id: str) -> RunState | None:
         tags=tags,
         latest=latest,
         artifacts={path: ref.size for path, ref in exp.artifacts.items()},
+        datasets=dict(exp.datasets),
+        model_inputs=set(exp.model_inputs),
         started=exp.started,
     )
 

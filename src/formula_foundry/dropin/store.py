@@ -16,9 +16,13 @@ from concurrent.futures import Future
 from typing import Any, Final, TypeVar
 
 from mlflow.entities import (
+    Dataset,
+    DatasetInput,
     Experiment,
+    InputTag,
     LifecycleStage,
     LoggedModel,
+    LoggedModelInput,
     LoggedModelOutput,
     LoggedModelParameter,
     LoggedModelStatus,
@@ -28,6 +32,7 @@ from mlflow.entities import (
     Run,
     RunData,
     RunInfo,
+    RunInputs,
     RunTag,
     ViewType,
 )
@@ -47,6 +52,7 @@ from mlflow.utils.search_utils import SearchExperimentsUtils, SearchUtils
 
 from formula_foundry.dropin.experiments import Experiment as SpoolExperiment
 from formula_foundry.dropin.experiments import experiment_id
+from formula_foundry.dropin.inputs import log_inputs
 from formula_foundry.dropin.models import ModelState, model_book
 from formula_foundry.dropin.points import stored
 from formula_foundry.dropin.run_book import run_book
@@ -62,10 +68,11 @@ from formula_foundry.errors import (
 )
 
 T = TypeVar("T")
+_DATASET_FIELDS: Final = ("name", "digest", "source_type", "source", "schema", "profile")
 _SUPPORTED: Final = (
     "experiments (create, get, get by name, search), runs (create, get, search by experiment, "
     "filter and order, update status and name), log_batch and everything that uses it, "
-    "log_batch_async, metric history, logged models of a run"
+    "log_batch_async, metric history, logged models of a run, log_inputs"
 )
 
 
@@ -311,7 +318,17 @@ class SpoolStore(AbstractStore):
             params=[Param(k, v) for k, v in state.params.items()],
             tags=[RunTag(k, v) for k, v in state.tags.items()],
         )
-        return Run(info, data)
+        inputs = RunInputs(
+            dataset_inputs=[
+                DatasetInput(
+                    Dataset(d.name, d.digest, d.source_type, d.source, d.schema, d.profile),
+                    [InputTag(k, v) for k, v in d.tags],
+                )
+                for d in state.datasets.values()
+            ],
+            model_inputs=[LoggedModelInput(m) for m in sorted(state.model_inputs)],
+        )
+        return Run(info, data, inputs)
 
     def _state(self, run_id: str) -> RunState:
         state = self._runs.get(run_id)
@@ -480,9 +497,24 @@ class SpoolStore(AbstractStore):
     def shut_down_async_logging(self) -> None:
         return None
 
+    @_mlflow_errors
     def log_inputs(self, run_id: str, datasets: Any = None, models: Any = None) -> None:
-        if datasets or models:
-            _unsupported("log_inputs")(self)
+        from mlflow.utils.validation import _validate_dataset_inputs
+
+        if datasets is not None and not isinstance(datasets, list):  # as MLflow's stores
+            raise TypeError(f"Argument 'datasets' should be a list, got '{type(datasets)}'")
+        if datasets:
+            _validate_dataset_inputs(datasets)
+        self._state(run_id)
+        records = [
+            {
+                **{f: getattr(i.dataset, f) for f in _DATASET_FIELDS},
+                "tags": {t.key: t.value for t in i.tags or ()},
+            }
+            for i in datasets or ()
+        ]
+        ids = [m.model_id for m in models or ()]
+        log_inputs(self._runs, self._models, run_id, records, ids)
 
     # -- logged models (dropin/models.py) --------------------------------------------------
 

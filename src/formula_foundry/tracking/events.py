@@ -44,8 +44,14 @@ K_RUN_END: Final = "run_end"
 K_HEARTBEAT: Final = "heartbeat"
 K_TAG_DELETE: Final = "tag_delete"
 # Bytes a process wrote to its stdout or stderr while a run captured them (tracking/console.py);
-# ff-sync sends nothing for them, ``ff-sync tail`` prints them.
+# ff-sync uploads them as the run's files ``console/<host>-<pid>.log``
+# (sync/engine/console_upload.py), ``ff-sync tail`` prints them.
 K_CONSOLE: Final = "console"
+# A run's inputs, logged through the drop-in (``log_inputs``, dropin/inputs.py): ``datasets``
+# (each with name, digest, source_type, source, schema, profile and its input tags) and
+# ``models`` (model ids the run used); ff-sync replays them with MLflow's ``log_inputs``
+# (sync/engine/inputs.py), which keeps one dataset per (name, digest) and one input per run.
+K_INPUTS: Final = "inputs"
 # MLflow 3 logged models, logged through the drop-in (dropin/models.py). They live in the spool
 # of the run that logged them (their source run); ff-sync creates each model under that run's
 # destination run and replays the rest in order (sync/engine/models.py). Every one names its
@@ -83,6 +89,7 @@ KINDS: Final = frozenset(
         K_HEARTBEAT,
         K_TAG_DELETE,
         K_CONSOLE,
+        K_INPUTS,
         *MODEL_KINDS,
     }
 )
@@ -109,6 +116,17 @@ END_STATUSES: Final = RUN_STATUSES - {"RUNNING"}
 MAX_KEY_LENGTH: Final = 250
 MAX_PARAM_VALUE_LENGTH: Final = 6000
 MAX_TAG_VALUE_LENGTH: Final = 8000
+# MLflow's limits of a dataset input (mlflow/utils/validation.py), in characters.
+DATASET_FIELD_LIMITS: Final = {
+    "name": 500,
+    "digest": 36,
+    "source_type": 36,  # not checked by MLflow, but its column: PostgreSQL refuses longer
+    "source": 65535,
+    "schema": 1048575,
+    "profile": 16777215,
+}
+MAX_INPUT_TAG_KEY_LENGTH: Final = 255
+MAX_INPUT_TAG_VALUE_LENGTH: Final = 500
 # Why a run ended: a run_end's "reason", or the scheduler's word when the sync ends a run
 # itself (sync/engine/scheduler.py). Under ff.sync.*, which verify leaves out of its comparison.
 END_REASON_TAG: Final = "ff.sync.end_reason"

@@ -18,7 +18,9 @@ rule, but without a destination:
 * tags are last-write-wins in event order, ``tag_delete`` removes them; ``run_end`` sets
   status and end time, a later ``run_start`` makes the run RUNNING again;
 * metric points are a set of ``(step, timestamp, value)`` per key (MLflow keeps one row per
-  distinct point), with ±inf stored as ±``sys.float_info.max`` and NaN equal to NaN.
+  distinct point), with ±inf stored as ±``sys.float_info.max`` and NaN equal to NaN;
+* inputs: one dataset per (name, digest), as first logged, and the models the run used;
+  logged models as :mod:`formula_foundry.sync.commands.expected_models` folds them.
 
 One run at a time: nothing here holds more than one run's data.
 """
@@ -31,7 +33,9 @@ from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 
 from formula_foundry.errors import SpoolError
+from formula_foundry.sync.commands.expected_models import ExpectedModel, fold_model_event
 from formula_foundry.sync.engine import payloads
+from formula_foundry.sync.engine.inputs import run_inputs
 from formula_foundry.sync.engine.payloads import (
     InvalidRecord,
     PayloadChecker,
@@ -39,10 +43,11 @@ from formula_foundry.sync.engine.payloads import (
     run_spec,
 )
 from formula_foundry.sync.engine.scan import SegmentFile
-from formula_foundry.sync.engine.sink import ArtifactRef
+from formula_foundry.sync.engine.sink import ArtifactRef, RunDataset
 from formula_foundry.tracking.events import (
     K_ARTIFACT,
     K_ARTIFACT_REF,
+    K_INPUTS,
     K_METRICS,
     K_PARAMS,
     K_RUN_END,
@@ -51,6 +56,7 @@ from formula_foundry.tracking.events import (
     K_TAGS,
     MAX_PARAM_VALUE_LENGTH,
     MAX_TAG_VALUE_LENGTH,
+    MODEL_KINDS,
 )
 from formula_foundry.tracking.spool_reader import Event, SegmentReader
 
@@ -89,6 +95,12 @@ class ExpectedRun:
     refs: dict[str, dict[str, object]] = field(default_factory=dict)
     # Files logged to the run (``artifact`` events): artifact path -> the object, last one wins.
     artifacts: dict[str, ArtifactRef] = field(default_factory=dict)
+    # Inputs: (name, digest) -> the dataset as first logged (MLflow keeps that one), and the
+    # node's ids of the models the run used.
+    datasets: dict[tuple[str, str], RunDataset] = field(default_factory=dict)
+    model_inputs: set[str] = field(default_factory=set)
+    # Logged models whose events the run's spool holds, by the node's model id.
+    models: dict[str, ExpectedModel] = field(default_factory=dict)
     events: int = 0
 
 
@@ -161,6 +173,13 @@ class _Builder:
                 if (self.path, ev.offset) in self.refused:
                     return  # the destination refused the file (docs/sync.md, quarantine)
                 run.artifacts[obj.path] = obj
+            elif ev.kind in MODEL_KINDS:
+                fold_model_event(run.models, ev, self.check, self.refused, self.path)
+            elif ev.kind == K_INPUTS:
+                datasets, models = run_inputs(ev)
+                for ds in datasets:
+                    run.datasets.setdefault((ds.name, ds.digest), ds)
+                run.model_inputs.update(models)
             else:
                 return  # segment headers, heartbeats: nothing reaches the destination
         except InvalidRecord:

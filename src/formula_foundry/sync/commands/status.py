@@ -53,10 +53,17 @@ from formula_foundry.sync.engine.sync_state import (
     STATE_FILE,
     SegmentProgress,
 )
-from formula_foundry.tracking.events import K_ARTIFACT, K_RUN_END, K_RUN_START, K_SEGMENT
+from formula_foundry.tracking.events import (
+    K_ARTIFACT,
+    K_MODEL_ARTIFACT,
+    K_RUN_END,
+    K_RUN_START,
+    K_SEGMENT,
+)
 from formula_foundry.tracking.spool_reader import Event, SegmentReader
 
 JSON_VERSION: Final = 1
+FILE_KINDS: Final = frozenset({K_ARTIFACT, K_MODEL_ARTIFACT})  # files of a run and of its models
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,7 +137,7 @@ class RunStatus:
     events_synced: int = 0
     events_pending: int = 0
     events_quarantined: int = 0
-    bytes_pending_upload: int = 0  # logged files (``artifact`` events) not uploaded yet
+    bytes_pending_upload: int = 0  # logged files of the run and its models not uploaded yet
     last_sync_ms: int | None = None
     last_event_ms: int | None = None
     ended: bool = False  # an end event is synced or pending after the last run_start
@@ -371,7 +378,7 @@ def _count_pending(run: RunStatus, seg: SegmentFile, prog: SegmentProgress | Non
                 run.last_event_ms = item.t
             if item.kind == K_RUN_END:
                 run.ended = True
-            elif item.kind == K_ARTIFACT and type(size := item.data.get("size")) is int:
+            elif item.kind in FILE_KINDS and type(size := item.data.get("size")) is int:
                 run.bytes_pending_upload += max(size, 0)
             elif item.kind == K_RUN_START:
                 run.ended = False

@@ -6,23 +6,21 @@ the one module here that imports MLflow). Every difference is reported: a missin
 duplicated run, missing or extra metric points, params and tags that are missing, extra or
 different, a wrong experiment, start time, status or end time, missing or different artifact
 reference documents, logged files and an ended run's console files (one per process) missing
-or with other bytes (each downloaded and hashed).
+or with other bytes (each downloaded and hashed); logged models and inputs (``verify_models``).
 
 What the replay legitimately leaves out or changes is not a difference: records it
-quarantines (the same reader and payload checks decide), the value of a param whose
-conflict is in the quarantine log, tags MLflow adds itself (``mlflow.*`` other than
-``mlflow.runName`` and ``mlflow.parentRunId``), and KILLED for a run the sync ended because
-it went silent (``stale_ended`` in the sync state).
+quarantines (the same reader and payload checks decide), the value of a param whose conflict
+is in the quarantine log, tags MLflow adds itself (``mlflow.*`` but ``mlflow.runName`` and
+``mlflow.parentRunId``), KILLED for a run the sync ended as silent (``stale_ended``).
 
 What verify cannot read is a difference too, never an abort: a run folder or segment that
-cannot be read (``unreadable``, "permission denied"), a run folder or segment that is a
-symbolic link (``symlink``; the sync never follows one) or no regular file
-(``not_regular``). The rest of such a run is compared as usual: the sync skipped the same
-paths. A segment the replay quarantines whole — broken header, unknown format, a header
-naming another run (a copied file) — is expected to be absent; a run made only of such
-segments is expected not to exist at all.
+cannot be read (``unreadable``, "permission denied"), is a symbolic link (``symlink``; the
+sync never follows one) or no regular file (``not_regular``). The rest of such a run is
+compared as usual: the sync skipped the same paths. A segment the replay quarantines whole —
+broken header, unknown format, a header naming another run (a copied file) — is expected to
+be absent; a run made only of such segments is expected not to exist at all.
 
-It streams one run at a time. Kinds and JSON keys: docs/operations.md.
+One run at a time. Kinds and JSON keys: docs/operations.md.
 """
 
 from __future__ import annotations
@@ -38,6 +36,8 @@ from formula_foundry.ids import is_run_id
 from formula_foundry.redact import redact_uri
 from formula_foundry.sync.commands.expected import ExpectedRun, Point, expected_run, metric_value
 from formula_foundry.sync.commands.status import StateView
+from formula_foundry.sync.commands.verify_models import difference_kind as _kind
+from formula_foundry.sync.commands.verify_models import model_differences
 from formula_foundry.sync.engine.console_upload import expected_console
 from formula_foundry.sync.engine.destination import INSTALL_HINT, destination_key
 from formula_foundry.sync.engine.scan import (
@@ -212,6 +212,7 @@ class _RunChecker:
         upload_max_bytes: int | None = None,
     ) -> None:
         self.reader, self.index, self.view = reader, index, view
+        self.models = reader.models()  # after index(): it knows every experiment by then
         self.upload_max_bytes = upload_max_bytes  # larger logged files: a reference document
         quarantined = list(view.quarantine())
         self.conflicted = {
@@ -256,6 +257,8 @@ class _RunChecker:
         yield from self._metrics(exp, stored)
         yield from self._refs(exp, stored)
         yield from self._files(exp, stored)
+        for kind, key, want, got, why in model_differences(self.models, exp, stored):
+            yield Difference(spool_run_id, kind, f"run {spool_run_id}: {why}", key, want, got)
 
     def _info(self, exp: ExpectedRun, stored: StoredRun) -> Iterator[Difference]:
         spool_run_id = exp.spool_run_id
@@ -348,14 +351,6 @@ def _system_tag(key: str) -> bool:
     return (key.startswith("mlflow.") and key not in CHECKED_SYSTEM_TAGS) or key.startswith(
         "ff.sync."
     )
-
-
-def _kind(what: str, want: object, got: object) -> str:
-    if got is None:
-        return f"missing_{what}"
-    if want is None:
-        return f"extra_{what}"
-    return f"{what}_mismatch"
 
 
 _MESSAGES: Final = {

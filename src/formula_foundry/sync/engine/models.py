@@ -25,6 +25,7 @@ from typing import Any, Final, cast
 import orjson
 
 from formula_foundry.sync.engine.batch import Cursor
+from formula_foundry.sync.engine.inputs import replay_inputs
 from formula_foundry.sync.engine.payloads import InvalidRecord, PayloadChecker
 from formula_foundry.sync.engine.runs import RunContext, SyncContext
 from formula_foundry.sync.engine.sink import (
@@ -33,11 +34,12 @@ from formula_foundry.sync.engine.sink import (
     ModelSpec,
     Sink,
 )
-from formula_foundry.sync.engine.uploads import local_files
+from formula_foundry.sync.engine.uploads import ObjectUnavailable, local_files
 from formula_foundry.tracking.events import (
     INT64_MAX,
     INT64_MIN,
     K_ARTIFACT,
+    K_INPUTS,
     K_MODEL_ARTIFACT,
     K_MODEL_END,
     K_MODEL_METRICS,
@@ -79,9 +81,10 @@ def model_sink(sink: Sink) -> ModelSink:
 
 
 def other_event(cx: SyncContext, cur: Cursor, ev: Event, flush: Callable[[Cursor], None]) -> None:
-    """Replay a ``model_*`` event (not ``model_artifact``) as a barrier; any other kind left
-    to this (a segment header, a heartbeat) has nothing to send."""
-    if ev.kind not in MODEL_KINDS:
+    """Replay a ``model_*`` event (not ``model_artifact``) or an ``inputs`` event (``inputs``)
+    as a barrier; any other kind left to this (a segment header, a heartbeat) has nothing to
+    send."""
+    if ev.kind not in MODEL_KINDS and ev.kind != K_INPUTS:
         cur.pos = (ev.end, ev.line, ev.seq)
         return
     flush(cur)  # what came before reaches the destination first
@@ -94,6 +97,13 @@ def other_event(cx: SyncContext, cur: Cursor, ev: Event, flush: Callable[[Cursor
 def _apply(cx: SyncContext, ctx: RunContext, ev: Event) -> None:
     sink = model_sink(cx.sink)
     d, kind = ev.data, ev.kind
+    if kind == K_INPUTS:
+
+        def log(datasets: list[Any], models: list[str]) -> None:
+            cx.call(partial(sink.log_inputs, ctx.mlflow_run_id, datasets, models))
+
+        replay_inputs(ev, log, partial(_input_model, cx, sink))
+        return
     model = _model_id(d.get("model"))
     if kind == K_MODEL_START:
         spec = _spec(ctx, model, d)
@@ -182,6 +192,18 @@ def _destination(cx: SyncContext, sink: ModelSink, model: str) -> str:
             )
         dest = known[model] = found
     return dest
+
+
+def _input_model(cx: SyncContext, sink: ModelSink, model: str) -> str:
+    """A model the run used: the segment waits (and the next pass retries) until the run that
+    logged it has been synced, rather than drop the input."""
+    try:
+        return _destination(cx, sink, model)
+    except InvalidRecord:
+        raise ObjectUnavailable(
+            f"logged model {model}, an input of this run, is not in {cx.sink.description} yet "
+            "(the run that logged it is not synced yet)"
+        ) from None
 
 
 def _spec(ctx: RunContext, model: str, d: dict[str, Any]) -> ModelSpec:

@@ -139,6 +139,19 @@ class ModelSpec:
         return {**dict(self.tags), MODEL_ID_TAG: self.spool_model_id}
 
 
+@dataclass(frozen=True, slots=True)
+class RunDataset:
+    """A dataset a run used (MLflow's ``DatasetInput``): the dataset and the input's tags."""
+
+    name: str
+    digest: str
+    source_type: str
+    source: str
+    schema: str | None
+    profile: str | None
+    tags: tuple[tuple[str, str], ...]
+
+
 class DestinationRejected(SyncError):
     """The destination refused a write for a reason retrying will not fix."""
 
@@ -264,4 +277,11 @@ class ModelSink(Protocol):
         self, model_id: str, files: Sequence[tuple[ArtifactRef, Path]]
     ) -> list[tuple[ArtifactRef, str]]:
         """``upload_artifacts`` into the model's artifact location."""
+        ...
+
+    def log_inputs(
+        self, mlflow_run_id: str, datasets: Sequence[RunDataset], model_ids: Sequence[str]
+    ) -> None:
+        """The run's inputs: datasets (one per (name, digest) in the experiment, one input per
+        run, the input's tags those of its first logging) and models (destination ids)."""
         ...

@@ -373,7 +373,7 @@ class MlflowSink(IdentityTags):
 
         if "_models" not in self.__dict__:
             client = self._call("open the store", lambda: MlflowClient(tracking_uri=self.uri))
-            out: ModelSink = ModelWriter(self, client, entities.Metric, entities.LoggedModelOutput)
+            out: ModelSink = ModelWriter(self, client, entities)
             self.__dict__["_models"] = out
         writer: ModelSink = self.__dict__["_models"]
         return writer

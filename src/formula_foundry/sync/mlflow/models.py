@@ -9,6 +9,8 @@ Every call is idempotent, as the replay needs (sync/engine/models.py):
   sent; tags are upserts; a tag already deleted is done; finalising again sets the same status;
 * metric points linked to the model are idempotent in MLflow's store (it skips rows it has);
   the run lists a model among its outputs only if it does not yet;
+* a run's inputs (``log_inputs``): MLflow's store looks datasets up by (experiment, name,
+  digest) and inputs by (dataset, run) before inserting, and merges a model input on its key;
 * files go up through MLflow's client (``log_model_artifact``) into the model's artifact
   location, each through a link carrying its name, and the model's listing must show each at
   its full size before the call returns. In a local artifact root, what an upload killed
@@ -30,7 +32,13 @@ from urllib.parse import unquote, urlparse
 
 from formula_foundry.errors import FormulaFoundryError, StoreUnavailable
 from formula_foundry.sync.engine.refusals import local_refusal, quoted
-from formula_foundry.sync.engine.sink import ArtifactRef, MetricRow, ModelSpec, RecordRejected
+from formula_foundry.sync.engine.sink import (
+    ArtifactRef,
+    MetricRow,
+    ModelSpec,
+    RecordRejected,
+    RunDataset,
+)
 from formula_foundry.sync.mlflow.internals import local_upload_leftovers
 from formula_foundry.tracking.events import MODEL_ID_TAG
 
@@ -43,9 +51,10 @@ T = TypeVar("T")
 class ModelWriter:
     """The :class:`~formula_foundry.sync.engine.sink.ModelSink` calls of one MLflow sink."""
 
-    def __init__(self, sink: MlflowSink, client: Any, metric: Any, output: Any) -> None:
-        self.sink, self.client = sink, client
-        self._Metric, self._Output = metric, output
+    def __init__(self, sink: MlflowSink, client: Any, entities: Any) -> None:
+        # MLflow's entity classes come from the client sink (the module that imports MLflow).
+        self.sink, self.client, self._entities = sink, client, entities
+        self._Metric, self._Output = entities.Metric, entities.LoggedModelOutput
 
     def _call(self, what: str, fn: Callable[[], T]) -> T:
         return self.sink.call(what, fn)
@@ -166,6 +175,34 @@ class ModelWriter:
             f"finalize logged model {model_id}",
             lambda: self.client.finalize_logged_model(model_id, status),
         )
+
+    def log_inputs(
+        self, mlflow_run_id: str, datasets: Sequence[RunDataset], model_ids: Sequence[str]
+    ) -> None:
+        e = self._entities
+        inputs = [
+            e.DatasetInput(
+                e.Dataset(d.name, d.digest, d.source_type, d.source, d.schema, d.profile),
+                [e.InputTag(k, v) for k, v in d.tags],
+            )
+            for d in datasets
+        ]
+        models = [e.LoggedModelInput(m) for m in model_ids]
+        client = self.client
+
+        def attempt() -> None:
+            try:
+                client.log_inputs(mlflow_run_id, inputs or None, models or None)
+            except Exception as exc:
+                # Two writers adding the same dataset at once (a parallel pass, runs sharing
+                # training data): the loser's insert fails on the dataset's key. The call is
+                # idempotent, so once more finds the winner's row.
+                if getattr(exc, "error_code", None) != "INTERNAL_ERROR":
+                    raise
+                client.log_inputs(mlflow_run_id, inputs or None, models or None)
+
+        what = f"log {len(inputs)} datasets and {len(models)} models as inputs of run"
+        self._call(f"{what} {mlflow_run_id}", attempt)
 
     # -- files -----------------------------------------------------------------------------
 

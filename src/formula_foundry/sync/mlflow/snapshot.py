@@ -36,6 +36,7 @@ from formula_foundry.redact import redact_uri
 from formula_foundry.sync.engine.destination import INSTALL_HINT, SQL_SCHEMES, scheme_of
 from formula_foundry.sync.engine.destination_id import FALLBACK_EXPERIMENT, TAG_PREFIX
 from formula_foundry.sync.engine.sink import ARTIFACT_REF_DIR, RunMissing
+from formula_foundry.sync.mlflow.model_snapshot import ModelReader
 from formula_foundry.sync.mlflow.store_access import (
     access_error,
     prepare_mlflow_env,
@@ -45,6 +46,7 @@ from formula_foundry.sync.mlflow.store_access import (
 T = TypeVar("T")
 
 VOLATILE_TAGS: Final = frozenset({"mlflow.parentRunId", "mlflow.log-model.history"})
+DATASET_FIELDS: Final = ("name", "digest", "source_type", "source", "schema", "profile")
 
 
 def _f(value: float) -> str:
@@ -218,6 +220,10 @@ class StoredRun:
     params: dict[str, str]
     tags: dict[str, str]
     metric_keys: frozenset[str]
+    # (name, digest, source_type, source, schema, profile, {input tag: value}) of each dataset
+    # input, and the model ids of its model inputs (mlflow/model_snapshot.py compares them).
+    datasets: tuple[tuple[Any, ...], ...] = ()
+    model_inputs: frozenset[str] = frozenset()
 
 
 class StoreReader:
@@ -323,7 +329,15 @@ class StoreReader:
             if getattr(exc, "error_code", None) == "RESOURCE_DOES_NOT_EXIST":
                 raise RunMissing(f"{self.description} has no run {mlflow_run_id}") from None
             raise
-        info, data = run.info, run.data
+        info, data, inputs = run.info, run.data, run.inputs
+        datasets = tuple(
+            (
+                *(getattr(i.dataset, f) for f in DATASET_FIELDS),
+                {t.key: t.value for t in i.tags},
+            )
+            for i in (getattr(inputs, "dataset_inputs", None) or ())
+        )
+        models = getattr(inputs, "model_inputs", None) or ()
         return StoredRun(
             mlflow_run_id=info.run_id,
             experiment=self._experiments.get(str(info.experiment_id)),
@@ -335,6 +349,8 @@ class StoreReader:
             params=dict(data.params),
             tags=dict(data.tags),
             metric_keys=frozenset(data.metrics),
+            datasets=datasets,
+            model_inputs=frozenset(m.model_id for m in models),
         )
 
     def metric_points(self, mlflow_run_id: str, key: str) -> list[tuple[int, int, float]]:
@@ -351,6 +367,13 @@ class StoreReader:
             f"read the artifacts of run {mlflow_run_id}",
             lambda: _files(self._client, mlflow_run_id),
         )
+
+    def models(self) -> ModelReader:
+        """The store's logged models, read one at a time (mlflow/model_snapshot.py)."""
+        from mlflow.artifacts import download_artifacts
+
+        download = partial(download_artifacts, tracking_uri=self.uri)
+        return ModelReader(self._client, self._call, download, self._experiments, _no_progress_bars)
 
     def artifact_refs(self, mlflow_run_id: str) -> dict[str, Any]:
         """Logical path → the artifact reference document stored for it."""
