@@ -25,10 +25,12 @@ from formula_foundry.tracking.console_events import (
     MERGED,
     Chunker,
     console_item,
+    split_record,
     unfinished_tail,
     utf8_cut,
 )
 from formula_foundry.tracking.spool_reader import Event, SegmentReader
+from formula_foundry.tracking.spool_writer import SegmentWriter
 
 from ._helpers import child_env, read, segments
 
@@ -488,13 +490,13 @@ def test_a_reader_that_goes_away_is_passed_on_to_the_program(ff_project: Path) -
 
 
 def test_chunks_end_on_whole_characters_and_read_back_as_the_bytes() -> None:
-    text = ("a€😀" * 40_000).encode()  # 1, 3 and 4 bytes per character
+    text = ("a€😀" * 300_000).encode()  # 1, 3 and 4 bytes per character, over 2 chunks
     chunker = Chunker(1 << 30)
-    for i in range(0, len(text), 1000):  # pieces that cut characters anywhere
-        chunker.add("stdout", text[i : i + 1000], i)
+    for i in range(0, len(text), 10_000):  # pieces that cut characters anywhere
+        chunker.add("stdout", text[i : i + 10_000], i)
     records = [r for r, _, _ in chunker.take(7, final=True)]
     assert all("text" in r for r in records)
-    assert all(len(r["text"].encode()) <= CHUNK_BYTES for r in records)
+    assert len(records) == 3 and all(len(r["text"].encode()) <= CHUNK_BYTES for r in records)
     back = b"".join(item.data for r in records if (item := console_item(r)) is not None)
     assert back == text
 
@@ -569,3 +571,30 @@ def test_the_reader_reads_console_events_of_a_real_spool(ff_project: Path) -> No
     run_program(ff_project, "reread", "{'capture_output': True}")
     (seg,) = segments(ff_project / "data" / "runs", "reread")
     assert all(isinstance(i, Event) for i in SegmentReader(seg))
+
+
+def test_split_console_events_are_the_bytes_frame_writes(tmp_path: Path) -> None:
+    # The capture writes its events split (the chunk's JSON where it lies); a reader must not
+    # be able to tell them from append_many's, byte for byte, nor lose one to a torn line.
+    chunker = Chunker(40)
+    chunker.add("stdout", 'quote " back \\ tab \t esc \x1b € nl\n'.encode(), 5)
+    chunker.add("stderr", b"\xff\xfe not utf-8", 6)
+    chunker.add("stderr", b"past the cap", 7)
+    records = [r for r, _, _ in chunker.take(8, final=True)]
+    assert {k for r in records for k in r} >= {"text", "b64", "limit", "dropped"}
+    written = []
+    for how in ("many", "split"):
+        writer = SegmentWriter(tmp_path / how, "r")
+        writer.append({"v": 1, "s": 0, "t": 1, "k": "tags", "d": {"a": "b"}})
+        copies = [dict(r) for r in records]
+        if how == "many":
+            writer.append_many(copies)
+        else:
+            writer.append_split("console", [split_record(r) for r in copies])
+        writer.close()
+        assert writer.path is not None
+        written.append(writer.path.read_bytes().split(b"\n", 1)[1])  # past the header
+    assert written[0] == written[1]
+    (seg,) = (tmp_path / "split" / "r").glob("seg-*.jsonl")
+    events, problems, _ = read(seg)
+    assert problems == [] and [e.seq for e in events] == list(range(len(records) + 2))

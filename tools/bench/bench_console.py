@@ -15,6 +15,9 @@ inside the timed stretch — and writes the time to a side file, never to the ou
 * ``off``: ``capture_output=False``; ``on``: ``capture_output=True``, as shipped;
 * ``tee_only`` (for information): the capture with ``FF_CONSOLE_MAX_BYTES=0``: it tees every
   byte and spools none, so ``on`` minus ``tee_only`` is what spooling the output costs;
+* ``on_framed`` (for information): the capture with its chunks framed as records by the
+  writer's ``append_many`` (JSON of the whole record, the checksum's tail appended, the lines
+  joined), as before ``append_split`` wrote each chunk's JSON where it lies;
 * ``on_no_pause`` (for information): the capture with its reader pausing 0 s after each read,
   the design that wakes the reader for every write of the printer and takes the GIL from it
   each time (``tracking/console.py`` explains the pause);
@@ -22,10 +25,12 @@ inside the timed stretch — and writes the time to a side file, never to the ou
   does the tee and spools the same chunks with the same writer into a segment of its own,
   waited for before the run's end: no GIL shared, an interpreter started per run.
 
-The five run in alternation, ``--runs`` rounds, so a burst of load on the machine hits all of
+The six run in alternation, ``--runs`` rounds, so a burst of load on the machine hits all of
 them; each round gives an on/off ratio; the median, lowest and highest are reported, and the
-ratio of the best rounds and the whole-process wall time (interpreter start to exit) of each
-for information.
+ratio of the best rounds, the whole-process wall time (interpreter start to exit) and the CPU
+time of the timed stretch (all threads, and the helper process) of each for information: on a
+machine busy with other work the CPU a variant adds costs wall time too, whichever core it
+runs on.
 
 ``--to`` is where the child's stdout goes: ``file`` (a regular file, as a Slurm job's output;
 the default), ``pipe`` (read by this process), ``pty`` (a pseudo-terminal read by this process:
@@ -54,7 +59,7 @@ import time
 from pathlib import Path
 
 TARGET_RATIO = 1.10
-MODES = ("off", "on", "tee_only", "on_no_pause", "helper")
+MODES = ("off", "on", "tee_only", "on_framed", "on_no_pause", "helper")
 CONFIG_VARS = (
     "FF_CONFIG",
     "FF_SPOOL_ROOT",
@@ -99,6 +104,10 @@ from formula_foundry.tracking import get_tracker
 
 lines, mode, out, pause, helper = sys.argv[1:6]
 lines = int(lines)
+if mode == "on_framed":
+    import formula_foundry.tracking.console as console
+
+    console.SegmentWriter = type("NotASegmentWriter", (), {})  # emit() takes append_many
 if mode == "on_no_pause" or pause:
     import formula_foundry.tracking.console as console
 
@@ -134,8 +143,17 @@ def start_helper(run):
     return stop
 
 
+import resource
+
+
+def cpu():
+    own, kids = (resource.getrusage(w) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+c1 = cpu()
 t1 = time.perf_counter()
-capture = mode in ("on", "tee_only", "on_no_pause")
+capture = mode in ("on", "tee_only", "on_framed", "on_no_pause")
 with get_tracker().start_run(run_name="bench-console", capture_output=capture) as run:
     stop = start_helper(run) if mode == "helper" else None
     for i in range(lines):
@@ -143,8 +161,9 @@ with get_tracker().start_run(run_name="bench-console", capture_output=capture) a
     if stop is not None:
         stop()
 t2 = time.perf_counter()
+c2 = cpu()
 with open(out, "w") as fh:
-    fh.write(f"{t2 - t1} {t1 - t0} {run.run_id}")
+    fh.write(f"{t2 - t1} {t1 - t0} {run.run_id} {c2 - c1}")
 """
 
 
@@ -177,8 +196,8 @@ def _drain(fd: int, sink: bytearray) -> None:
 
 def run_child(
     folder: Path, lines: int, mode: str, to: str, stderr: str, pause: str = ""
-) -> tuple[float, float, bytes, str]:
-    """(timed seconds, whole-process seconds, the child's stdout, run id)."""
+) -> tuple[float, float, bytes, str, float]:
+    """(timed seconds, whole-process seconds, the child's stdout, run id, CPU seconds)."""
     result = folder / f"result-{mode}.txt"
     argv = [sys.executable, "-c", _CHILD, str(lines), mode, str(result), pause, _HELPER]
     got = bytearray()
@@ -210,14 +229,14 @@ def run_child(
             if proc.returncode:
                 raise SystemExit(f"child {mode} failed: exit {proc.returncode}")
         whole = time.perf_counter() - started
-    timed, _startup, run_id = result.read_text().split()
-    return float(timed), whole, bytes(got), run_id
+    timed, _startup, run_id, cpu = result.read_text().split()
+    return float(timed), whole, bytes(got), run_id, float(cpu)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--lines", type=int, default=100_000)
-    parser.add_argument("--runs", type=int, default=7, help="rounds of the five, in turn")
+    parser.add_argument("--runs", type=int, default=7, help="rounds of the six, in turn")
     parser.add_argument("--to", choices=("file", "pipe", "pty", "devnull"), default="file")
     parser.add_argument(
         "--stderr",
@@ -237,6 +256,7 @@ def main() -> int:
 
     timed: dict[str, list[float]] = {m: [] for m in MODES}
     whole: dict[str, list[float]] = {m: [] for m in MODES}
+    cpu: dict[str, list[float]] = {m: [] for m in MODES}
     with tempfile.TemporaryDirectory(prefix="ff-bench-console-", dir=args.dir) as tmp:
         folder = Path(tmp)
         os.chdir(folder)  # no config/mlflow.yaml here: defaults, the spool under ./data/runs
@@ -249,11 +269,12 @@ def main() -> int:
         for _ in range(args.runs):
             outputs: dict[str, bytes] = {}
             for mode in MODES:
-                seconds, wall, output, run_id = run_child(
+                seconds, wall, output, run_id, cpu_s = run_child(
                     folder, args.lines, mode, args.to, args.stderr, args.pause
                 )
                 timed[mode].append(seconds)
                 whole[mode].append(wall)
+                cpu[mode].append(cpu_s)
                 outputs[mode] = output
                 if mode != "off" and args.to != "devnull":
                     spooled = None if mode == "tee_only" else _spooled_stdout(spool, run_id)
@@ -264,16 +285,18 @@ def main() -> int:
         f"to a {args.to} (stderr: {args.stderr}), {args.runs} rounds ({', '.join(MODES)} in "
         "turn)"
     )
-    fig: dict[str, object] = {"timed_s": timed, "process_s": whole}
+    fig: dict[str, object] = {"timed_s": timed, "process_s": whole, "cpu_s": cpu}
     for mode in MODES:
         print(
             f"{mode:<12} run {statistics.median(timed[mode]) * 1000:7.1f} ms "
             f"(rounds {', '.join(f'{t * 1000:.0f}' for t in timed[mode])}); "
-            f"whole process {statistics.median(whole[mode]) * 1000:7.1f} ms"
+            f"whole process {statistics.median(whole[mode]) * 1000:7.1f} ms; "
+            f"CPU {statistics.median(cpu[mode]) * 1000:6.1f} ms"
         )
     for mode in MODES[1:]:
         ratios = [a / b for a, b in zip(timed[mode], timed["off"], strict=True)]
         walls = [a / b for a, b in zip(whole[mode], whole["off"], strict=True)]
+        cpus = [a / b for a, b in zip(cpu[mode], cpu["off"], strict=True)]
         med = statistics.median(ratios)
         best = min(timed[mode]) / min(timed["off"])
         fig[f"ratio_{mode}"] = ratios
@@ -282,7 +305,8 @@ def main() -> int:
         target = f"   [<= {TARGET_RATIO} x: {verdict}]" if mode == "on" else ""
         print(
             f"{mode} / off: {med:.3f} x (rounds {min(ratios):.3f}-{max(ratios):.3f}; best / "
-            f"best {best:.3f} x); whole process {statistics.median(walls):.3f} x{target}"
+            f"best {best:.3f} x); whole process {statistics.median(walls):.3f} x; CPU "
+            f"{statistics.median(cpus):.3f} x{target}"
         )
     if args.json:
         print(json.dumps(fig))

@@ -7,8 +7,8 @@ original is a terminal, so ``isatty()`` answers as before — and so it catches 
 ``os.write`` and child processes as well as ``print``. A reader thread writes every byte on to
 the original at once (the terminal and the Slurm output file get exactly the bytes they got
 before) and collects them into ``console`` events
-(:mod:`~formula_foundry.tracking.console_events`): one per 64 KiB, or sooner when its first
-byte is :data:`FLUSH_S` old.
+(:mod:`~formula_foundry.tracking.console_events`): once 64 KiB have gathered, or sooner when
+the first byte is :data:`FLUSH_S` old.
 
 stdout and stderr that go to one place (a terminal, a Slurm job's one output file) share one
 pipe, captured as the stream ``stdout+stderr``: two pipes would let the reader write a line of
@@ -43,7 +43,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
 
 from formula_foundry.errors import RunStateError
-from formula_foundry.tracking.console_events import CHUNK_BYTES, MERGED, Chunker
+from formula_foundry.tracking.console_events import MERGED, Chunker, split_record
 from formula_foundry.tracking.console_fds import (
     PIPE_BYTES,
     close,
@@ -52,13 +52,17 @@ from formula_foundry.tracking.console_fds import (
     same_destination,
     write_all,
 )
+from formula_foundry.tracking.events import K_CONSOLE
+from formula_foundry.tracking.spool_writer import SegmentWriter
 
 if TYPE_CHECKING:
     from formula_foundry.config import Settings
     from formula_foundry.tracking.run import Run
 
-# A chunk is spooled at most this long after its first byte was read (or at 64 KiB).
+# A chunk is spooled at most this long after its first byte was read, or once this many
+# bytes have gathered (then as events of up to CHUNK_BYTES).
 FLUSH_S: Final = 0.25
+FLUSH_BYTES: Final = 64 * 1024
 FLUSH_MS: Final = int(FLUSH_S * 1000)
 # After a read, the reader waits this long before reading again (see the module docstring).
 PAUSE_S: Final = 0.005
@@ -294,7 +298,7 @@ class ConsoleCapture:
             oldest = chunker.oldest_ms()
             if oldest is None:
                 return
-            if _now_ms() - oldest < FLUSH_MS and chunker.largest() < CHUNK_BYTES:
+            if _now_ms() - oldest < FLUSH_MS and chunker.largest() < FLUSH_BYTES:
                 return
         items = chunker.take(_now_ms(), final=final)
         if not items:
@@ -354,7 +358,11 @@ def capture_run(run: Run, settings: Settings) -> ConsoleCapture | None:
     global _active
 
     def emit(records: list[dict[str, Any]]) -> None:
-        run._writer.append_many(records)  # after the run's end: RunStateError
+        writer = run._writer
+        if isinstance(writer, SegmentWriter):
+            writer.append_split(K_CONSOLE, [split_record(r) for r in records])
+        else:
+            writer.append_many(records)  # after the run's end: RunStateError
 
     capture = ConsoleCapture(emit, settings.console_max_bytes)
     with _lock:

@@ -22,13 +22,17 @@ from __future__ import annotations
 import binascii
 from typing import Any, Final, NamedTuple
 
+import orjson
+
 from formula_foundry.tracking.events import FORMAT_VERSION, K_CONSOLE
 
 # stdout and stderr captured as one stream: they went to the same place.
 MERGED: Final = "stdout+stderr"
 STREAMS: Final = ("stdout", "stderr", MERGED)
-# The most bytes one event holds: a reader prints a chunk as soon as its line is complete.
-CHUNK_BYTES: Final = 64 * 1024
+# The most bytes one event holds (what one read of a busy printer brings, at most). Larger
+# events cost the reader thread fewer JSON encodings, checksums and hand-overs of the GIL
+# (tools/bench/bench_console.py); a reader still prints each one as it comes.
+CHUNK_BYTES: Final = 1 << 20
 
 
 def _lead_length(byte: int) -> int:
@@ -174,6 +178,31 @@ def chunk_record(stream: str, data: bytes | memoryview, t: int) -> dict[str, Any
         return _record(stream, t, text=str(data, "utf-8"))
     except UnicodeDecodeError:
         return _record(stream, t, b64=_b64(data))
+
+
+# A console record's bytes up to its last value, its sequence number left as %d: what
+# events.frame() writes for it (orjson keeps the keys in insertion order, without spaces).
+_SPLIT_HEAD: Final = b'{"v":%d,"s":%%d,"t":%d,"k":"%s","stream":"%s","%s":'
+
+
+def split_record(record: dict[str, Any]) -> tuple[bytes, bytes]:
+    """A record of :func:`chunk_record` or :class:`Chunker` as ``(head, body)`` for
+    :meth:`~formula_foundry.tracking.spool_writer.SegmentWriter.append_split`: ``head % seq +
+    body`` is what :func:`~formula_foundry.tracking.events.frame` would checksum.
+
+    Why: the reader thread holds the GIL the printing thread wants while it frames. Framing
+    the dict copies each chunk four times (JSON, the cut brace, the checksum's tail, the
+    join); this way the chunk's JSON is made once and written where it lies.
+    """
+    *_, (key, value) = record.items()  # the payload: text, b64, limit or dropped, always last
+    head = _SPLIT_HEAD % (
+        record["v"],
+        record["t"],
+        K_CONSOLE.encode(),
+        record["stream"].encode(),
+        key.encode(),
+    )
+    return head, orjson.dumps(value)
 
 
 def _b64(data: bytes | memoryview) -> str:

@@ -205,6 +205,45 @@ class SegmentWriter:
                 self._open()
             self._emit_locked(b"".join(lines), seq)
 
+    def append_split(self, kind: str, events: list[tuple[bytes, bytes]]) -> None:
+        """Append ``kind`` events given as ``(head, body)`` in one write: all of them or none.
+
+        ``head % seq + body`` is what :func:`frame` checksums (``head`` holds the one ``%d`` of
+        the sequence number). The console capture's reader thread appends 64 KiB bodies this
+        way: checksummed and written (``os.writev``) where they lie, never copied into a line,
+        so the thread holds the GIL the program wants for as short a time as it can.
+        """
+        with self._lock:
+            opening = self._fd < 0
+            seq = 0 if opening else self._last_seq
+            parts: list[bytes] = []
+            for head, body in events:
+                seq += 1
+                first = head % seq
+                size = len(first) + len(body) + _TAIL_LEN
+                if size > MAX_LINE_BYTES:
+                    self._refuse_long(kind, size)
+                parts += (first, body, CHECKSUM_TAIL % (b"", _crc32(body, _crc32(first))))
+            if not parts:
+                return
+            if opening:
+                self._open()
+            # writev takes at most IOV_MAX (1024 on Linux) pieces; buffering and fsync go the
+            # common way.
+            if not self._direct or len(parts) > 1020:
+                self._emit_locked(b"".join(parts), seq)
+                return
+            total = sum(map(len, parts))
+            try:
+                written = os.writev(self._fd, parts)
+            except OSError:
+                written = -1
+            if written == total:
+                self._size += written
+            else:
+                self._finish_short_write(b"".join(parts), written)
+            self._last_seq = seq
+
     def append_metric(self, t: int, step: int, key_json: bytes, value_json: bytes) -> None:
         """The hot path of ``log_metric``: append a one-key metrics event.
 
