@@ -76,7 +76,10 @@ class MemoryModel:
     status: str = "PENDING"
     params: dict[str, str] = field(default_factory=dict)
     tags: dict[str, str] = field(default_factory=dict)
-    metrics: set[tuple[str, int, int, float | str]] = field(default_factory=set)
+    # (key, step, timestamp, value, (dataset name, digest) or None)
+    metrics: set[tuple[str, int, int, float | str, tuple[str, str] | None]] = field(
+        default_factory=set
+    )
     outputs: dict[str, int] = field(default_factory=dict)  # run -> step
     files: dict[str, bytes] = field(default_factory=dict)
 
@@ -129,13 +132,17 @@ class MemoryModels:
         self.sink._call("delete_model_tag", lambda: self._model(model_id).tags.pop(key, None))
 
     def log_model_metrics(
-        self, mlflow_run_id: str, model_id: str, metrics: Sequence[MetricRow]
+        self,
+        mlflow_run_id: str,
+        model_id: str,
+        metrics: Sequence[MetricRow],
+        dataset: tuple[str, str] | None = None,
     ) -> None:
         def write() -> None:
             self.sink._run(mlflow_run_id)
             for key, value, t, step in metrics:
                 v: float | str = "NaN" if value != value else value
-                self._model(model_id).metrics.add((key, step, t, v))
+                self._model(model_id).metrics.add((key, step, t, v, dataset))
 
         self.sink._call("log_model_metrics", write)
 

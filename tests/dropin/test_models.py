@@ -58,7 +58,14 @@ def test_a_model_is_created_changed_and_finalized_as_events_of_its_run(tmp_path:
     client.set_logged_model_tags(model.model_id, {"stage": "x", "gone": "y"})
     client.delete_logged_model_tag(model.model_id, "gone")
     client.log_outputs(run_id, [LoggedModelOutput(model.model_id, 2)])
-    client.log_batch(run_id, [Metric("acc", 0.9, 1000, 2, model_id=model.model_id)])
+    client.log_batch(
+        run_id,
+        [
+            Metric("acc", 0.9, 1000, 2, model_id=model.model_id),
+            Metric("f1", 0.7, 1000, 2, model_id=model.model_id, dataset_name="train",
+                   dataset_digest="d1"),
+        ],
+    )  # fmt: skip
     done = client.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
     assert done.status == LoggedModelStatus.READY
 
@@ -66,27 +73,38 @@ def test_a_model_is_created_changed_and_finalized_as_events_of_its_run(tmp_path:
     assert (got.name, got.source_run_id, got.experiment_id) == ("net", run_id, "0")
     assert got.params == {"lr": "0.1", "depth": "3"}
     assert got.tags == {"team": "a", "stage": "x"}
-    assert [(m.key, m.value, m.step, m.model_id) for m in got.metrics] == [
-        ("acc", 0.9, 2, model.model_id)
+    assert [
+        (m.key, m.value, m.step, m.model_id, m.dataset_name, m.dataset_digest) for m in got.metrics
+    ] == [
+        ("acc", 0.9, 2, model.model_id, None, None),
+        ("f1", 0.7, 2, model.model_id, "train", "d1"),
     ]
-    # The run got the linked point too, as MLflow's stores give it.
-    assert client.get_run(run_id).data.metrics == {"acc": 0.9}
-    kinds = [e.kind for e in model_events(spool, run_id)]
-    assert kinds == [
+    # The run got the linked points too, as MLflow's stores give them.
+    assert client.get_run(run_id).data.metrics == {"acc": 0.9, "f1": 0.7}
+    events = model_events(spool, run_id)
+    assert [e.kind for e in events] == [
         "model_start",
         "model_params",
         "model_tags",
         "model_tag_delete",
         "model_output",
         "model_metrics",
+        "model_metrics",
         "model_end",
     ]
+    # One event per step, time and dataset: the dataset is the event's.
+    assert [(e.data["d"], e.data.get("dataset_name"), e.data.get("dataset_digest"))
+            for e in events if e.kind == "model_metrics"] == [
+        ({"acc": 0.9}, None, None), ({"f1": 0.7}, "train", "d1")
+    ]  # fmt: skip
     assert {e.data["model"] for e in model_events(spool, run_id)} == {model.model_id}
     # Another process finds it through the spool alone (its record in .models, its run's spool).
     code = (
         "import json, sys, mlflow; c = mlflow.MlflowClient(sys.argv[1]); m = c.get_logged_model("
         "sys.argv[2]); print(json.dumps([m.status.name, m.params, m.tags, len(c.search_logged_"
-        "models(['0'], filter_string=\"name = 'net'\"))]))"
+        "models(['0'], filter_string=\"name = 'net'\")), [[x.key, x.dataset_name, x.dataset_"
+        "digest] for x in m.metrics], len(c.search_logged_models(['0'], datasets=[{'dataset_"
+        "name': 'train', 'dataset_digest': 'd1'}]))]))"
     )
     out = subprocess.run(
         [sys.executable, "-c", code, spool_uri(spool), model.model_id],
@@ -96,7 +114,8 @@ def test_a_model_is_created_changed_and_finalized_as_events_of_its_run(tmp_path:
         check=True,
     ).stdout
     assert out.strip().splitlines()[-1] == (
-        '["READY", {"lr": "0.1", "depth": "3"}, {"team": "a", "stage": "x"}, 1]'
+        '["READY", {"lr": "0.1", "depth": "3"}, {"team": "a", "stage": "x"}, 1, '
+        '[["acc", null, null], ["f1", "train", "d1"]], 1]'
     )
 
 
@@ -122,6 +141,11 @@ def test_what_mlflow_refuses_or_a_spool_cannot_do_is_refused_by_name(tmp_path: P
     other = client.create_run("0").info.run_id
     with pytest.raises(MlflowException, match=f"belongs to run {run_id}, not {other}"):
         client.log_outputs(other, [LoggedModelOutput(model.model_id, 0)])
+    too_long = Metric("acc", 1.0, 1, 0, model_id=model.model_id, dataset_name="n" * 501,
+                      dataset_digest="d")  # fmt: skip
+    with pytest.raises(MlflowException, match="dataset_name"):
+        client.log_batch(run_id, [too_long])  # the column MLflow keeps it in has 500
+    assert client.get_run(run_id).data.metrics == {}  # not even the run's point
     # A refused call wrote nothing: one model_start.
     assert [e.kind for e in model_events(spool, run_id)] == ["model_start"]
     assert model_events(spool, other) == []

@@ -11,7 +11,8 @@ spool's ids and times stay in the synced copy, whose bytes are the logged ones).
 ``ff.*`` tags. Everything else is compared as is: run params, tags, metric points; the run's
 inputs (autolog's training dataset, one logged with ``mlflow.log_input`` and its tags, the
 model it lists as an input, by name); every run file and every other model file byte for byte;
-the model's name, status, params, tags, linked metrics; and the predictions of
+the model's name, status, params, tags, linked metrics with the dataset (name and digest)
+each was computed on; and the predictions of
 ``mlflow.sklearn.load_model("models:/<id>")``.
 """
 
@@ -123,7 +124,10 @@ for m in client.search_logged_models([exp.experiment_id]):
         "run": client.get_run(m.source_run_id).info.run_name,
         "params": m.params,
         "tags": {k: v for k, v in m.tags.items() if not k.startswith("ff.")},
-        "metrics": sorted((x.key, x.value, x.step) for x in m.metrics),
+        "metrics": sorted(
+            ([x.key, x.value, x.step, x.dataset_name, x.dataset_digest] for x in m.metrics),
+            key=repr,
+        ),
         "files": files(local),
         "predict": mlflow.sklearn.load_model(f"models:/{m.model_id}").predict_proba(X).tolist(),
         "ff.model_id": m.tags.get("ff.model_id"),
@@ -167,6 +171,10 @@ def _same(direct: dict[str, Any], synced: dict[str, Any], spooled_model: str) ->
     assert len(contexts) == 2 and contexts["dataset"]["mlflow.data.context"] == "train"
     assert {"MLmodel", "model.pkl"} <= set(direct["models"]["model"]["files"])
     assert direct["models"]["model"]["metrics"] and direct["models"]["model"]["status"] == "READY"
+    # autolog links its training metrics to the training dataset: the link is compared too.
+    linked = {(name, digest) for *_, name, digest in direct["models"]["model"]["metrics"]}
+    train = next(d for d in run["datasets"] if d[0] == "dataset")
+    assert (train[0], train[1]) in linked
 
 
 def test_autolog_and_every_artifact_call_sync_as_straight_into_sqlite(tmp_path: Path) -> None:
@@ -306,7 +314,11 @@ with mlflow.start_run() as run:
         client.delete_logged_model_tag(m.model_id, "u")
         client.log_model_artifacts(m.model_id, "w")
         client.log_outputs(rid, [LoggedModelOutput(m.model_id, 1)])
-        client.log_batch(rid, [Metric("acc", 0.9, 1000, 1, model_id=m.model_id)])
+        client.log_batch(rid, [
+            Metric("acc", 0.9, 1000, 1, model_id=m.model_id),
+            Metric("f1", 0.8, 1000, 1, model_id=m.model_id, dataset_name="a",
+                   dataset_digest="d" + name),
+        ])
         client.finalize_logged_model(m.model_id, "READY" if name == "one" else "FAILED")
     data = mlflow.data.from_numpy(np.arange(6.0).reshape(3, 2), source="a.csv", name="a")
     mlflow.log_input(data, context="train", tags={"k": "v"})
@@ -358,7 +370,8 @@ def test_a_destination_down_at_any_call_then_a_second_pass_gives_the_same_models
         {**one[4], "t": "1", "v": "4"},
     )
     assert "u" not in one[4] and one[4]["mlflow.source.name"] == "code.py"
-    assert one[5] and one[6] and one[7] == {"MLmodel": b"flavors: {}", "sub/x.bin": b"x" * 100}
+    assert one[5] == {("acc", 1, 1000, 0.9, None), ("f1", 1, 1000, 0.8, ("a", "done"))}
+    assert one[6] and one[7] == {"MLmodel": b"flavors: {}", "sub/x.bin": b"x" * 100}
     model_calls = [i for i, c in enumerate(clean.calls, 1) if "model" in c]
     assert model_calls, clean.calls
     for at in range(model_calls[0] - 1, len(clean.calls) + 1):
@@ -380,7 +393,7 @@ CHECKED = """
 import json, os
 import numpy as np
 import mlflow
-from mlflow.entities import LoggedModelInput
+from mlflow.entities import LoggedModelInput, Metric
 mlflow.set_experiment("checked")
 os.makedirs("w/sub", exist_ok=True)
 open("w/MLmodel", "w").write("flavors: {}")
@@ -392,6 +405,11 @@ with mlflow.start_run() as run:
     zeros = mlflow.data.from_numpy(np.zeros((3, 2)), source="z.csv", name="zeros")
     mlflow.log_input(zeros, context="train", tags={"k": "v"})
     mlflow.log_input(model=LoggedModelInput(m.model_id))
+    mlflow.MlflowClient().log_batch(run.info.run_id, [
+        Metric("acc", 0.9, 1000, 1, model_id=m.model_id, dataset_name="zeros",
+               dataset_digest=zeros.digest),
+        Metric("nan", float("nan"), 1000, 1, model_id=m.model_id),
+    ])
 print(json.dumps({"run": run.info.run_id, "model": m.model_id, "digest": zeros.digest}))
 """
 SPOOL_ENV = {"MLFLOW_TRACKING_URI": "spool:", "MLFLOW_DISABLE_TELEMETRY": "true"}
@@ -418,6 +436,30 @@ def test_verify_checks_each_synced_model_its_files_and_the_runs_inputs(project: 
     (model,) = client.search_logged_models(exps)
     folder = Path(model.artifact_location)
     assert (folder / "sub" / "x.bin").read_bytes() == b"x" * 100  # what the damage below changes
+    import sqlite3
+
+    def linked_metrics(sql: str) -> None:
+        db = sqlite3.connect(project.db)
+        with db:
+            assert db.execute(sql).rowcount == 1
+        db.close()
+
+    # The link of a model's metric to its dataset (logged_model_metrics only) is compared.
+    linked_metrics(
+        "UPDATE logged_model_metrics SET dataset_digest = 'other' WHERE metric_name = 'acc'"
+    )
+    assert _differences(project) == [("model_metric_mismatch", f"{mid} acc")]
+    linked_metrics(
+        f"UPDATE logged_model_metrics SET dataset_digest = '{digest}' WHERE metric_name = 'acc'"
+    )
+    linked_metrics("DELETE FROM logged_model_metrics WHERE metric_name = 'nan'")
+    assert _differences(project) == [("missing_model_metric", f"{mid} nan")]
+    cols = "model_id, metric_name, metric_timestamp_ms, metric_step, metric_value, experiment_id"
+    linked_metrics(
+        f"INSERT INTO logged_model_metrics ({cols}, run_id) SELECT model_id, 'nan', "
+        "metric_timestamp_ms, metric_step, 0.0, experiment_id, run_id FROM logged_model_metrics"
+    )
+    assert _differences(project) == []  # NaN is stored as 0 by MLflow: its place is compared
 
     (folder / "sub" / "x.bin").write_bytes(b"y" * 100)  # same size, other bytes
     assert _differences(project) == [("model_artifact_mismatch", f"{mid}/sub/x.bin")]
@@ -435,8 +477,6 @@ def test_verify_checks_each_synced_model_its_files_and_the_runs_inputs(project: 
         ("model_tag_mismatch", f"{mid} t"),
     ]
     client.delete_logged_model_tag(model.model_id, "ff.model_id")  # the sync's own lookup tag
-    import sqlite3
-
     db = sqlite3.connect(project.db)
     with db:
         db.execute("DELETE FROM inputs WHERE source_type = 'DATASET'")
@@ -471,3 +511,49 @@ def test_status_counts_a_models_files_as_bytes_pending_upload(project: Project) 
     assert project.ff_sync().returncode == 0
     (dest,) = _json(project)["destinations"]
     assert dest["totals"]["bytes_pending_upload"] == 0
+
+
+READ_BACK = """
+import json, sys, mlflow
+m = mlflow.MlflowClient().get_logged_model(sys.argv[1])
+print(json.dumps([m.status.name, m.tags, sorted([x.key, x.dataset_name] for x in m.metrics)]))
+"""
+
+
+def test_model_events_the_replay_refuses_are_left_out_by_the_dropin_and_verify(
+    project: Project,
+) -> None:
+    from formula_foundry.tracking.events import frame
+
+    out = json.loads(project.python(CHECKED, env=SPOOL_ENV).stdout)
+    run, mid = out["run"], out["model"]
+    # Another writer's segment, later in the run: two invalid model events around a valid one.
+    t = 4_000_000_000_000
+    seg = project.spool_root / run / f"seg-{t}-otherhost-7-a1b2c3.jsonl"
+    header = {"k": "segment", "format": 1, "run": run, "host": "o", "pid": 7, "segment": seg.name}
+    body = [
+        header,
+        {"k": "model_metrics", "model": mid, "step": 2, "d": {"x": 1.0}, "dataset_name": "zeros"},
+        {"k": "model_tags", "model": mid, "d": {"late": "1"}},
+        {"k": "model_end", "model": mid, "status": "DONE"},
+    ]
+    seg.write_bytes(b"".join(frame({"v": 1, "s": i, "t": t + i, **r}) for i, r in enumerate(body)))
+    on_node = json.loads(project.python(READ_BACK, mid, env=SPOOL_ENV).stdout)
+    synced = project.ff_sync()
+    assert synced.returncode == 1 and ", 2 quarantined in " in synced.stdout, synced.stdout
+    assert _differences(project) == []  # verify expects what the replay made of it
+    from mlflow import MlflowClient
+
+    client = MlflowClient(project.uri)
+    (model,) = client.search_logged_models([e.experiment_id for e in client.search_experiments()])
+
+    def users(tags: dict[str, str]) -> dict[str, str]:
+        return {k: v for k, v in tags.items() if not k.startswith(("ff.", "mlflow."))}
+
+    dest = [
+        model.status.name,
+        users(model.tags),
+        sorted([x.key, x.dataset_name] for x in model.metrics),
+    ]
+    assert dest == [on_node[0], users(on_node[1]), on_node[2]]
+    assert dest == ["READY", {"t": "1", "late": "1"}, [["acc", "zeros"], ["nan", None]]]

@@ -12,6 +12,8 @@ destination run and uploads them into it (:mod:`formula_foundry.sync.engine.mode
 Model ids have MLflow's form (``m-`` and 32 hex digits) and are drawn here. Each model is also
 recorded as ``<spool>/.models/<model id>.json`` (its run and experiment), written once, so
 that another process finds the run whose spool holds it (``models:/<id>`` on the node).
+Reading a model back folds its events with the sync's own reading
+(:mod:`formula_foundry.tracking.model_events`): the node shows what ``ff-sync`` will make.
 """
 
 from __future__ import annotations
@@ -21,9 +23,8 @@ import os
 import threading
 import uuid
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, TypeAlias
 
 import orjson
 
@@ -34,6 +35,7 @@ from formula_foundry.errors import ArtifactNotFound, ParamConflictError, Validat
 from formula_foundry.sync.engine.payloads import InvalidRecord, PayloadChecker
 from formula_foundry.sync.engine.scan import scan_run
 from formula_foundry.sync.engine.sink import ArtifactRef
+from formula_foundry.tracking import model_events
 from formula_foundry.tracking.events import (
     FORMAT_VERSION,
     K_MODEL_ARTIFACT,
@@ -53,31 +55,14 @@ from formula_foundry.tracking.events import (
     metric_value,
     string_value,
 )
+from formula_foundry.tracking.model_events import ModelMetric, fold_model_event, metric_dataset
 from formula_foundry.tracking.spool_reader import Event, SegmentReader
 from formula_foundry.tracking.spool_writer import now_ms
 
 RECORDS: Final = ".models"
 _V: Final = FORMAT_VERSION
-# (key, value, timestamp ms, step) of a metric point linked to a model.
-Point = tuple[str, float, int, int]
-
-
-@dataclass
-class ModelState:
-    """A logged model as ``get_logged_model`` shows it."""
-
-    model_id: str
-    run_id: str  # its source run: the spool that holds its events
-    experiment: str
-    name: str
-    created: int
-    model_type: str | None = None
-    status: str = "PENDING"
-    updated: int = 0
-    params: dict[str, str] = field(default_factory=dict)
-    tags: dict[str, str] = field(default_factory=dict)
-    metrics: list[Point] = field(default_factory=list)
-    files: dict[str, ArtifactRef] = field(default_factory=dict)
+# A logged model as ``get_logged_model`` shows it: its files are objects of the artifact store.
+ModelState: TypeAlias = model_events.ModelState[ArtifactRef]
 
 
 def new_model_id() -> str:
@@ -190,24 +175,33 @@ class ModelBook:
         s = check_step(step, model_id, run_id)
         self._append(state, {"k": K_MODEL_OUTPUT, "step": s})
 
-    def log_metrics(self, run_id: str, model_id: str, points: list[Point]) -> None:
-        """Metric points of run ``run_id`` linked to the model: one event per step."""
+    def log_metrics(self, run_id: str, model_id: str, points: list[ModelMetric]) -> None:
+        """Metric points of run ``run_id`` linked to the model: one event per step, time and
+        dataset (the event names the dataset its points were computed on)."""
         state = self._of_run(run_id, model_id, "log_metric(model_id=...)")
-        by_step: dict[tuple[int, int], dict[str, float | str]] = {}
-        for key, value, t, step in points:
+        by_step: dict[tuple[int, int, tuple[str, str] | None], dict[str, float | str]] = {}
+        for key, value, t, step, ds_name, ds_digest in points:
             k = valid_key(key, "metric", run_id)
-            at = (check_step(step, k, run_id), check_time(t, k, run_id))
+            try:
+                dataset = metric_dataset(ds_name, ds_digest)
+            except ValidationError as exc:
+                raise ValidationError(f"run {run_id}: metric {k!r}: {exc}") from None
+            at = (check_step(step, k, run_id), check_time(t, k, run_id), dataset)
             by_step.setdefault(at, {})[k] = metric_value(value, k, run_id)
-        records = [
-            {"v": _V, "s": 0, "t": t, "k": K_MODEL_METRICS, "model": model_id, "step": s, "d": d}
-            for (s, t), d in by_step.items()
-        ]
+        records = []
+        for (s, t, dataset), d in by_step.items():
+            record = {"v": _V, "s": 0, "t": t, "k": K_MODEL_METRICS, "model": model_id, "step": s}
+            if dataset is not None:
+                record["dataset_name"], record["dataset_digest"] = dataset
+            records.append({**record, "d": d})
         live = self.runs.live(state.run_id)
         with live.lock:
             live.writer.append_many(records)
             live.writer.flush()
         state.metrics.extend(
-            (k, float(v), t, s) for (s, t), d in by_step.items() for k, v in d.items()
+            ModelMetric(k, float(v), t, s, *(dataset or (None, None)))
+            for (s, t, dataset), d in by_step.items()
+            for k, v in d.items()
         )
 
     def add_files(self, state: ModelState, records: list[dict[str, Any]]) -> None:
@@ -299,8 +293,8 @@ class ModelBook:
 
 
 def read_models(root: Path, run_id: str) -> dict[str, ModelState]:
-    """The models whose events the run's spool holds, folded in merge order (damaged records
-    and invalid payloads skipped, as the sync skips them)."""
+    """The models whose events the run's spool holds, folded in merge order by the sync's own
+    reading (:mod:`formula_foundry.tracking.model_events`): what it quarantines is skipped."""
     models: dict[str, ModelState] = {}
     check = PayloadChecker()
     for seg in scan_run(root, run_id):
@@ -308,44 +302,10 @@ def read_models(root: Path, run_id: str) -> dict[str, ModelState]:
             for item in SegmentReader(seg.path, 0, 0, -1):
                 if isinstance(item, Event) and item.kind in MODEL_KINDS:
                     with contextlib.suppress(InvalidRecord, ValidationError, TypeError):
-                        _fold(models, run_id, item, check)
+                        fold_model_event(models, run_id, item, check)
         except (OSError, Exception):  # an unreadable or foreign segment: what was read stays
             continue
     return models
-
-
-def _fold(models: dict[str, ModelState], run_id: str, ev: Event, check: PayloadChecker) -> None:
-    d = ev.data
-    mid = check_model_id(d.get("model"))
-    if ev.kind == K_MODEL_START:
-        models.setdefault(
-            mid,
-            ModelState(
-                mid, run_id, str(d["experiment"]), str(d["name"]), ev.t,
-                d.get("model_type") if isinstance(d.get("model_type"), str) else None,
-                "PENDING", ev.t, dict(d.get("params") or {}), dict(d.get("tags") or {}),
-            ),
-        )  # fmt: skip
-        return
-    state = models.get(mid)
-    if state is None:
-        return  # the sync quarantines it too: no model to apply it to
-    state.updated = max(state.updated, ev.t)
-    if ev.kind == K_MODEL_PARAMS:
-        for key, value in check.strings(ev, MAX_PARAM_VALUE_LENGTH):
-            state.params.setdefault(key, value)
-    elif ev.kind == K_MODEL_TAGS:
-        state.tags.update(check.strings(ev, MAX_TAG_VALUE_LENGTH))
-    elif ev.kind == K_MODEL_TAG_DELETE:
-        for key in check.tag_keys(ev):
-            state.tags.pop(key, None)
-    elif ev.kind == K_MODEL_END and d.get("status") in MODEL_END_STATUSES:
-        state.status = str(d["status"])
-    elif ev.kind == K_MODEL_METRICS:
-        state.metrics.extend(check.metric_rows(ev))
-    elif ev.kind == K_MODEL_ARTIFACT:
-        ref = check.artifact(ev)
-        state.files[ref.path] = ref
 
 
 def _strings(

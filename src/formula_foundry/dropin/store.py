@@ -66,6 +66,7 @@ from formula_foundry.errors import (
     SpoolWriteError,
     ValidationError,
 )
+from formula_foundry.tracking.model_events import ModelMetric, metric_dataset
 
 T = TypeVar("T")
 _DATASET_FIELDS: Final = ("name", "digest", "source_type", "source", "schema", "profile")
@@ -452,10 +453,13 @@ class SpoolStore(AbstractStore):
     ) -> None:
         try:
             if metrics and _linked(metrics):
-                # The run's points as for any batch, then the model's (checked by then).
+                # The run's points as for any batch, then the model's (checked by then; their
+                # datasets before anything is written, as the run's points cannot check them).
                 rows, ps, ts = _rows(metrics), _pairs(params), _pairs(tags)
+                by_model = _model_points(metrics)
                 self._runs.log_batch(run_id, rows, ps, ts)
-                self._model_metrics(run_id, metrics)
+                for model_id, points in by_model.items():
+                    self._models.log_metrics(run_id, model_id, points)
                 return
             if not params and not tags and metrics:
                 if len(metrics) == 1:
@@ -520,9 +524,12 @@ class SpoolStore(AbstractStore):
 
     def _model(self, state: ModelState) -> LoggedModel:
         metrics = [
-            Metric(k, v, t, step, model_id=state.model_id, run_id=state.run_id)
-            for k, v, t, step in state.metrics
-        ]
+            Metric(
+                m.key, m.value, m.timestamp, m.step, model_id=state.model_id,
+                dataset_name=m.dataset_name, dataset_digest=m.dataset_digest, run_id=state.run_id,
+            )
+            for m in state.metrics
+        ]  # fmt: skip
         return LoggedModel(
             experiment_id=experiment_id(state.experiment),
             model_id=state.model_id,
@@ -620,16 +627,6 @@ class SpoolStore(AbstractStore):
         page, token = Search.paginate(ordered, page_token, max_results or 100)
         return PagedList(page, token)
 
-    def _model_metrics(self, run_id: str, metrics: list[Metric]) -> None:
-        """The points linked to a model (``log_metric(..., model_id=...)``, ``log_model``):
-        the run gets them as MLflow's stores give them to it, the model its own event."""
-        by_model: dict[str, list[tuple[str, float, int, int]]] = {}
-        for m in metrics:
-            if m.model_id is not None:
-                by_model.setdefault(m.model_id, []).append((m.key, m.value, m.timestamp, m.step))
-        for model_id, points in by_model.items():
-            self._models.log_metrics(run_id, model_id, points)
-
     @_mlflow_errors
     def delete_tag(self, run_id: str, key: str) -> None:
         self._state(run_id)
@@ -652,6 +649,19 @@ INHERITED: Final = frozenset(
         "set_tag_async",
     }
 )
+
+
+def _model_points(metrics: list[Metric]) -> dict[str, list[ModelMetric]]:
+    """The points linked to a model (``log_metric(..., model_id=...)``, ``log_model``), by
+    model, their datasets checked: the run gets them as MLflow's stores give them to it, each
+    model its own events."""
+    by_model: dict[str, list[ModelMetric]] = {}
+    for m in metrics:
+        if m.model_id is not None:
+            dataset = metric_dataset(m.dataset_name, m.dataset_digest) or (None, None)
+            point = ModelMetric(m.key, m.value, m.timestamp, m.step, *dataset)
+            by_model.setdefault(m.model_id, []).append(point)
+    return by_model
 
 
 def _fill_unsupported() -> None:

@@ -60,7 +60,9 @@ K_MODEL_START: Final = "model_start"  # experiment, name, model_type, params, ta
 K_MODEL_PARAMS: Final = "model_params"  # d: {key: value}, write-once as a run's
 K_MODEL_TAGS: Final = "model_tags"  # d: {key: value}
 K_MODEL_TAG_DELETE: Final = "model_tag_delete"  # keys: [key]
-K_MODEL_METRICS: Final = "model_metrics"  # step, d: {key: value} (run metrics linked to it)
+# step, d: {key: value} (run metrics linked to it), optionally dataset_name and dataset_digest
+# (the dataset they were computed on: both or neither; tracking/model_events.py reads them)
+K_MODEL_METRICS: Final = "model_metrics"
 K_MODEL_OUTPUT: Final = "model_output"  # step: the run lists the model among its outputs
 K_MODEL_END: Final = "model_end"  # status: READY or FAILED (finalize_logged_model)
 K_MODEL_ARTIFACT: Final = "model_artifact"  # a file of the model: path, digest, size, store

@@ -3,8 +3,9 @@
 For each model the run's spool holds (:mod:`formula_foundry.sync.commands.expected_models`):
 exactly one destination model carries its id as ``ff.model_id``, in the model's experiment,
 with the synced run as its source, the same name, status, params and tags (tags MLflow adds
-itself, ``mlflow.*``, and the sync's ``ff.*`` other than ``ff.model_id`` aside), and every file
-the spool logged to it, downloaded and hashed. For the run's inputs: each dataset, by (name,
+itself, ``mlflow.*``, and the sync's ``ff.*`` other than ``ff.model_id`` aside), the same
+linked metric points with their dataset (name and digest), and every file the spool logged to
+it, downloaded and hashed. For the run's inputs: each dataset, by (name,
 digest), with the input's tags, and each model the run used (the synced model of that id).
 
 A dataset's own fields (source, schema, profile) are not compared: MLflow keeps one dataset per
@@ -14,6 +15,7 @@ logging it later points at that one — in the destination as when logging strai
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -52,12 +54,13 @@ def model_differences(models: ModelReader, exp: ExpectedRun, stored: StoredRun) 
             )
         got = models.model(ids[0])
         yield from _model(want, got, stored.mlflow_run_id)
+        yield from _metrics(want, got)
         yield from _files(models, want, got)
     yield from _inputs(models, exp, stored)
 
 
 def _model(want: ExpectedModel, got: StoredModel, run: str) -> Iterator[Found]:
-    mid = want.spool_model_id
+    mid = want.model_id
     facts: tuple[tuple[str, str | None, str | None], ...] = (
         ("experiment", want.experiment, got.experiment),
         ("source run", run, got.source_run_id),
@@ -100,7 +103,7 @@ def _files(models: ModelReader, want: ExpectedModel, got: StoredModel) -> Iterat
     if not want.files:
         return
     actual = models.files(got)
-    mid = want.spool_model_id
+    mid = want.model_id
     for path, ref in sorted(want.files.items()):
         w, g = (ref.size, ref.digest), actual.get(path)
         if w == g:
@@ -123,6 +126,49 @@ def _files(models: ModelReader, want: ExpectedModel, got: StoredModel) -> Iterat
                 f"file {path!r} of logged model {mid} holds {g[0]} bytes, {g[1]}; the spool "
                 f"logged {ref.size} bytes, {ref.digest}",
             )
+
+
+# A linked metric point as compared: step, timestamp, value, dataset name, dataset digest.
+_Point = tuple[int, int, float | None, str | None, str | None]
+
+
+def _metrics(want: ExpectedModel, got: StoredModel) -> Iterator[Found]:
+    """The model's linked metric points, key by key. MLflow keeps one row per (key,
+    timestamp, step) of a run and model, so a stored point matches any the spool has there.
+    A non-finite value is compared by its place and dataset only: MLflow's SQL store writes
+    NaN as 0 and an infinity as the largest float into a model's rows."""
+    mid = want.model_id
+    expected: dict[str, dict[tuple[int, int], set[_Point]]] = {}
+    for m in want.metrics:
+        value = m.value if math.isfinite(m.value) else None
+        point = (m.step, m.timestamp, value, m.dataset_name, m.dataset_digest)
+        expected.setdefault(m.key, {}).setdefault((m.step, m.timestamp), set()).add(point)
+    actual: dict[str, set[_Point]] = {}
+    for key, step, t, value, name, digest in got.metrics:
+        actual.setdefault(key, set()).add((step, t, value, name, digest))
+    for key in sorted(expected.keys() | actual.keys()):
+        want_at, got_points = expected.get(key, {}), actual.get(key, set())
+        unmatched = [p for p in got_points if not _matches(p, want_at)]
+        unmet = [at for at in sorted(want_at) if not any(p[:2] == at for p in got_points)]
+        if not unmatched and not unmet:
+            continue
+        w = sorted((list(p) for at in want_at.values() for p in at), key=repr) or None
+        g = sorted((list(p) for p in got_points), key=repr) or None
+        yield (
+            difference_kind("model_metric", w, g),
+            f"{mid} {key}",
+            w,
+            g,
+            f"logged model {mid}: metric {key!r} has {len(got_points)} points, "
+            f"{len(unmatched)} not in the spool; {len(unmet)} of the spool's are missing "
+            "(points: [step, timestamp, value, dataset name, dataset digest])",
+        )
+
+
+def _matches(point: _Point, want_at: dict[tuple[int, int], set[_Point]]) -> bool:
+    return any(
+        w == point or (w[2] is None and w[3:] == point[3:]) for w in want_at.get(point[:2], ())
+    )
 
 
 def _inputs(models: ModelReader, exp: ExpectedRun, stored: StoredRun) -> Iterator[Found]:

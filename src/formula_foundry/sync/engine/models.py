@@ -6,7 +6,9 @@ looked up first by its tag ``ff.model_id`` (a pass that died after the create, a
 lost answer, a second pass: never a second model), created with its params and tags otherwise,
 in the run's experiment and with the run as its source. Every other event names the model and
 goes to the model it maps to. Each is a barrier, as ``tag_delete`` is: the batch before it
-goes first, the progress moves past it only once the destination acknowledged it.
+goes first, the progress moves past it only once the destination acknowledged it. What a
+``model_*`` payload means is read by :mod:`formula_foundry.tracking.model_events`, the
+reading ``verify`` and the drop-in share.
 
 ``model_artifact`` events travel with the run's files (``uploads``): found in their store,
 then uploaded into the model's artifact location through the same sink rules — replaced whole
@@ -20,10 +22,11 @@ from __future__ import annotations
 import weakref
 from collections.abc import Callable
 from functools import partial
-from typing import Any, Final, cast
+from typing import Any, Final, TypeVar, cast
 
 import orjson
 
+from formula_foundry.errors import ValidationError
 from formula_foundry.sync.engine.batch import Cursor
 from formula_foundry.sync.engine.inputs import replay_inputs
 from formula_foundry.sync.engine.payloads import InvalidRecord, PayloadChecker
@@ -36,8 +39,6 @@ from formula_foundry.sync.engine.sink import (
 )
 from formula_foundry.sync.engine.uploads import ObjectUnavailable, local_files
 from formula_foundry.tracking.events import (
-    INT64_MAX,
-    INT64_MIN,
     K_ARTIFACT,
     K_INPUTS,
     K_MODEL_ARTIFACT,
@@ -50,9 +51,14 @@ from formula_foundry.tracking.events import (
     K_MODEL_TAGS,
     MAX_PARAM_VALUE_LENGTH,
     MAX_TAG_VALUE_LENGTH,
-    MODEL_END_STATUSES,
     MODEL_KINDS,
     check_model_id,
+)
+from formula_foundry.tracking.model_events import (
+    metric_dataset,
+    model_end_status,
+    model_output_step,
+    model_start,
 )
 from formula_foundry.tracking.spool_reader import Event
 
@@ -65,6 +71,7 @@ FILE_KINDS: Final = frozenset({K_ARTIFACT, K_MODEL_ARTIFACT})
 # segments, and each would otherwise cost a search.
 _IDS: weakref.WeakKeyDictionary[object, dict[str, str]] = weakref.WeakKeyDictionary()
 _CHECK = PayloadChecker()
+T = TypeVar("T")
 
 
 def model_sink(sink: Sink) -> ModelSink:
@@ -106,7 +113,11 @@ def _apply(cx: SyncContext, ctx: RunContext, ev: Event) -> None:
         return
     model = _model_id(d.get("model"))
     if kind == K_MODEL_START:
-        spec = _spec(ctx, model, d)
+        start = _read(model_start, model, d)
+        spec = ModelSpec(
+            model, start.experiment, ctx.mlflow_run_id, start.name, start.model_type,
+            tuple(start.params.items()), tuple(start.tags.items()),
+        )  # fmt: skip
 
         def ensure() -> str:
             return sink.find_model(model, spec.experiment) or sink.create_model(spec)
@@ -128,19 +139,13 @@ def _apply(cx: SyncContext, ctx: RunContext, ev: Event) -> None:
 
     elif kind == K_MODEL_METRICS:
         rows = _CHECK.metric_rows(ev)
-        call = partial(sink.log_model_metrics, ctx.mlflow_run_id, dest, rows)
+        dataset = _read(metric_dataset, d.get("dataset_name"), d.get("dataset_digest"))
+        call = partial(sink.log_model_metrics, ctx.mlflow_run_id, dest, rows, dataset)
     elif kind == K_MODEL_OUTPUT:
-        step = d.get("step", 0)
-        if type(step) is not int or not INT64_MIN <= step <= INT64_MAX:
-            raise InvalidRecord(f"model_output of model {model}: step {step!r} is not an int64")
+        step = _read(model_output_step, model, d)
         call = partial(sink.log_model_output, ctx.mlflow_run_id, dest, step)
     elif kind == K_MODEL_END:
-        status = d.get("status")
-        if status not in MODEL_END_STATUSES:
-            raise InvalidRecord(
-                f"model_end of model {model}: status {status!r} is not READY or FAILED"
-            )
-        call = partial(sink.finalize_model, dest, str(status))
+        call = partial(sink.finalize_model, dest, _read(model_end_status, model, d))
     else:  # pragma: no cover - the replayer sends model_artifact to the uploads
         raise InvalidRecord(f"{kind} is not a model event")
     cx.call(call)
@@ -170,6 +175,15 @@ def upload_model_files(cx: SyncContext, cur: Cursor) -> None:
             raw = orjson.dumps(ev.data)
             path, run = cur.seg.path, cur.ctx.spool_run_id
             cx.quarantine(run, path, ev.line, ev.offset, "refused", why, raw)
+
+
+def _read(reading: Callable[..., T], *args: Any) -> T:
+    """``reading(*args)``, one of the model events' readings (tracking/model_events.py): what
+    it refuses is quarantined as ``invalid``."""
+    try:
+        return reading(*args)
+    except ValidationError as exc:
+        raise InvalidRecord(str(exc)) from None
 
 
 def _model_id(value: object) -> str:
@@ -204,33 +218,3 @@ def _input_model(cx: SyncContext, sink: ModelSink, model: str) -> str:
             f"logged model {model}, an input of this run, is not in {cx.sink.description} yet "
             "(the run that logged it is not synced yet)"
         ) from None
-
-
-def _spec(ctx: RunContext, model: str, d: dict[str, Any]) -> ModelSpec:
-    experiment, name, model_type = d.get("experiment"), d.get("name"), d.get("model_type")
-    if not isinstance(experiment, str) or not experiment:
-        raise InvalidRecord(
-            f"model_start of model {model}: experiment {experiment!r} is not a name"
-        )
-    if not isinstance(name, str) or not name:
-        raise InvalidRecord(f"model_start of model {model}: name {name!r} is not a name")
-    if model_type is not None and not isinstance(model_type, str):
-        raise InvalidRecord(f"model_start of model {model}: model_type {model_type!r} is not a str")
-    return ModelSpec(
-        model,
-        experiment,
-        ctx.mlflow_run_id,
-        name,
-        model_type,
-        _pairs(model, d, "params"),
-        _pairs(model, d, "tags"),
-    )
-
-
-def _pairs(model: str, d: dict[str, Any], field: str) -> tuple[tuple[str, str], ...]:
-    value = d.get(field) or {}
-    if type(value) is not dict or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in value.items()
-    ):
-        raise InvalidRecord(f"model_start of model {model}: {field} must map str to str")
-    return tuple(value.items())

@@ -262,9 +262,14 @@ class ModelSink(Protocol):
         ...
 
     def log_model_metrics(
-        self, mlflow_run_id: str, model_id: str, metrics: Sequence[MetricRow]
+        self,
+        mlflow_run_id: str,
+        model_id: str,
+        metrics: Sequence[MetricRow],
+        dataset: tuple[str, str] | None = None,
     ) -> None:
-        """Metric points of the run, linked to the model."""
+        """Metric points of the run, linked to the model and computed on ``dataset`` (its
+        name and digest), if any."""
         ...
 
     def log_model_output(self, mlflow_run_id: str, model_id: str, step: int) -> None:

@@ -2,7 +2,8 @@
 
 A synced model carries the node's model id as its tag ``ff.model_id``; :meth:`ModelReader.find`
 lists every model carrying it, in every experiment (two would be a duplicate the replay must
-never make). :meth:`ModelReader.model` reads one model, :meth:`ModelReader.files` downloads
+never make). :meth:`ModelReader.model` reads one model (with its linked metric points, which
+``get_logged_model`` returns anyway), :meth:`ModelReader.files` downloads
 its files one by one and hashes them, as the run files are checked.
 
 MLflow's client and its download function come from :mod:`formula_foundry.sync.mlflow.snapshot`
@@ -24,6 +25,8 @@ from formula_foundry.tracking.events import MODEL_ID_TAG
 
 T = TypeVar("T")
 Caller = Callable[[str, Callable[[], Any]], Any]
+# A linked metric point: key, step, timestamp, value, dataset name, dataset digest.
+StoredMetric = tuple[str, int, int, float, str | None, str | None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +41,7 @@ class StoredModel:
     params: dict[str, str]
     tags: dict[str, str]
     artifact_location: str
+    metrics: tuple[StoredMetric, ...] = ()
 
 
 class ModelReader:
@@ -92,6 +96,10 @@ class ModelReader:
             params=dict(m.params),
             tags=dict(m.tags),
             artifact_location=str(m.artifact_location),
+            metrics=tuple(
+                (x.key, x.step, x.timestamp, x.value, x.dataset_name, x.dataset_digest)
+                for x in m.metrics or ()
+            ),
         )
 
     def files(self, model: StoredModel) -> dict[str, tuple[int, str]]:

@@ -149,9 +149,19 @@ class ModelWriter:
         self._call(f"delete tag {quoted(key)} of logged model {model_id}", attempt)
 
     def log_model_metrics(
-        self, mlflow_run_id: str, model_id: str, metrics: Sequence[MetricRow]
+        self,
+        mlflow_run_id: str,
+        model_id: str,
+        metrics: Sequence[MetricRow],
+        dataset: tuple[str, str] | None = None,
     ) -> None:
-        points = [self._Metric(k, v, t, s, model_id=model_id) for k, v, t, s in metrics]
+        # MLflow keeps the dataset's name and digest on the model's rows only
+        # (logged_model_metrics); the run's metrics table has no room for them.
+        name, digest = dataset or (None, None)
+        points = [
+            self._Metric(k, v, t, s, model_id=model_id, dataset_name=name, dataset_digest=digest)
+            for k, v, t, s in metrics
+        ]
         self._call(
             f"log metrics of logged model {model_id} to run {mlflow_run_id}",
             lambda: self.client.log_batch(mlflow_run_id, metrics=points),
