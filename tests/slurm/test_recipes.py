@@ -449,12 +449,16 @@ def test_requeued_job_continues_one_run(slurm: Slurm, site: Project) -> None:
     run_id = f"coupon-sweep-{job}"
     site.wait_mark(f"{job}-0.ready", job)
     slurm.run("scontrol", "requeue", job)
+    requeued_at = time.time()
     # Requeued: the job's processes got SIGTERM and the job waits for its BeginTime.
     slurm.wait_state(job, "PENDING", JOB_TIMEOUT_S)
     assert_ends(site, run_id, job, ["KILLED"])
     run = site.wait_run(run_id, "KILLED", job)
     assert steps(run) == [0, 1, 2, 3]
 
+    # Slurm revokes the job's credential at the requeue, to the second: a restart in that same
+    # second is killed ("Job credential revoked") and the job ends FAILED. Start it later.
+    time.sleep(max(0.0, requeued_at + 2.0 - time.time()))
     slurm.run("scontrol", "update", f"JobId={job}", "StartTime=now")
     slurm.wait_state(job, "COMPLETED", JOB_TIMEOUT_S)
     assert slurm.job(job)["Restarts"] == "1"
@@ -694,6 +698,7 @@ def test_preempted_job_continues_one_run(slurm: Slurm, site: Project) -> None:
     )
     slurm.wait_state(urgent, "COMPLETED", JOB_TIMEOUT_S)
     assert slurm.wait_state(job, "PENDING", JOB_TIMEOUT_S) == "PENDING"
+    requeued_at = time.time()  # by now at the latest
     assert slurm.job(job).get("Reason") in ("BeginTime", "Priority", "Resources", "None"), (
         slurm.job(job)
     )
@@ -703,6 +708,9 @@ def test_preempted_job_continues_one_run(slurm: Slurm, site: Project) -> None:
     run = site.wait_run(run_id, "KILLED", job, until=has_reason(reason))
     assert steps(run) == [0, 1, 2, 3]
 
+    # Slurm revokes the job's credential at the requeue, to the second: a restart in that same
+    # second is killed ("Job credential revoked") and the job ends FAILED. Start it later.
+    time.sleep(max(0.0, requeued_at + 2.0 - time.time()))
     slurm.run("scontrol", "update", f"JobId={job}", "StartTime=now")
     slurm.wait_state(job, "COMPLETED", JOB_TIMEOUT_S)
     assert slurm.job(job)["Restarts"] == "1"
