@@ -22,6 +22,7 @@ Imports neither MLflow nor SQLAlchemy.
 
 from __future__ import annotations
 
+import itertools
 import math
 import operator
 import re
@@ -32,7 +33,9 @@ from formula_foundry.sync.engine.sink import BatchLimits, MetricRow
 from formula_foundry.sync.mlflow.sql_store import SqlStore
 
 # Params and tags keep MLflow's per-call limits, so batches are cut as MLflow's client cuts them.
-BULK_LIMITS: Final = BatchLimits(metrics=20_000, params=100, tags=100, total=20_000)
+# Metrics: each batch is one commit (two fsyncs on SQLite's rollback journal, tens of ms on a
+# busy shared disk); 100k rows amortise them (~10 MB of rows, ~0.3 s of write lock).
+BULK_LIMITS: Final = BatchLimits(metrics=100_000, params=100, tags=100, total=100_000)
 _KEYS_PER_QUERY: Final = 500  # MLflow's own chunk: bounded bind parameters on every database
 _DOUBLE_MAX: Final = 1.7976931348623157e308
 
@@ -45,6 +48,14 @@ _SQLITE_INSERT: Final = _INSERT.replace("INSERT", "INSERT OR IGNORE", 1)
 _SQLITE_INSERT_FINITE: Final = (
     "INSERT OR IGNORE INTO metrics (key, value, timestamp, step, is_nan, run_uuid) "
     "VALUES (?, ?, ?, ?, 0, '%s')"
+)
+# The same rows, _PER_STATEMENT of them in one statement: one sqlite3_step and one call into
+# SQLite from Python per _PER_STATEMENT rows instead of per row (~0.8 µs of CPU less per row).
+# 4 binds per row: 800 stay within the 999 bound parameters of SQLite before 3.32.
+_PER_STATEMENT: Final = 200
+_SQLITE_INSERT_FINITE_MANY: Final = (
+    "INSERT OR IGNORE INTO metrics (key, value, timestamp, step, is_nan, run_uuid) VALUES "
+    + ", ".join(["(?, ?, ?, ?, 0, '%(run)s')"] * _PER_STATEMENT)
 )
 _PG_INSERT: Final = _INSERT + " ON CONFLICT DO NOTHING"
 # Each connection's own table for the rows of a batch (emptied at every commit).
@@ -145,7 +156,7 @@ def write_metrics(store: SqlStore, mlflow_run_id: str, metrics: Sequence[MetricR
     plain = store.sqlite and _all_finite(metrics) and _PLAIN_ID.fullmatch(mlflow_run_id)
     rows: Sequence[tuple[Any, ...]] = metrics if plain else sql_rows(mlflow_run_id, metrics)
     if plain:
-        store.conn.executemany(_SQLITE_INSERT_FINITE % mlflow_run_id, rows)
+        _insert_finite(store, mlflow_run_id, metrics)
     elif store.sqlite:
         store.conn.executemany(_SQLITE_INSERT, rows)
     else:
@@ -155,6 +166,17 @@ def write_metrics(store: SqlStore, mlflow_run_id: str, metrics: Sequence[MetricR
     latest, changed = fold_latest(rows, dict[str, tuple[Any, ...]](stored))
     final = [as_flushed(_as_sql(latest[k], mlflow_run_id), stored.get(k)) for k in sorted(changed)]
     _write_latest(store, [r for r in final if r != stored.get(r[0])], set(stored))
+
+
+def _insert_finite(store: SqlStore, mlflow_run_id: str, metrics: Sequence[MetricRow]) -> None:
+    # In order, as one row at a time would insert them (the first of equal rows stays).
+    whole = len(metrics) - len(metrics) % _PER_STATEMENT
+    if whole:
+        flat = itertools.chain.from_iterable(metrics[:whole])
+        chunks = zip(*[flat] * (4 * _PER_STATEMENT), strict=True)
+        store.conn.executemany(_SQLITE_INSERT_FINITE_MANY % {"run": mlflow_run_id}, chunks)
+    if whole < len(metrics):
+        store.conn.executemany(_SQLITE_INSERT_FINITE % mlflow_run_id, metrics[whole:])
 
 
 def _insert_postgresql(store: SqlStore, rows: Sequence[tuple[Any, ...]]) -> None:
