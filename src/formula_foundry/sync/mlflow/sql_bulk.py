@@ -35,7 +35,7 @@ from formula_foundry.sync.mlflow.sql_store import SqlStore
 # Params and tags keep MLflow's per-call limits, so batches are cut as MLflow's client cuts them.
 # Metrics: each batch is one commit (two fsyncs on SQLite's rollback journal, tens of ms on a
 # busy shared disk); 100k rows amortise them (~10 MB of rows, ~0.3 s of write lock).
-BULK_LIMITS: Final = BatchLimits(metrics=100_000, params=100, tags=100, total=100_000)
+BULK_LIMITS: Final = BatchLimits(metrics=50_000, params=100, tags=100, total=50_000)
 _KEYS_PER_QUERY: Final = 500  # MLflow's own chunk: bounded bind parameters on every database
 _DOUBLE_MAX: Final = 1.7976931348623157e308
 
