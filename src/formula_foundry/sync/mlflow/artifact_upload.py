@@ -128,20 +128,28 @@ def _check_uploaded(
 ) -> None:
     """The destination holds each file sent, at its full size; ``StoreUnavailable`` (the
     retry uploads again) if not."""
+    listing = list_run_artifacts(client, mlflow_run_id)
+    check_listed(
+        sent,
+        lambda folder: sink.call(
+            f"list the artifacts of run {mlflow_run_id}", partial(listing, folder or None)
+        ),
+        f"{sink.description}: artifact {{path}} of run {mlflow_run_id}",
+    )
+
+
+def check_listed(sent: Sequence[ArtifactRef], list_folder: Callable[[str], Any], what: str) -> None:
+    """Each file sent is listed at its full size (one listing per folder); otherwise
+    ``StoreUnavailable`` naming it (``what``, with ``{path}``), and the retry uploads again."""
     by_folder: dict[str, dict[str, int]] = {}
     for ref in sent:
         by_folder.setdefault(ref.path.rpartition("/")[0], {})[ref.path] = ref.size
     for folder, want in by_folder.items():
-        listed = sink.call(
-            f"list the artifacts of run {mlflow_run_id}",
-            partial(list_run_artifacts(client, mlflow_run_id), folder or None),
-        )
-        have = {info.path: info.file_size for info in listed if not info.is_dir}
+        have = {info.path: info.file_size for info in list_folder(folder) if not info.is_dir}
         for path, size in want.items():
             # A server's listing leaves a size of 0 out (protobuf defaults), hence None.
             if path not in have or (have[path] or 0) != size:
                 raise StoreUnavailable(
-                    f"{sink.description}: artifact {quoted(path)} of run {mlflow_run_id} "
-                    f"holds {have.get(path)} bytes after the upload, not {size}; "
-                    "uploading it again"
+                    f"{what.format(path=quoted(path))} holds {have.get(path)} bytes after the "
+                    f"upload, not {size}; uploading it again"
                 )

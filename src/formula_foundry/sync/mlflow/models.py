@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import unquote, urlparse
 
-from formula_foundry.errors import FormulaFoundryError, StoreUnavailable
+from formula_foundry.errors import FormulaFoundryError
 from formula_foundry.sync.engine.refusals import local_refusal, quoted
 from formula_foundry.sync.engine.sink import (
     ArtifactRef,
@@ -39,6 +39,7 @@ from formula_foundry.sync.engine.sink import (
     RecordRejected,
     RunDataset,
 )
+from formula_foundry.sync.mlflow.artifact_upload import check_listed
 from formula_foundry.sync.mlflow.internals import local_upload_leftovers
 from formula_foundry.tracking.events import MODEL_ID_TAG
 
@@ -267,23 +268,14 @@ class ModelWriter:
         return None
 
     def _check_uploaded(self, model_id: str, sent: Sequence[ArtifactRef]) -> None:
-        by_folder: dict[str, dict[str, int]] = {}
-        for ref in sent:
-            by_folder.setdefault(ref.path.rpartition("/")[0], {})[ref.path] = ref.size
-        for folder, want in by_folder.items():
-            listed = self._call(
+        check_listed(
+            sent,
+            lambda folder: self._call(
                 f"list the files of logged model {model_id}",
                 partial(self.client.list_logged_model_artifacts, model_id, folder or None),
-            )
-            have = {info.path: info.file_size for info in listed if not info.is_dir}
-            for path, size in want.items():
-                # A server's listing leaves a size of 0 out (protobuf defaults), hence None.
-                if path not in have or (have[path] or 0) != size:
-                    raise StoreUnavailable(
-                        f"{self.sink.description}: file {quoted(path)} of logged model "
-                        f"{model_id} holds {have.get(path)} bytes after the upload, not {size}; "
-                        "uploading it again"
-                    )
+            ),
+            f"{self.sink.description}: file {{path}} of logged model {model_id}",
+        )
 
     def _remove_leftovers(self, location: str, run_id: str | None, folders: set[str]) -> None:
         """In a local artifact root, remove MLflow's temporary files an upload killed midway
