@@ -354,6 +354,9 @@ class RunBook:
         if live is not None:
             live.writer.flush()
 
+    def _end_killed(self, reason: str) -> None:
+        self.end_all("KILLED", reason)
+
     def end_all(self, status: str, reason: str | None = None) -> None:
         """End every run this process created or resumed and has not ended (SIGTERM)."""
         for live in list(self._live.values()):
@@ -517,7 +520,7 @@ class RunBook:
         with self._lock:
             self._live[live.state.run_id] = live
         start_heartbeat(self.heartbeat_s, self._beat)
-        install_sigterm(lambda reason: self.end_all("KILLED", reason))
+        install_sigterm(self, self._end_killed)
 
     def _beat(self) -> None:
         for live in list(self._live.values()):

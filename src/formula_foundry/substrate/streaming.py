@@ -19,6 +19,7 @@ import queue
 import threading
 from typing import Final
 
+from formula_foundry.quiet_threads import start_quietly
 from formula_foundry.substrate.atomic import write_all
 from formula_foundry.substrate.digest import CHUNK_SIZE, Digest, SupportsReadinto
 
@@ -96,7 +97,7 @@ def _copy_rest(
             free.put(view)  # always, so the reader never waits for a dead writer
 
     thread = threading.Thread(target=writer, name="ff-artifact-writer", daemon=True)
-    thread.start()
+    start_quietly(thread.start)
     try:
         while not failure:
             view = free.get()

@@ -43,6 +43,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
 
 from formula_foundry.errors import RunStateError
+from formula_foundry.quiet_threads import start_quietly
 from formula_foundry.tracking.console_events import MERGED, Chunker, split_record
 from formula_foundry.tracking.console_fds import (
     PIPE_BYTES,
@@ -151,7 +152,7 @@ class ConsoleCapture:
             # Not threading.Thread: its start() waits until the new thread runs, which on a
             # busy node can take milliseconds of the program's time. Daemon-like: it never
             # holds the interpreter's exit.
-            _thread.start_new_thread(self._main, ())
+            start_quietly(lambda: _thread.start_new_thread(self._main, ()))
         except BaseException:
             self._restore()
             close(*self._fds())

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from types import FrameType, TracebackType
 from typing import Any
 
+from formula_foundry.quiet_threads import start_quietly
 from formula_foundry.tracking.scheduler import sigterm_reason
 
 _lock = threading.Lock()
@@ -43,20 +44,28 @@ def start_heartbeat(interval_s: float, beat: Callable[[], None]) -> None:
                     beat()
 
         _thread = threading.Thread(target=loop, name="ff-heartbeat", daemon=True)
-        _thread.start()
+        start_quietly(_thread.start)
 
 
 # SIGTERM handling: 0 none yet, 1 the runs are being ended, 2 they are: die.
 _term_stage = 0
+# What ends the runs on SIGTERM: one callable per tracker or drop-in run book of the process
+# (a job may use both), keyed by its owner.
+_sigterm_enders: dict[int, Callable[[str], None]] = {}
+_ended = threading.Event()  # set once the SIGTERM's ender has ended every run
+# How long the ender keeps signalling the main thread to die; then the interpreter's own
+# exit goes on (a program that replaced the handler meanwhile keeps its say).
+_SIGNAL_FOR_S = 10.0
 
 
-def install_sigterm(end_all: Callable[[str], None]) -> None:
+def install_sigterm(owner: object, end_all: Callable[[str], None]) -> None:
     """On SIGTERM, end active runs KILLED, then die of SIGTERM as the default would.
 
-    ``end_all`` gets the reason the runs end with (``scheduler.sigterm_reason``).
+    ``end_all`` (one per ``owner``: every tracker and drop-in run book of the process is
+    called) gets the reason the runs end with (``scheduler.sigterm_reason``).
 
-    Only installed from the main thread and only when SIGTERM still has its default action,
-    so an application's own handler is never replaced.
+    The handler is installed once, from the main thread and only when SIGTERM still has its
+    default action, so an application's own handler is never replaced.
 
     The runs are ended by a short-lived thread, not by the handler: the signal may land while
     the main thread is inside a spool write, holding that writer's lock — the handler runs on
@@ -66,25 +75,37 @@ def install_sigterm(end_all: Callable[[str], None]) -> None:
     job, and the recipe's shell forwards one more) is ignored. Ending a run stops its
     system-metrics sampler first (``Run.end``): its last, partial window is spooled before the
     ``run_end`` event.
+
+    The thread is not a daemon: a main thread that reaches the interpreter's exit meanwhile
+    (the signal came as the program finished) waits for it before any at-exit end, so the runs
+    end KILLED, once, with the console's last bytes written out — not FINISHED by the at-exit
+    end while the thread is cut off.
     """
     global _sigterm_installed
+    _sigterm_enders[id(owner)] = end_all
     if _sigterm_installed or threading.current_thread() is not threading.main_thread():
         return
     if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
         return
     main = threading.main_thread().ident
 
-    def finish() -> None:
+    def end_runs() -> None:
         global _term_stage
         reason = "SIGTERM"
         with contextlib.suppress(Exception):
             reason = sigterm_reason()
-        with contextlib.suppress(Exception):
-            end_all(reason)
+        for end_all in list(_sigterm_enders.values()):
+            with contextlib.suppress(Exception):  # one failing owner must not keep the others
+                end_all(reason)
         _term_stage = 2
+        _ended.set()
+
+    def finish() -> None:
+        end_runs()
         # A signal that lands just before the main thread blocks (time.sleep, a join) is
         # handled only when that call returns; signal again until the handler has run.
-        while main is not None:
+        deadline = time.monotonic() + _SIGNAL_FOR_S
+        while main is not None and time.monotonic() < deadline:
             try:
                 signal.pthread_kill(main, signal.SIGTERM)
             except (ProcessLookupError, OSError):
@@ -92,11 +113,19 @@ def install_sigterm(end_all: Callable[[str], None]) -> None:
             time.sleep(0.2)
 
     def handler(signum: int, frame: FrameType | None) -> Any:
-        global _term_stage
+        global _term_stage, _finisher
         if _term_stage == 0:
             _term_stage = 1
-            threading.Thread(target=finish, name="ff-sigterm", daemon=True).start()
-        elif _term_stage == 2:
+            thread = threading.Thread(target=finish, name="ff-sigterm", daemon=False)
+            try:
+                start_quietly(thread.start)
+            except RuntimeError:
+                # No new thread (the interpreter is finalizing, or at the thread limit): the
+                # main thread is in no spool write then, it ends the runs itself.
+                end_runs()
+            else:
+                _finisher = thread
+        if _term_stage == 2:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             os.kill(os.getpid(), signal.SIGTERM)
 
@@ -104,22 +133,44 @@ def install_sigterm(end_all: Callable[[str], None]) -> None:
     _sigterm_installed = True
 
 
+_finisher: threading.Thread | None = None
+
+
+def sigterm_ending(timeout_s: float) -> bool:
+    """Whether a SIGTERM is ending this process's runs; if so, wait (``timeout_s`` at most)
+    until it has. The at-exit end asks first: its FINISHED must not race the KILLED."""
+    if _term_stage == 0:
+        return False
+    if _finisher is not threading.current_thread():
+        _ended.wait(timeout_s)
+    return True
+
+
 _excepthook_installed = False
 
 
-def install_excepthook(end_all: Callable[[str, str], None]) -> None:
+_exception_enders: dict[int, Callable[[str, str], None]] = {}
+
+
+def install_excepthook(owner: object, end_all: Callable[[str, str], None]) -> None:
     """An uncaught exception ends the process's active runs FAILED (``KeyboardInterrupt``:
     KILLED), with the exception as the reason, before the previous hook prints it.
 
     Without it the interpreter's exit would end them FINISHED: a crashed job whose runs read
     as successes. While a run captures the console, the previous hook prints first, so the
     traceback is in the run's console. Chains to whatever hook was installed; installed once
-    per process.
+    per process, calling the ``end_all`` of every ``owner`` (each tracker of the process).
     """
     global _excepthook_installed
+    _exception_enders[id(owner)] = end_all
     if _excepthook_installed:
         return
     previous = sys.excepthook
+
+    def end_all_owners(status: str, reason: str) -> None:
+        for end in list(_exception_enders.values()):
+            with contextlib.suppress(Exception):
+                end(status, reason)
 
     def hook(exc_type: type[BaseException], exc: BaseException, tb: TracebackType | None) -> None:
         # An interactive interpreter reports the exception and goes on: the runs go on too.
@@ -132,11 +183,9 @@ def install_excepthook(end_all: Callable[[str, str], None]) -> None:
             try:
                 previous(exc_type, exc, tb)
             finally:
-                with contextlib.suppress(Exception):
-                    end_all(status, _exception_reason(exc_type, exc))
+                end_all_owners(status, _exception_reason(exc_type, exc))
             return
-        with contextlib.suppress(Exception):
-            end_all(status, _exception_reason(exc_type, exc))
+        end_all_owners(status, _exception_reason(exc_type, exc))
         previous(exc_type, exc, tb)
 
     sys.excepthook = hook
@@ -160,8 +209,9 @@ def _exception_reason(exc_type: type[BaseException], exc: BaseException) -> str:
 
 
 def _after_fork_in_child() -> None:
-    global _thread, _lock, _term_stage
+    global _thread, _lock, _term_stage, _finisher, _ended
     _term_stage = 0
+    _finisher, _ended = None, threading.Event()
     # Threads do not survive fork; the child starts its own heartbeat on its next run.
     _thread = None
     _lock = threading.Lock()

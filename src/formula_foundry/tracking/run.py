@@ -8,6 +8,7 @@ hands these out.
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -181,6 +182,11 @@ class Run:
         self._sampler: SystemSampler | None = None
         # The console capture of this run, if it has one (tracking/console.py).
         self._console: ConsoleCapture | None = None
+        # Held while the run ends: a SIGTERM's ender thread, the at-exit end, an excepthook and
+        # the program may end it at once, and exactly one of them may write its run_end (the
+        # others wait, then find it ended). Re-entrant: an end interrupted in its own thread
+        # (KeyboardInterrupt mid-end) is finished by the excepthook's end of that thread.
+        self._end_lock = threading.RLock()
         self.status = "RUNNING"
 
     def __repr__(self) -> str:
@@ -477,29 +483,36 @@ class Run:
             )
         if reason is not None:
             check_name(f"run {self.run_id}: end reason", reason, MAX_TAG_VALUE_LENGTH)
-        if isinstance(self._writer, _EndedWriter):
-            raise RunStateError(f"run {self.run_id} has already ended ({self.status})")
-        sampler, self._sampler = self._sampler, None
-        if sampler is not None:
-            sampler.stop()  # its last, partial window goes in before the run_end event
-        console, self._console = self._console, None
-        if console is not None:
-            console.stop()  # the fds back, and the last chunk in before the run_end event
-        writer = self._writer
-        if self._attached:
-            # An attached worker detaches; ending the run is its owner's business.
+        with self._end_lock:
+            if isinstance(self._writer, _EndedWriter):
+                raise RunStateError(f"run {self.run_id} has already ended ({self.status})")
+            sampler, self._sampler = self._sampler, None
+            if sampler is not None:
+                sampler.stop()  # its last, partial window goes in before the run_end event
+            console, self._console = self._console, None
+            if console is not None:
+                console.stop()  # the fds back, and the last chunk in before the run_end event
+            writer = self._writer
+            if self._attached:
+                # An attached worker detaches; ending the run is its owner's business.
+                writer.close()
+                self._writer = _EndedWriter(self.run_id, "detached")
+                self._tracker._forget(self)
+                return
+            record: dict[str, Any] = {
+                "v": _V,
+                "s": 0,
+                "t": now_ms(),
+                "k": K_RUN_END,
+                "status": status,
+            }
+            if reason is not None:
+                record["reason"] = reason
+            writer.append(record)
             writer.close()
-            self._writer = _EndedWriter(self.run_id, "detached")
+            self.status = status
+            self._writer = _EndedWriter(self.run_id, status)
             self._tracker._forget(self)
-            return
-        record: dict[str, Any] = {"v": _V, "s": 0, "t": now_ms(), "k": K_RUN_END, "status": status}
-        if reason is not None:
-            record["reason"] = reason
-        writer.append(record)
-        writer.close()
-        self.status = status
-        self._writer = _EndedWriter(self.run_id, status)
-        self._tracker._forget(self)
 
     def __enter__(self) -> Run:
         return self
@@ -510,8 +523,6 @@ class Run:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if isinstance(self._writer, _EndedWriter):
-            return
         if exc_type is None:
             status = "FINISHED"
         elif issubclass(exc_type, KeyboardInterrupt):
@@ -520,7 +531,10 @@ class Run:
             status = "FINISHED"
         else:
             status = "FAILED"
-        self.end(status)
+        # Under the end lock: a SIGTERM ending the run meanwhile is no error of the block.
+        with self._end_lock:
+            if not isinstance(self._writer, _EndedWriter):
+                self.end(status)
 
 
 def _folders_of(path: str) -> list[str]:

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
 from formula_foundry.errors import RunStateError
+from formula_foundry.quiet_threads import start_quietly
 from formula_foundry.tracking.gpus import GpuReader, open_gpus
 from formula_foundry.tracking.host_metrics import HostReader, load_psutil
 from formula_foundry.tracking.spool_writer import hostname, now_ms
@@ -122,7 +123,7 @@ class SystemSampler:
         self.startup_cpu_s = 0.0
 
     def start(self) -> None:
-        self._thread.start()
+        start_quietly(self._thread.start)
 
     def stop(self, timeout: float = STOP_TIMEOUT_S) -> None:
         """Stop sampling; wait (``timeout`` at most) until the last window is logged."""

@@ -36,6 +36,7 @@ from formula_foundry.tracking.events import (
 from formula_foundry.tracking.liveness import (
     install_excepthook,
     install_sigterm,
+    sigterm_ending,
     start_heartbeat,
 )
 from formula_foundry.tracking.resume import (
@@ -361,8 +362,8 @@ class Tracker:
             self._active[id(run)] = run
         if not self.settings.disabled:
             start_heartbeat(self.settings.heartbeat_s, self._beat)
-            install_sigterm(lambda reason: self.end_all("KILLED", reason=reason))
-            install_excepthook(lambda status, reason: self.end_all(status, reason=reason))
+            install_sigterm(self, self._end_killed)
+            install_excepthook(self, self._end_all_because)
 
     def _beat(self) -> None:
         with self._active_lock:
@@ -374,6 +375,12 @@ class Tracker:
                 # Buffered mode: the sign of life (and what was logged before it) reaches the
                 # file now, or a quiet run would look dead to ff-sync until 64 KiB piled up.
                 writer.flush()
+
+    def _end_killed(self, reason: str) -> None:
+        self.end_all("KILLED", reason=reason)
+
+    def _end_all_because(self, status: str, reason: str) -> None:
+        self.end_all(status, reason=reason)
 
     def _forget(self, run: Run) -> None:
         stack = self._stack()
@@ -498,10 +505,20 @@ def get_tracker(config: Path | str | None = None) -> Tracker:
         return tracker
 
 
+# How long the at-exit end waits for a SIGTERM's end of the runs (its parts are bounded: the
+# scheduler's answer 3 s, the console's last chunk 5 s, the sampler's last window).
+_SIGTERM_WAIT_S = 15.0
+
+
 def _end_at_exit() -> None:
+    # A SIGTERM that came as the program finished ends the runs KILLED: wait for that end
+    # (runs it could not end in time end KILLED here), never FINISHED beside it.
+    status, reason = "FINISHED", None
+    if sigterm_ending(_SIGTERM_WAIT_S):
+        status, reason = "KILLED", "SIGTERM"
     for tracker in list(_trackers.values()):
         try:
-            tracker.end_all("FINISHED")
+            tracker.end_all(status, reason=reason)
         except FormulaFoundryError as exc:  # nobody can catch it at exit: one line, not a trace
             with contextlib.suppress(OSError, ValueError):
                 print(f"formula-foundry tracker: {exc}", file=sys.stderr)
