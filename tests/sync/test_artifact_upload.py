@@ -238,3 +238,99 @@ def test_a_symlink_planted_in_the_artifact_root_is_not_followed_out(project: Pro
     assert report.exit_code == 1, report
     assert "leads out of the run's artifact root" in report.quarantine_file.read_text()
     assert list(outside.iterdir()) == []
+
+
+def test_the_direct_path_sweeps_mlflows_own_temporary_files() -> None:
+    """The direct SQL path uploads into a local root without importing MLflow: its prefix of
+    temporary files (swept after a killed upload, refused as a name) must be MLflow's."""
+    from mlflow.store.artifact import local_artifact_repo
+
+    from formula_foundry.sync.mlflow.local_upload import MLFLOW_TEMP_PREFIX
+
+    assert MLFLOW_TEMP_PREFIX == local_artifact_repo._TEMP_ARTIFACT_PREFIX
+
+
+def test_an_uploaded_file_keeps_its_objects_times_and_mode_as_mlflows_copy_does(
+    project: Project,
+) -> None:
+    # MLflow's local upload copies a file with its times and mode (shutil.copy2); so does ours,
+    # from the stored object, and never leaves a temporary file behind.
+    src = _sources(project.root)
+    run_id = project.spool(LOG, str(src)).strip()
+    assert project.sync().exit_code == 0
+    assert _tree(project, run_id)["figures/plots/a.png"] == bytes(range(256)) * 40
+    store = project.root / "data" / "artifacts"
+    objects = {p.read_bytes(): p for p in (store / "objects").rglob("*") if p.is_file()}
+    (folder,) = (project.root / "data" / "mlflow" / "artifacts").glob("*/*/artifacts")
+    uploaded = [p for p in folder.rglob("*") if p.is_file()]
+    assert len(uploaded) == 5
+    for path in uploaded:
+        st, obj = path.stat(), objects[path.read_bytes()].stat()
+        assert (st.st_mtime_ns, st.st_mode) == (obj.st_mtime_ns, obj.st_mode), path
+        assert not path.name.startswith(".artifact.uploading.")
+
+
+ACROSS = """
+import sys
+from pathlib import Path
+src = Path(sys.argv[1])
+with tracker.start_run(run_id=sys.argv[2] or None, run_name="across") as run:
+    for name in sys.argv[3].split(","):
+        run.log_artifact(src / name / "a.bin")
+    if not sys.argv[2]:
+        run.log_artifact(src / "small" / "a.bin", "b")  # b/a.bin: a file and a reference
+        run.log_artifact_reference("b/a.bin", "sha256:" + "ef" * 32, 77)
+        run.log_artifact(src / "big" / "a.bin", "d")  # d/a.bin referenced, a folder beside:
+        run.log_artifact(src / "small" / "a.bin", "d/a.bin")  # d/a.bin/a.bin uploaded
+    print(run.run_id)
+"""
+
+
+def test_the_last_file_at_a_path_wins_across_the_upload_limit(project: Project) -> None:
+    """sync.upload_max_bytes sends a small file and references a big one; a path logged on
+    both sides holds what was logged last — in one batch or across passes — not an older
+    file beside the reference, nor a reference beside a newer file. A reference the program
+    logged itself, and a folder at a referenced path, stay."""
+    import json
+
+    text = project.config.read_text()
+    project.config.write_text(text.replace("sync:\n", "sync:\n  upload_max_bytes: 100\n", 1))
+    src = project.root / "src"
+    for name, data in (("small", b"s" * 10), ("big", b"B" * 200), ("small2", b"t" * 20)):
+        (src / name).mkdir(parents=True)
+        (src / name / "a.bin").write_bytes(data)
+
+    def files(run_id: str) -> dict[str, bytes]:
+        return {k: v for k, v in _tree(project, run_id).items() if k.startswith(("a", "d/"))}
+
+    def refs(run_id: str) -> dict[str, int]:
+        tree = _tree(project, run_id)
+        prefix, out = "ff_artifact_refs/", {}
+        for k, v in tree.items():
+            if k.startswith(prefix):
+                out[k[len(prefix) : -len(".json")]] = json.loads(v)["size_bytes"]
+        return out
+
+    def synced() -> None:
+        report = project.sync()
+        assert report.exit_code == 0, report
+        verified = project.ff_sync("verify")
+        assert verified.returncode == 0, verified.stdout + verified.stderr
+
+    run_id = project.spool(ACROSS, str(src), "", "small,big").strip()  # one batch
+    synced()
+    assert files(run_id) == {"d/a.bin/a.bin": b"s" * 10}
+    assert refs(run_id) == {"a.bin": 200, "b/a.bin": 77, "d/a.bin": 200}
+    project.spool(ACROSS, str(src), run_id, "small2")  # a later pass: the file again
+    synced()
+    assert files(run_id) == {"a.bin": b"t" * 20, "d/a.bin/a.bin": b"s" * 10}
+    assert refs(run_id) == {"b/a.bin": 77, "d/a.bin": 200}
+    assert _tree(project, run_id)["b/a.bin"] == b"s" * 10
+    project.spool(ACROSS, str(src), run_id, "big")  # and referenced again
+    synced()
+    assert files(run_id) == {"d/a.bin/a.bin": b"s" * 10}
+    assert refs(run_id) == {"a.bin": 200, "b/a.bin": 77, "d/a.bin": 200}
+    project.spool(ACROSS, str(src), run_id, "big,small")  # one batch, the small one last
+    synced()
+    assert files(run_id) == {"a.bin": b"s" * 10, "d/a.bin/a.bin": b"s" * 10}
+    assert refs(run_id) == {"b/a.bin": 77, "d/a.bin": 200}

@@ -234,3 +234,42 @@ def test_sync_killed_mid_upload_leaves_exactly_the_console(project: Project) -> 
     assert leftovers == []
     verified = project.ff_sync("verify")
     assert verified.returncode == 0, verified.stdout + verified.stderr
+
+
+RESUMED = """
+import os, sys
+os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
+with tracker.start_run(run_id="resumed-console", capture_output=True) as run:
+    print(sys.argv[1], flush=True)
+    run.log_metric("m", 1.0)
+"""
+
+
+def test_a_run_resumed_after_gc_keeps_the_console_of_its_first_process(
+    project: Project,
+) -> None:
+    # The run ended and synced (its console files final), ff-sync gc archived its folder, and
+    # a new process resumed it: the first process's console is still in MLflow and must stay
+    # there (its segments are gone, so it cannot be rebuilt; read again it would be empty).
+    prelude = "from formula_foundry.tracking import get_tracker\ntracker = get_tracker()\n"
+    project.python(prelude + RESUMED, "first process")
+    assert project.sync().exit_code == 0
+    (first,) = _console(project).values()
+    assert first.read_bytes() == b"first process\n"
+    gc = subprocess.run(
+        [FF_SYNC, "--config", str(project.config), "gc", "--older-than", "0"],
+        env=project.env(),
+        capture_output=True,
+        text=True,
+    )
+    assert gc.returncode == 0 and "archived 1 run folder" in gc.stdout, gc.stdout + gc.stderr
+    project.python(prelude + RESUMED, "second process")
+    report = project.sync()
+    assert report.exit_code == 0, report
+    files = _console(project)
+    assert sorted(p.read_bytes() for p in files.values()) == [
+        b"first process\n",
+        b"second process\n",
+    ]
+    assert files[first.name].read_bytes() == b"first process\n"
+    assert project.sync().idle  # nothing owed: the passes after it have nothing to do

@@ -103,11 +103,21 @@ def test_an_idle_pass_does_not_import_mlflow(project: Project) -> None:
         == "ff-sync: nothing new: 0 runs, 0 events, 0 quarantined in " + out[0].split(" in ")[1]
     )
     assert out[1] == "0 False []"
-    # The probe can fail: with a logged file pending, the same pass imports MLflow (its
-    # artifact client uploads it; new metrics alone go by SQL, see test_lean_imports.py).
+    # A logged file into the local artifact root goes without MLflow too (its protocol, by
+    # local_upload), as new metrics do (test_lean_imports.py).
     project.spool(
         'open("late.txt", "w").write("x")\n'
         'with tracker.start_run(run_name="late") as r:\n    r.log_artifact("late.txt")\n'
+    )
+    out = project.python(probe, str(project.config)).stdout.split("\n")
+    assert out[1] == "0 False []"
+    (late,) = (project.root / "data" / "mlflow" / "artifacts").rglob("late.txt")
+    assert late.read_text() == "x"
+    # The probe can fail: an artifact reference pending, the same pass imports MLflow (its
+    # artifact client writes the reference document).
+    project.spool(
+        'with tracker.start_run(run_name="ref") as r:\n'
+        '    r.log_artifact_reference("out/x.bin", "sha256:" + "cd" * 32, 3)\n'
     )
     out = project.python(probe, str(project.config)).stdout.split("\n")
     assert out[1].startswith("0 True ")

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import importlib.util
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Final
 
 from formula_foundry.config import Settings
@@ -46,7 +46,7 @@ from formula_foundry.sync.engine.scan import (
     scan_spool_report,
     unreadable_reason,
 )
-from formula_foundry.sync.engine.sink import RunMissing
+from formula_foundry.sync.engine.sink import ABOVE_LIMIT, RunMissing
 from formula_foundry.sync.engine.sync_pass import check_destination
 from formula_foundry.tracking.events import END_STATUSES
 from formula_foundry.tracking.spool_reader import read_header
@@ -328,7 +328,11 @@ class _RunChecker:
         want = dict(exp.refs)
         for path, ref in exp.artifacts.items():
             if self._too_big(ref.size):
-                want[path] = ref.to_json()  # referenced, not uploaded (sync.upload_max_bytes)
+                # Referenced, not uploaded (sync.upload_max_bytes); a document written before
+                # it carried ABOVE_LIMIT matches too.
+                want[path] = replace(ref, above_limit=True).to_json()
+                if isinstance(g := actual.get(path), dict) and ABOVE_LIMIT[0] not in g:
+                    want[path] = {k: v for k, v in want[path].items() if k != ABOVE_LIMIT[0]}
         for path in sorted(want.keys() | actual.keys()):
             w, g = want.get(path), actual.get(path)
             if w != g:
@@ -336,9 +340,13 @@ class _RunChecker:
 
     def _files(self, exp: ExpectedRun, stored: StoredRun) -> Iterator[Difference]:
         files = {p: ref for p, ref in exp.artifacts.items() if not self._too_big(ref.size)}
-        if not files:
+        referenced = {p for p, ref in exp.artifacts.items() if self._too_big(ref.size)}
+        if not files and not referenced:
             return  # files the run never logged through the spool are not ours to judge
         actual = self.reader.artifact_files(stored.mlflow_run_id)
+        for path in sorted(referenced & actual.keys()):
+            # An earlier, smaller file at a path whose last file is a reference now.
+            yield _diff(exp.spool_run_id, "superseded_artifact", path, None, list(actual[path]))
         for path, ref in sorted(files.items()):
             w, g = (ref.size, ref.digest), actual.get(path)
             if w != g:
@@ -369,6 +377,8 @@ _MESSAGES: Final = {
     "extra_artifact_ref": "artifact reference {key!r} is not in the spool",
     "artifact_ref_mismatch": "artifact reference {key!r} differs from the spool",
     "missing_artifact": "artifact {key!r} ({expected[0]} bytes) is missing",
+    "superseded_artifact": "artifact {key!r} holds a file of {actual[0]} bytes; the spool's "
+    "last file at that path is above sync.upload_max_bytes: a reference, no file",
     "artifact_mismatch": "artifact {key!r} holds {actual[0]} bytes, {actual[1]}; the spool "
     "logged {expected[0]} bytes, {expected[1]}",
 }

@@ -112,6 +112,10 @@ class Proc:
     sent: list[tuple[int, int]] = field(default_factory=list)  # piece i: its byte range
     final: bool = False  # the run ended: one whole file from now on
     resend: bool = False  # the destination's files are not to be trusted: send all again
+    # Not saved: this pass found its copy gone and its segments too (``ff-sync gc`` archived
+    # the run's folder, then the run was resumed): nothing to rebuild it from, so what the
+    # destination holds stays as it is.
+    gone: bool = False
 
 
 @dataclass
@@ -192,7 +196,8 @@ class RunConsole:
     def catch_up(self, files: dict[str, SegmentFile], acknowledged: dict[str, int]) -> None:
         """Read each console segment up to where the replay's progress stands (``acknowledged``:
         byte offset by segment) into its process's copy; copies that do not match their
-        record are first read again from the start."""
+        record are first read again from the start — unless a segment of the process is no
+        longer there (:attr:`Proc.gone`)."""
         for proc, p in self.procs.items():
             path = self.copy_path(proc)
             try:
@@ -203,6 +208,9 @@ class RunConsole:
                 continue
             if have > p.size:  # bytes appended after the last save: not counted yet
                 os.truncate(path, p.size)
+                continue
+            if any(m.proc == proc and rel not in files for rel, m in self.segments.items()):
+                p.gone = True  # read again, it would come out shorter than what was sent
                 continue
             p.size, p.ends = 0, []
             for mark in self.segments.values():

@@ -151,6 +151,13 @@ def _run(
     synced = True
     with tempfile.TemporaryDirectory(prefix=".upload-", dir=rec.folder) as tmp:
         for proc, p in rec.procs.items():
+            if p.gone:
+                if p.run != mlflow_run_id:
+                    cx.report.warnings.append(
+                        f"run {rec.spool_run_id}: console of {proc} not uploaded to run "
+                        f"{mlflow_run_id}: its segments are gone (ff-sync gc archives ended runs)"
+                    )
+                continue  # nothing to send it from, and what the destination holds stays
             p.final = p.final or ended or delete is None
             if p.resend or p.run != mlflow_run_id:
                 p.sent, p.run, p.resend = [], mlflow_run_id, False
@@ -163,8 +170,10 @@ def _run(
                     p.sent[i] = plan[i]
                 rec.save()
                 synced = synced and len(got) == len(todo)
-            extra = [artifact_path(proc, i) for i in range(len(plan), len(p.sent))]
-            if extra and delete is not None and p.sent[: len(plan)] == plan:
+            # Parts beyond the plan, once the plan's pieces are in place; never the first
+            # piece (a plan of no bytes keeps what was sent: nothing replaces it).
+            extra = [artifact_path(proc, i) for i in range(max(len(plan), 1), len(p.sent))]
+            if extra and delete is not None and plan and p.sent[: len(plan)] == plan:
                 try:
                     cx.call(partial(delete, mlflow_run_id, extra))
                 except DestinationRejected as exc:

@@ -101,9 +101,13 @@ class ArtifactRef:
     size: int
     store: str
     t: int
+    # A file logged to be uploaded that sync.upload_max_bytes turned into a reference: its
+    # document says so (ABOVE_LIMIT), so that a smaller file logged later at the same path
+    # replaces it, where a reference the program logged itself stays.
+    above_limit: bool = False
 
     def to_json(self) -> dict[str, object]:
-        return {
+        doc: dict[str, object] = {
             "kind": "formula-foundry/artifact-ref",
             "version": 1,
             "logical_path": self.path,
@@ -112,6 +116,13 @@ class ArtifactRef:
             "store_root": self.store,
             "logged_at_ms": self.t,
         }
+        if self.above_limit:
+            doc[ABOVE_LIMIT[0]] = ABOVE_LIMIT[1]
+        return doc
+
+
+# The key and value a reference document written for sync.upload_max_bytes carries.
+ABOVE_LIMIT: Final = ("referenced_by", "sync.upload_max_bytes")
 
 
 ARTIFACT_REF_DIR: Final = "ff_artifact_refs"

@@ -17,8 +17,11 @@ from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Sequence
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import orjson
 
@@ -26,7 +29,12 @@ from formula_foundry.substrate.artifact_store import stored_object_path
 from formula_foundry.sync.engine.batch import Batch, Cursor
 from formula_foundry.sync.engine.report import SyncReport
 from formula_foundry.sync.engine.runs import SyncContext
-from formula_foundry.sync.engine.sink import ArtifactRef, RecordRejected
+from formula_foundry.sync.engine.sink import (
+    ArtifactRef,
+    DestinationRejected,
+    RecordRejected,
+    artifact_ref_file,
+)
 from formula_foundry.tracking.events import K_ARTIFACT
 from formula_foundry.tracking.spool_reader import Event
 
@@ -73,21 +81,49 @@ def upload(cx: SyncContext, cur: Cursor) -> None:
         from formula_foundry.sync.engine.models import upload_model_files  # it imports this
 
         upload_model_files(cx, cur)
-    files = [(ref, ev) for ref, ev in batch if limit is None or ref.size <= limit]
+    # The last event of a path wins (as in MLflow, a file logged twice to one path holds the
+    # later bytes), on whichever side of the limit each one falls.
+    latest: dict[str, tuple[ArtifactRef, Event]] = {}
     for ref, ev in batch:
+        latest.pop(ref.path, None)  # re-insert: upload in the order last logged
+        latest[ref.path] = (ref, ev)
+    files = [(ref, ev) for ref, ev in latest.values() if limit is None or ref.size <= limit]
+    referenced: list[str] = []
+    for ref, ev in latest.values():
         if limit is not None and ref.size > limit:
             try:
-                cx.call(partial(cx.sink.log_artifact_ref, ctx.mlflow_run_id, ref))
+                marked = replace(ref, above_limit=True)
+                cx.call(partial(cx.sink.log_artifact_ref, ctx.mlflow_run_id, marked))
+                referenced.append(ref.path)
             except RecordRejected as exc:
                 _refused(cx, cur, ev, str(exc))
-    if not files:
-        return
-    found = local_files([ref for ref, _ in files])
-    events = {ref.path: ev for ref, ev in files}
-    for ref, why in cx.call(partial(cx.sink.upload_artifacts, ctx.mlflow_run_id, found)):
-        _refused(cx, cur, events[ref.path], why)
-    cx.report.files += len(found)
-    cx.report.file_bytes += sum(ref.size for ref, _ in found)
+    if files:
+        found = local_files([ref for ref, _ in files])
+        events = {ref.path: ev for ref, ev in files}
+        for ref, why in cx.call(partial(cx.sink.upload_artifacts, ctx.mlflow_run_id, found)):
+            _refused(cx, cur, events[ref.path], why)
+        cx.report.files += len(found)
+        cx.report.file_bytes += sum(ref.size for ref, _ in found)
+    if limit is not None and (referenced or files):
+        # An earlier file at a path now referenced, or the limit's document of a path whose
+        # file is uploaded now (this pass or an earlier one logged it): the later one wins.
+        _drop_superseded(cx, ctx.mlflow_run_id, referenced, [ref.path for ref, _ in files])
+
+
+def _drop_superseded(
+    cx: SyncContext, mlflow_run_id: str, files: Sequence[str], uploaded: Sequence[str]
+) -> None:
+    """The sink's ``delete_superseded`` (an optional capability, as deleting is)."""
+    sink: Any = cx.sink
+    for candidate in (sink, getattr(sink, "inner", None)):
+        fn = getattr(candidate, "delete_superseded", None)
+        if callable(fn):
+            refs = [artifact_ref_file(path) for path in uploaded]
+            try:
+                cx.call(partial(fn, mlflow_run_id, files, refs))
+            except DestinationRejected as exc:
+                cx.report.warnings.append(f"{exc}: a superseded file or reference stays")
+            return
 
 
 def _refused(cx: SyncContext, cur: Cursor, ev: Event, why: str) -> None:

@@ -9,8 +9,6 @@ must show each file at its full size before the engine records the upload as don
 
 from __future__ import annotations
 
-import contextlib
-import os
 import tempfile
 from collections.abc import Callable, Sequence
 from functools import partial
@@ -20,8 +18,7 @@ from typing import TYPE_CHECKING, Any
 from formula_foundry.errors import FormulaFoundryError, StoreUnavailable
 from formula_foundry.sync.engine.refusals import local_refusal, quoted
 from formula_foundry.sync.engine.sink import ArtifactRef
-from formula_foundry.sync.mlflow.internals import list_run_artifacts, local_upload_leftovers
-from formula_foundry.sync.mlflow.local_upload import LocalRoot
+from formula_foundry.sync.mlflow.internals import list_run_artifacts
 
 if TYPE_CHECKING:
     from formula_foundry.sync.mlflow.client_sink import MlflowSink
@@ -33,22 +30,22 @@ def upload_artifacts(
     """The sink's ``upload_artifacts`` (see :class:`~formula_foundry.sync.engine.sink.Sink`)."""
     rejected: list[tuple[ArtifactRef, str]] = []
     sent: list[ArtifactRef] = []
-    found = _remove_leftovers(
-        sink, client, mlflow_run_id, {ref.path.rpartition("/")[0] for ref, _ in files}
-    )
+    local = sink.local_root(mlflow_run_id)
+    send: Callable[[Path, str, int], str | None]
     with tempfile.TemporaryDirectory(prefix="ff-upload-") as tmp:
-        send = (
-            LocalRoot(*found).copy_in
-            if found is not None
-            else _Staged(client, mlflow_run_id, Path(tmp)).send
-        )
+        if local is not None:
+            for folder in {ref.path.rpartition("/")[0] for ref, _ in files}:
+                local.sweep(folder)
+            send = local.copy_in
+        else:
+            send = _Staged(client, mlflow_run_id, Path(tmp)).send
         for ref, obj in files:
             why = _upload_one(sink, mlflow_run_id, ref, partial(send, obj, ref.path, ref.size))
             if why is None:
                 sent.append(ref)
             else:
                 rejected.append((ref, why))
-    if found is None:  # a local copy checked its size itself
+    if local is None:  # a local copy checked its size itself
         _check_uploaded(sink, client, mlflow_run_id, sent)
     return rejected
 
@@ -64,7 +61,7 @@ class _Staged:
         self.staging = staging
         self.seen: dict[str, int] = {}
 
-    def send(self, obj: Path, artifact_path: str, size: int) -> None:
+    def send(self, obj: Path, artifact_path: str, size: int) -> str | None:
         del size  # checked in the listing afterwards
         folder, _, name = artifact_path.rpartition("/")
         # One staging folder; a name met again goes one folder deeper per repeat.
@@ -73,31 +70,7 @@ class _Staged:
         link.parent.mkdir(exist_ok=True)
         link.symlink_to(obj)
         self.client.log_artifact(self.mlflow_run_id, str(link), folder or None)
-
-
-def _remove_leftovers(
-    sink: MlflowSink, client: Any, mlflow_run_id: str, folders: set[str]
-) -> tuple[Path, str] | None:
-    """Remove what an upload into these folders left when its process was killed (only ff-sync
-    writes into a synced run's artifacts, and one ff-sync at a time per destination); the run's
-    local artifact folder and MLflow's temporary prefix, ``None`` if it is not on this host."""
-    found = sink.call(
-        f"open the artifacts of run {mlflow_run_id}",
-        lambda: local_upload_leftovers(client, mlflow_run_id),
-    )
-    if found is None:
         return None
-    root, prefix = found
-    for folder in folders:
-        try:
-            entries = list(os.scandir(root / folder if folder else root))
-        except FileNotFoundError:
-            continue  # nothing uploaded there yet
-        for entry in entries:
-            if entry.name.startswith(prefix) and entry.is_file(follow_symlinks=False):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(entry.path)
-    return found
 
 
 def _upload_one(

@@ -56,10 +56,11 @@ from formula_foundry.sync.engine.sink import (
     StoredParamConflict,
     artifact_ref_file,
 )
-from formula_foundry.sync.mlflow.artifact_delete import delete_run_artifacts
+from formula_foundry.sync.mlflow.artifact_delete import delete_run_artifacts, delete_superseded
 from formula_foundry.sync.mlflow.identity import IdentityTags
 from formula_foundry.sync.mlflow.internals import create_sqlite_store, rest_poster
 from formula_foundry.sync.mlflow.lean_imports import OPT_OUT_ENV, hidden_module
+from formula_foundry.sync.mlflow.local_upload import LocalRoot
 from formula_foundry.sync.mlflow.rest_batch import log_batch_body
 from formula_foundry.sync.mlflow.store_access import (
     access_error,
@@ -84,6 +85,7 @@ class MlflowSink(IdentityTags):
 
     limits = MLFLOW_LIMITS
     delete_artifacts = delete_run_artifacts  # a console's live parts (engine/console_upload.py)
+    delete_superseded = delete_superseded  # across sync.upload_max_bytes (engine/uploads.py)
 
     def __init__(self, uri: str, artifact_root: Path) -> None:
         try:
@@ -107,6 +109,7 @@ class MlflowSink(IdentityTags):
         self.scheme = scheme_of(uri)
         self._artifact_root = artifact_root.absolute()
         self._experiments: dict[str, str] = {}
+        self._local_roots: dict[str, LocalRoot | None] = {}
         self._exp_ids: list[str] | None = None  # all experiment ids, read once per pass
         self._identity_exp: str | None = None  # where identity_tags found the tags
         if self.scheme == "sqlite":
@@ -329,6 +332,23 @@ class MlflowSink(IdentityTags):
             if err is None:
                 raise
             raise err from exc
+
+    def local_root(self, mlflow_run_id: str) -> LocalRoot | None:
+        """The run's artifact folder when it is on this host (a local artifact root), which
+        uploads write by MLflow's own protocol; ``None`` for any other store. Asked once per
+        run and pass: the folders are checked, and swept of a killed upload's leftovers, once."""
+        if mlflow_run_id not in self._local_roots:
+            self._local_roots[mlflow_run_id] = self._find_local_root(mlflow_run_id)
+        return self._local_roots[mlflow_run_id]
+
+    def _find_local_root(self, mlflow_run_id: str) -> LocalRoot | None:
+        from formula_foundry.sync.mlflow.internals import local_upload_leftovers
+
+        found = self.call(
+            f"open the artifacts of run {mlflow_run_id}",
+            lambda: local_upload_leftovers(self._client, mlflow_run_id),
+        )
+        return None if found is None else LocalRoot(*found)
 
     def upload_artifacts(
         self, mlflow_run_id: str, files: Sequence[tuple[ArtifactRef, Path]]

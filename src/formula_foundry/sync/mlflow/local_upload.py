@@ -17,20 +17,47 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
-import shutil
+import stat
 from pathlib import Path
 
 from formula_foundry.errors import StoreUnavailable
 
+# The prefix of the temporary files MLflow's LocalArtifactRepository writes before renaming them
+# into place (``local_artifact_repo._TEMP_ARTIFACT_PREFIX``, checked against MLflow's in the
+# tests): the direct SQL path uploads into a local root without importing MLflow.
+MLFLOW_TEMP_PREFIX = ".artifact.uploading."
+
+
+def sweep_leftovers(folder: Path, prefix: str) -> None:
+    """Remove the temporary files (``prefix``) an upload killed midway left in ``folder``."""
+    try:
+        entries = list(os.scandir(folder))
+    except FileNotFoundError:
+        return  # nothing uploaded there yet
+    for entry in entries:
+        if entry.name.startswith(prefix) and entry.is_file(follow_symlinks=False):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(entry.path)
+
 
 class LocalRoot:
-    """A run's local artifact folder, with its folders checked once each."""
+    """A run's local artifact folder, with its folders checked (and swept) once each."""
 
     def __init__(self, root: Path, prefix: str) -> None:
         self.root = root
         self.prefix = prefix
         self._real_root = os.path.realpath(root)
         self._folders: dict[str, str] = {}
+        self._swept: set[str] = set()
+
+    def sweep(self, folder: str) -> None:
+        """Remove what a killed upload left in ``folder`` (``/``-separated, relative), once per
+        folder of this root: only ff-sync writes into a synced run's artifacts, and one ff-sync
+        at a time per destination, so nothing new is left there while this process runs."""
+        if folder not in self._swept:
+            self._swept.add(folder)
+            path = Path(self.root, *folder.split("/")) if folder else self.root
+            sweep_leftovers(path, self.prefix)
 
     def folder(self, folder: str) -> str | None:
         """The folder ``folder`` (``/``-separated, relative) of the root, created if needed;
@@ -61,25 +88,42 @@ class LocalRoot:
             return f"its folder {folder!r} leads out of the run's artifact root (a symlink)"
         # MLflow's temporary name (mkstemp's, without its second open of the file).
         tmp = os.path.join(target_dir, f"{self.prefix}{secrets.token_hex(6)}")
+        src = os.open(source, os.O_RDONLY | os.O_CLOEXEC)
         try:
-            with open(source, "rb") as src:
-                out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-                try:
-                    written = _send_all(src.fileno(), out, size)
-                finally:
-                    os.close(out)
-            if written != size:
-                raise StoreUnavailable(
-                    f"artifact {artifact_path!r}: {written} bytes copied from {source}, "
-                    f"not {size}; uploading it again"
-                )
-            shutil.copystat(source, tmp)
+            try:
+                out = os.open(tmp, _CREATE, 0o600)
+            except FileNotFoundError:
+                # The folder went away since it was checked (deleted by hand): make it again.
+                del self._folders[folder]
+                target_dir = self.folder(folder)
+                if target_dir is None:
+                    return f"its folder {folder!r} leads out of the run's artifact root (a symlink)"
+                tmp = os.path.join(target_dir, os.path.basename(tmp))
+                out = os.open(tmp, _CREATE, 0o600)
+            try:
+                written = _send_all(src, out, size)
+                if written != size:
+                    raise StoreUnavailable(
+                        f"artifact {artifact_path!r}: {written} bytes copied from {source}, "
+                        f"not {size}; uploading it again"
+                    )
+                # What shutil.copystat gives MLflow's copy: the source's times and mode.
+                st = os.fstat(src)
+                os.utime(out, ns=(st.st_atime_ns, st.st_mtime_ns))
+                os.chmod(out, stat.S_IMODE(st.st_mode))
+            finally:
+                os.close(out)
             os.replace(tmp, os.path.join(target_dir, name))
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
             raise
+        finally:
+            os.close(src)
         return None
+
+
+_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
 
 
 def _send_all(src: int, out: int, size: int) -> int:

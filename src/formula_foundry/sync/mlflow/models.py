@@ -21,8 +21,6 @@ MLflow's classes come from the client sink, which imports MLflow: this module do
 
 from __future__ import annotations
 
-import contextlib
-import os
 import tempfile
 from collections.abc import Callable, Sequence
 from functools import partial
@@ -40,7 +38,7 @@ from formula_foundry.sync.engine.sink import (
     RunDataset,
 )
 from formula_foundry.sync.mlflow.artifact_upload import check_listed
-from formula_foundry.sync.mlflow.internals import local_upload_leftovers
+from formula_foundry.sync.mlflow.local_upload import sweep_leftovers
 from formula_foundry.tracking.events import MODEL_ID_TAG
 
 if TYPE_CHECKING:
@@ -283,19 +281,9 @@ class ModelWriter:
         parsed = urlparse(location)
         if parsed.scheme not in ("", "file") or not run_id:
             return
-        found = self._call(
-            f"open the artifacts of run {run_id}",
-            lambda: local_upload_leftovers(self.client, run_id),
-        )
-        if found is None:
+        run_root = self.sink.local_root(run_id)
+        if run_root is None:
             return  # the run's artifacts are not local: neither are the model's
-        root, prefix = Path(unquote(parsed.path) if parsed.scheme else location), found[1]
+        root = Path(unquote(parsed.path) if parsed.scheme else location)
         for folder in folders:
-            try:
-                entries = list(os.scandir(root / folder if folder else root))
-            except FileNotFoundError:
-                continue
-            for entry in entries:
-                if entry.name.startswith(prefix) and entry.is_file(follow_symlinks=False):
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(entry.path)
+            sweep_leftovers(root / folder if folder else root, run_root.prefix)

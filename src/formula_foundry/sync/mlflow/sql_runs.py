@@ -100,7 +100,7 @@ def _check_key(key: str) -> None:
         raise StoreRefusal(f"Invalid value {key!r} for parameter 'key': {exc}", _INVALID) from None
 
 
-def _plain_path(location: str | None) -> bool:
+def plain_path(location: str | None) -> bool:
     """An absolute path MLflow keeps and joins as a POSIX path (no scheme, no query): the only
     kind of artifact location this module writes; MLflow's client takes the others."""
     return (
@@ -164,7 +164,7 @@ class SqlClient:
         return Page(Experiment(str(r[0]), "", None, "") for r in rows)
 
     def create_experiment(self, name: str, artifact_location: str | None = None) -> str:
-        if not _plain_path(artifact_location):
+        if not plain_path(artifact_location):
             return str(self._real.create_experiment(name, artifact_location=artifact_location))
         if not isinstance(name, str) or name == "":
             raise StoreRefusal(f"Invalid experiment name: '{name}'", _INVALID)
@@ -259,7 +259,7 @@ class SqlClient:
         self, experiment_id: str, start_time: int | None, tags: dict[str, str], run_name: str
     ) -> Run:
         exp = self.get_experiment(experiment_id)
-        if not _plain_path(exp.artifact_location):
+        if not plain_path(exp.artifact_location):
             return self._real.create_run(  # type: ignore[no-any-return]
                 experiment_id, start_time=start_time, tags=tags, run_name=run_name
             )

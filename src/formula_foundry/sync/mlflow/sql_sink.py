@@ -6,9 +6,11 @@ before writing a handful of rows. :class:`SqlSink` is
 experiments, identity tags, statuses and errors — over
 :class:`~formula_foundry.sync.mlflow.sql_runs.SqlClient`, which answers its client calls by
 SQL, with metric batches inserted in bulk (:mod:`~formula_foundry.sync.mlflow.sql_bulk`).
-MLflow is imported only when something needs it (an artifact document or upload, an
-experiment whose artifact location is a URI), through an ``MlflowSink`` opened then: its
-client answers those calls, its errors are today's.
+MLflow is imported only when something needs it (an artifact reference document, a logged
+model, an upload into anything but a folder on this host, an experiment whose artifact
+location is a URI), through an ``MlflowSink`` opened then: its client answers those calls, its
+errors are today's. Files into a run's local artifact root go by MLflow's protocol without it
+(:mod:`~formula_foundry.sync.mlflow.local_upload`).
 
 :func:`open_sql_sink` returns ``None`` for a store it cannot open exactly as MLflow uses it
 (:func:`~formula_foundry.sync.mlflow.sql_store.open_store`): the caller opens MLflow's sink
@@ -28,8 +30,9 @@ from formula_foundry.sync.engine.destination import scheme_of
 from formula_foundry.sync.engine.report import one_line
 from formula_foundry.sync.engine.sink import DestinationRejected, MetricRow, Sink
 from formula_foundry.sync.mlflow.client_sink import MlflowSink
+from formula_foundry.sync.mlflow.local_upload import MLFLOW_TEMP_PREFIX, LocalRoot
 from formula_foundry.sync.mlflow.sql_bulk import BULK_LIMITS
-from formula_foundry.sync.mlflow.sql_runs import SqlClient, ViewType
+from formula_foundry.sync.mlflow.sql_runs import SqlClient, ViewType, plain_path
 from formula_foundry.sync.mlflow.sql_store import SqlStore, open_store
 from formula_foundry.sync.mlflow.store_access import access_error
 
@@ -46,6 +49,7 @@ class SqlSink(MlflowSink):
         self.uri, self.description, self.scheme = uri, redact_uri(uri), scheme_of(uri)
         self._artifact_root = artifact_root.absolute()
         self._experiments: dict[str, str] = {}
+        self._local_roots: dict[str, LocalRoot | None] = {}
         self._exp_ids: list[str] | None = None
         self._identity_exp: str | None = None
         self._ViewType = cast(Any, ViewType)  # only .ALL is read: SqlClient ignores it
@@ -58,6 +62,19 @@ class SqlSink(MlflowSink):
         if self._mlflow is None:
             self._mlflow = MlflowSink(self.uri, self._artifact_root)
         return self._mlflow
+
+    def _find_local_root(self, mlflow_run_id: str) -> LocalRoot | None:
+        # The run's artifact URI by SQL: a plain path (what this sink writes) is a local root,
+        # uploaded into without MLflow — a pass of files alone never imports it.
+        rows = self.call(
+            f"open the artifacts of run {mlflow_run_id}",
+            lambda: self._store.rows(
+                "SELECT artifact_uri FROM runs WHERE run_uuid = ?", (mlflow_run_id,)
+            ),
+        )
+        if rows and plain_path(rows[0][0]):
+            return LocalRoot(Path(rows[0][0]), MLFLOW_TEMP_PREFIX)
+        return super()._find_local_root(mlflow_run_id)
 
     def tracking_store(self) -> object:
         return self._mlflow_sink().tracking_store()
