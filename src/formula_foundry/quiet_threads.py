@@ -1,4 +1,5 @@
-"""Starting formula-foundry's own threads so that they never take the process's signals.
+"""Starting formula-foundry's own threads so that they never take the process's signals, and
+holding signals back while a few lines must run whole.
 
 Linux delivers a signal sent to the process (Slurm's SIGTERM, Ctrl-C's SIGINT) to any one of
 its threads that does not block it. Python runs its handlers only in the main thread, and
@@ -14,8 +15,10 @@ for the moment of the start only.
 
 from __future__ import annotations
 
+import contextlib
 import signal
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from typing import Final, TypeVar
 
 T = TypeVar("T")
@@ -59,5 +62,24 @@ def start_quietly(start: Callable[[], T]) -> T:
     try:
         signal.pthread_sigmask(signal.SIG_BLOCK, BLOCKED)
         return start()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Hold :data:`BLOCKED` back while the block runs, in the main thread (the only one whose
+    code Python's handlers interrupt): a Ctrl-C arriving meanwhile raises its
+    ``KeyboardInterrupt`` once the block is done, not halfway through it."""
+    if (
+        not hasattr(signal, "pthread_sigmask")
+        or threading.current_thread() is not threading.main_thread()
+    ):
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, ())  # read first: see start_quietly
+    try:
+        signal.pthread_sigmask(signal.SIG_BLOCK, BLOCKED)
+        yield
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)

@@ -163,3 +163,124 @@ def test_two_ends_at_once_record_the_first_and_the_second_waits_for_it(
     assert _ends(spool, "both") == ["KILLED"]
     run.__exit__(None, None, None)  # the with block's end after it: no error, no second end
     assert _ends(spool, "both") == ["KILLED"]
+
+
+def test_an_application_handler_installed_later_is_called_once(ff_project: Path) -> None:
+    # The program installs its own SIGTERM handler after the first run (Lightning, submitit),
+    # chaining to ours: the runs end KILLED and its handler runs once, not once per re-signal.
+    spool = ff_project / "data" / "runs"
+    code = """
+        import os, signal, time
+        from formula_foundry.tracking import get_tracker
+        get_tracker().start_run(run_id="app-handler")
+        calls = 0
+        previous = signal.getsignal(signal.SIGTERM)
+        def on_term(signum, frame):
+            global calls
+            calls += 1
+            time.sleep(0.5)  # a checkpoint
+            previous(signum, frame)
+        signal.signal(signal.SIGTERM, on_term)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(2)
+        print("calls", calls)
+    """
+    done = _run(code, ff_project)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == [b"calls", b"1"]
+    assert _ends(spool, "app-handler") == ["KILLED"]
+
+
+def test_a_sigterm_with_no_thread_to_spare_kills_instead_of_hanging(ff_project: Path) -> None:
+    # No new thread can start (an address-space limit, `ulimit -v`) and the main thread is in
+    # the middle of log calls: ending the runs on top of it would wait forever for the lock
+    # its interrupted write holds. The process dies of SIGTERM as the default would.
+    code = """
+        import os, resource, threading
+        from formula_foundry.tracking import get_tracker
+        run = get_tracker().start_run(run_id="no-thread")
+        run.log_metric("warm", 1.0)
+        with open("/proc/self/statm") as f:
+            vm = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+        resource.setrlimit(resource.RLIMIT_AS, (vm + 4 * 1024 * 1024, resource.RLIM_INFINITY))
+        try:
+            threading.Thread(target=lambda: None).start()
+            print("a thread still starts", flush=True)
+        except RuntimeError:
+            print("ready", flush=True)
+        i = 0
+        while True:
+            run.log_metric("loss", float(i), step=i)
+            i += 1
+    """
+    proc = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        cwd=ff_project,
+        env=child_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stdout is not None
+    first = proc.stdout.readline().strip()
+    if first != b"ready":
+        proc.kill()
+        proc.communicate()
+        pytest.skip(f"the address-space limit does not stop threads here ({first!r})")
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        pytest.fail("the process hung after SIGTERM")
+    assert proc.returncode == -signal.SIGTERM
+
+
+def test_a_run_started_as_the_sigterm_lands_is_ended_too(ff_project: Path) -> None:
+    # The SIGTERM's ender looks at the active runs once; a run whose start it did not see yet
+    # ends KILLED as it registers (the process dies next).
+    spool = ff_project / "data" / "runs"
+    code = """
+        from formula_foundry.tracking import get_tracker, liveness
+        tracker = get_tracker()
+        tracker.start_run(run_id="before").end()  # installs the handler
+        liveness._term_stage = 1  # the handler has run; its ender took its snapshot already
+        run = tracker.start_run(run_id="late")
+        print(run.status)
+    """
+    done = _run(code, ff_project)
+    assert done.stdout.strip() == b"KILLED", done.stderr
+    assert _ends(spool, "late") == ["KILLED"]
+
+
+@pytest.mark.parametrize("how", ["sigterm", "end_then_os_exit"])
+def test_the_drop_in_in_buffered_durability_keeps_its_events(ff_project: Path, how: str) -> None:
+    # Buffered events reach the file at the run's end: also when the end is the SIGTERM's
+    # (the process then dies without the interpreter's exit) or the program leaves by
+    # os._exit right after mlflow.end_run().
+    spool = ff_project / "data" / "runs"
+    end = {
+        "sigterm": "os.kill(os.getpid(), signal.SIGTERM); time.sleep(30)",
+        "end_then_os_exit": "mlflow.end_run(); os._exit(0)",
+    }[how]
+    code = f"""
+        import os, signal, time
+        import mlflow
+        run = mlflow.start_run()
+        print(run.info.run_id, flush=True)
+        for step in range(100):
+            mlflow.log_metric("loss", 1.0 / (step + 1), step=step)
+        {end}
+    """
+    done = _run(code, ff_project, MLFLOW_TRACKING_URI=f"spool://{spool}", FF_DURABILITY="buffered")
+    run_id = done.stdout.split()[0].decode()
+    events = [
+        item
+        for seg in segments(spool, run_id)
+        for item in SegmentReader(seg)
+        if isinstance(item, Event)
+    ]
+    steps = {e.data["step"] for e in events if e.kind == "metrics"}
+    assert steps == set(range(100))
+    want = "KILLED" if how == "sigterm" else "FINISHED"
+    assert [e.data["status"] for e in events if e.kind == "run_end"] == [want]

@@ -320,6 +320,9 @@ class RunBook:
             record["reason"] = reason
         with live.lock:
             live.writer.append(record)
+            # Durability "buffered": the run's events reach the file at its end, as the
+            # tracker's do (a process that then leaves by os._exit or SIGTERM keeps them).
+            live.writer.flush()
             live.state.status, live.state.end_time = (
                 status,
                 (None if end_time is None else record["t"]),

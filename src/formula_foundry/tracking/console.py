@@ -47,7 +47,9 @@ from formula_foundry.quiet_threads import start_quietly
 from formula_foundry.tracking.console_events import MERGED, Chunker, split_record
 from formula_foundry.tracking.console_fds import (
     PIPE_BYTES,
+    Stream,
     close,
+    fatal_errors_to,
     flush_std,
     open_channel,
     same_destination,
@@ -87,21 +89,6 @@ def capturing() -> bool:
     return active is not None and active.pid == os.getpid()
 
 
-class _Stream:
-    """One pipe the capture reads, standing in for fd 1, fd 2, or both."""
-
-    def __init__(self, name: str, targets: tuple[int, ...], out: int) -> None:
-        self.name = name  # stdout, stderr or stdout+stderr: the stream of its events
-        self.targets = targets  # the descriptors that write into it
-        self.out = out  # the original, where its bytes are written on to
-        self.read_fd = -1
-        # A pseudo-terminal's writing end, kept open until the last chunk is read: once every
-        # writer has closed it, Linux may discard what was not read yet (a pipe keeps it).
-        self.hold = -1
-        self.capacity = 0  # a read of half of it: the reader must not pause (0: never)
-        self.open = False
-
-
 class ConsoleCapture:
     """The tee of one run's output. :meth:`start` swaps the descriptors; :meth:`stop` ends it."""
 
@@ -110,7 +97,7 @@ class ConsoleCapture:
         self._chunker = Chunker(max_bytes)
         self.pid = os.getpid()
         self._saved: dict[int, int] = {}  # fd -> a copy of its original
-        self._streams: list[_Stream] = []
+        self._streams: list[Stream] = []
         self._wake_r = self._wake_w = -1
         self._stopping = threading.Event()
         self._drained = threading.Event()
@@ -141,12 +128,13 @@ class ConsoleCapture:
             if not saved:
                 raise OSError("fds 1 and 2 are both closed")
             if len(saved) == 2 and same_destination(saved[1], saved[2]):
-                self._streams = [_Stream(MERGED, (1, 2), saved[1])]
+                self._streams = [Stream(MERGED, (1, 2), saved[1])]
             else:
                 names = {1: "stdout", 2: "stderr"}
-                self._streams = [_Stream(names[fd], (fd,), saved[fd]) for fd in saved]
+                self._streams = [Stream(names[fd], (fd,), saved[fd]) for fd in saved]
             for s in self._streams:
                 self._open(s)
+            fatal_errors_to(saved.get(2))
             self._wake_r, self._wake_w = os.pipe()
             os.set_blocking(self._wake_w, False)
             # Not threading.Thread: its start() waits until the new thread runs, which on a
@@ -158,7 +146,7 @@ class ConsoleCapture:
             close(*self._fds())
             raise
 
-    def _open(self, s: _Stream) -> None:
+    def _open(self, s: Stream) -> None:
         channel = open_channel(s.out)
         s.read_fd, s.capacity = channel.read_fd, channel.capacity
         try:
@@ -183,6 +171,7 @@ class ConsoleCapture:
             for fd, saved in self._saved.items():
                 with contextlib.suppress(OSError):
                     os.dup2(saved, fd)
+            fatal_errors_to(2 if 2 in self._saved else None)
 
     def _close_shared(self) -> None:
         with self._fd_lock:
@@ -239,7 +228,7 @@ class ConsoleCapture:
         chunker = self._chunker
         # The streams that had bytes at the last read: after the pause they are read without
         # asking poll first (each system call costs the thread the GIL once more).
-        flowing: list[_Stream] = []
+        flowing: list[Stream] = []
         while any(s.open for s in self._streams):
             if flowing:
                 ready = [(s.read_fd, 0) for s in flowing if s.open]
@@ -270,7 +259,7 @@ class ConsoleCapture:
         if self._spooling:  # every writer closed fds 1 and 2 before the run ended
             self._spool(final=True)
 
-    def _read(self, s: _Stream, poller: select.poll) -> int:
+    def _read(self, s: Stream, poller: select.poll) -> int:
         """Read what ``s`` holds, write it on, collect it; how many bytes."""
         try:
             data = os.read(s.read_fd, _READ_BYTES)
@@ -395,6 +384,7 @@ def _after_fork_in_child() -> None:
     capture, _active = _active, None
     if capture is not None:
         close(*capture._fds())
+        fatal_errors_to(2)  # not at the parent's copy of fd 2, closed here (its number reused)
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)

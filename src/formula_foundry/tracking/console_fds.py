@@ -1,9 +1,10 @@
 """The descriptors of a console capture: pipes and pseudo-terminals, writing on, flushing.
 
 :mod:`formula_foundry.tracking.console` points fds 1 and 2 at what :func:`open_channel` gives
-and writes what it reads on to the originals with :func:`write_all`. Before the descriptors
-are swapped either way, :func:`flush_std` empties Python's buffers, so that what a program
-printed before goes where it was printed for.
+and writes what it reads on to the originals with :func:`write_all`; a :class:`Stream` is
+one pipe it reads. Before the descriptors are swapped either way, :func:`flush_std` empties
+Python's buffers, so that what a program printed before goes where it was printed for;
+:func:`fatal_errors_to` keeps :mod:`faulthandler` writing where it would without the capture.
 """
 
 from __future__ import annotations
@@ -119,3 +120,33 @@ def flush_std() -> None:
             seen.add(id(stream))
             with contextlib.suppress(Exception):  # a closed or replaced stream
                 stream.flush()
+
+
+class Stream:
+    """One pipe the capture reads, standing in for fd 1, fd 2, or both."""
+
+    def __init__(self, name: str, targets: tuple[int, ...], out: int) -> None:
+        self.name = name  # stdout, stderr or stdout+stderr: the stream of its events
+        self.targets = targets  # the descriptors that write into it
+        self.out = out  # the original, where its bytes are written on to
+        self.read_fd = -1
+        # A pseudo-terminal's writing end, kept open until the last chunk is read: once every
+        # writer has closed it, Linux may discard what was not read yet (a pipe keeps it).
+        self.hold = -1
+        self.capacity = 0  # a read of half of it: the reader must not pause (0: never)
+        self.open = False
+
+
+def fatal_errors_to(fd: int | None) -> None:
+    """Point :mod:`faulthandler`, if the program enabled it, at ``fd``.
+
+    A fatal error (a segfault, an abort) kills the process before the reader thread can pass
+    on what the pipe holds: written into the capture, its traceback would never reach the
+    terminal or the job's output file. So while capturing it goes to the original fd 2 (not
+    into the run's console), and back to fd 2 after.
+    """
+    import faulthandler
+
+    if fd is not None and faulthandler.is_enabled():
+        with contextlib.suppress(Exception):
+            faulthandler.enable(file=fd, all_threads=True)

@@ -97,15 +97,24 @@ def install_sigterm(owner: object, end_all: Callable[[str], None]) -> None:
         for end_all in list(_sigterm_enders.values()):
             with contextlib.suppress(Exception):  # one failing owner must not keep the others
                 end_all(reason)
+        # The process dies of SIGTERM next, without the interpreter's exit: what buffered
+        # writers hold (durability "buffered") goes out now.
+        with contextlib.suppress(Exception):
+            from formula_foundry.tracking.spool_writer import flush_all
+
+            flush_all()
         _term_stage = 2
         _ended.set()
 
     def finish() -> None:
         end_runs()
         # A signal that lands just before the main thread blocks (time.sleep, a join) is
-        # handled only when that call returns; signal again until the handler has run.
+        # handled only when that call returns; signal again until the handler has run — as
+        # long as it is ours: a handler the program installed since is not called again.
         deadline = time.monotonic() + _SIGNAL_FOR_S
         while main is not None and time.monotonic() < deadline:
+            if signal.getsignal(signal.SIGTERM) is not handler:
+                return
             try:
                 signal.pthread_kill(main, signal.SIGTERM)
             except (ProcessLookupError, OSError):
@@ -120,20 +129,32 @@ def install_sigterm(owner: object, end_all: Callable[[str], None]) -> None:
             try:
                 start_quietly(thread.start)
             except RuntimeError:
-                # No new thread (the interpreter is finalizing, or at the thread limit): the
-                # main thread is in no spool write then, it ends the runs itself.
-                end_runs()
+                # No new thread (the interpreter is finalizing, or at the thread limit). Ending
+                # the runs here, on top of whatever the main thread was doing, could wait
+                # forever on a lock it holds (a spool write): die as the default would; the
+                # sync ends the runs once they go silent.
+                _term_stage = 2
+                _die()
             else:
                 _finisher = thread
-        if _term_stage == 2:
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            os.kill(os.getpid(), signal.SIGTERM)
+        elif _term_stage == 2:
+            _die()
+
+    def _die() -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
 
     signal.signal(signal.SIGTERM, handler)
     _sigterm_installed = True
 
 
 _finisher: threading.Thread | None = None
+
+
+def terminating() -> bool:
+    """Whether a SIGTERM is ending this process's runs: no new run may start now (the end
+    would miss it, and the process dies next)."""
+    return _term_stage != 0
 
 
 def sigterm_ending(timeout_s: float) -> bool:

@@ -22,6 +22,7 @@ from formula_foundry.errors import (
     RunStateError,
     ValidationError,
 )
+from formula_foundry.quiet_threads import signals_deferred
 from formula_foundry.tracking.events import (
     END_STATUSES,
     FORMAT_VERSION,
@@ -112,6 +113,9 @@ class _NullWriter:
         pass
 
     def close(self) -> None:
+        pass
+
+    def end(self, status: str) -> None:
         pass
 
 
@@ -493,26 +497,31 @@ class Run:
             if console is not None:
                 console.stop()  # the fds back, and the last chunk in before the run_end event
             writer = self._writer
-            if self._attached:
-                # An attached worker detaches; ending the run is its owner's business.
-                writer.close()
-                self._writer = _EndedWriter(self.run_id, "detached")
+            # From the run_end's write to the swap, no Ctrl-C: interrupted in between, the run
+            # would still look active and the excepthook's end write a second run_end.
+            with signals_deferred():
+                if self._attached:
+                    # An attached worker detaches; ending the run is its owner's business.
+                    writer.end("detached")
+                    self._writer = _EndedWriter(self.run_id, "detached")
+                    self._tracker._forget(self)
+                    return
+                record: dict[str, Any] = {
+                    "v": _V,
+                    "s": 0,
+                    "t": now_ms(),
+                    "k": K_RUN_END,
+                    "status": status,
+                }
+                if reason is not None:
+                    record["reason"] = reason
+                writer.append(record)
+                # Closed for good: a thread that fetched the writer before the swap below gets
+                # RunStateError, not a new segment after the run_end.
+                writer.end(status)
+                self.status = status
+                self._writer = _EndedWriter(self.run_id, status)
                 self._tracker._forget(self)
-                return
-            record: dict[str, Any] = {
-                "v": _V,
-                "s": 0,
-                "t": now_ms(),
-                "k": K_RUN_END,
-                "status": status,
-            }
-            if reason is not None:
-                record["reason"] = reason
-            writer.append(record)
-            writer.close()
-            self.status = status
-            self._writer = _EndedWriter(self.run_id, status)
-            self._tracker._forget(self)
 
     def __enter__(self) -> Run:
         return self

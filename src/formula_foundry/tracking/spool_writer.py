@@ -37,7 +37,7 @@ import zlib
 from pathlib import Path
 from typing import Any, Final, NoReturn
 
-from formula_foundry.errors import ConfigError, SpoolWriteError, ValidationError
+from formula_foundry.errors import ConfigError, RunStateError, SpoolWriteError, ValidationError
 from formula_foundry.tracking.events import (
     CHECKSUM_TAIL,
     FORMAT_VERSION,
@@ -157,6 +157,9 @@ class SegmentWriter:
         self._buffer: list[bytes] = []
         self._buffered = 0
         self._forked_from: str | None = None
+        # Set by end(): the run has ended; an append after it (a thread that fetched this
+        # writer before the run's end) is refused rather than opening a segment after run_end.
+        self._ended: str | None = None
         _live_writers.add(self)
 
     # -- public ---------------------------------------------------------------------------
@@ -168,6 +171,8 @@ class SegmentWriter:
         """
         with self._lock:
             opening = self._fd < 0
+            if opening and self._ended is not None:
+                self._refuse_ended()
             seq = 1 if opening else self._last_seq + 1
             record["s"] = seq
             # Framed before a new segment is opened: a record that cannot be serialised must
@@ -190,6 +195,8 @@ class SegmentWriter:
             return
         with self._lock:
             opening = self._fd < 0
+            if opening and self._ended is not None:
+                self._refuse_ended()
             seq = 0 if opening else self._last_seq
             lines = []
             for record in records:
@@ -215,6 +222,8 @@ class SegmentWriter:
         """
         with self._lock:
             opening = self._fd < 0
+            if opening and self._ended is not None:
+                self._refuse_ended()
             seq = 0 if opening else self._last_seq
             parts: list[bytes] = []
             for head, body in events:
@@ -234,6 +243,7 @@ class SegmentWriter:
                 self._emit_locked(b"".join(parts), seq)
                 return
             total = sum(map(len, parts))
+            prev, self._last_seq = self._last_seq, seq  # see _emit_locked
             try:
                 written = os.writev(self._fd, parts)
             except OSError:
@@ -241,8 +251,7 @@ class SegmentWriter:
             if written == total:
                 self._size += written
             else:
-                self._finish_short_write(b"".join(parts), written)
-            self._last_seq = seq
+                self._short_write(b"".join(parts), written, prev)
 
     def append_metric(self, t: int, step: int, key_json: bytes, value_json: bytes) -> None:
         """The hot path of ``log_metric``: append a one-key metrics event.
@@ -258,6 +267,8 @@ class SegmentWriter:
         lock.acquire()
         try:
             if self._fd < 0:
+                if self._ended is not None:
+                    self._refuse_ended()
                 self._open()
             seq = self._last_seq + 1
             head = METRIC_HEAD % (seq, t, step, key_json, value_json)
@@ -266,6 +277,7 @@ class SegmentWriter:
                 self._emit_locked(line, seq)
                 return
             # _emit_locked inlined for the common case: a method call is a tenth of this path.
+            self._last_seq = seq
             try:
                 written = _write(self._fd, line)
             except OSError:
@@ -273,8 +285,7 @@ class SegmentWriter:
             if written == len(line):
                 self._size += written
             else:
-                self._finish_short_write(line, written)
-            self._last_seq = seq
+                self._short_write(line, written, seq - 1)
         finally:
             lock.release()
 
@@ -285,6 +296,8 @@ class SegmentWriter:
         lock.acquire()
         try:
             opening = self._fd < 0
+            if opening and self._ended is not None:
+                self._refuse_ended()
             seq = 0 if opening else self._last_seq
             lines = []
             for t, step, data_json in events:
@@ -309,12 +322,24 @@ class SegmentWriter:
     def close(self) -> None:
         """Flush and close; later appends open a new segment."""
         with self._lock:
-            if self._fd >= 0:
-                try:
-                    self._flush_locked()
-                finally:
-                    os.close(self._fd)
-                    self._fd = -1
+            self._close_locked()
+
+    def end(self, status: str) -> None:
+        """Flush and close for good: the run ended (``status``); later appends raise
+        :class:`~formula_foundry.errors.RunStateError` instead of opening a segment."""
+        with self._lock:
+            self._ended = status
+            self._close_locked()
+
+    def _close_locked(self) -> None:
+        if self._fd >= 0:
+            try:
+                self._flush_locked()
+            finally:
+                # Forgotten before it is closed: a number closed but still held (an interrupt
+                # between the two) could be reused by another file, and a later write land there.
+                fd, self._fd = self._fd, -1
+                os.close(fd)
 
     @property
     def last_seq(self) -> int:
@@ -411,6 +436,9 @@ class SegmentWriter:
                 os.unlink(name, dir_fd=dir_fd)
             raise
 
+    def _refuse_ended(self) -> NoReturn:
+        raise RunStateError(f"run {self.spool_run_id} has ended ({self._ended}); cannot log to it")
+
     def _refuse_long(self, kind: object, size: int) -> NoReturn:
         raise ValidationError(
             f"run {self.spool_run_id}: one {kind} event of {size} bytes is longer than a spool "
@@ -419,10 +447,13 @@ class SegmentWriter:
 
     def _emit_locked(self, line: bytes, seq: int) -> None:
         """Write (or buffer) the framed ``line`` of sequence number ``seq`` per the policy."""
+        # The number is taken before the write: a KeyboardInterrupt raised as the write returns
+        # must not leave it free for the next event (two events of one number). A write that
+        # fails leaves nothing of the line, and gives it back.
+        prev, self._last_seq = self._last_seq, seq
         if self._buffering:
             self._buffer.append(line)
             self._buffered += len(line)
-            self._last_seq = seq
             if self._buffered >= _BUFFER_LIMIT:
                 self._flush_locked(with_current=True)
             return
@@ -434,10 +465,18 @@ class SegmentWriter:
         if written == len(line):
             self._size += written
         else:
-            self._finish_short_write(line, written)
-        self._last_seq = seq
+            self._short_write(line, written, prev)
         if self._fsync:
             self._sync_locked()
+
+    def _short_write(self, data: bytes, written: int, prev_seq: int) -> None:
+        """:meth:`_finish_short_write` of an event whose number was taken: given back if the
+        write fails."""
+        try:
+            self._finish_short_write(data, written)
+        except SpoolWriteError:
+            self._last_seq = prev_seq
+            raise
 
     def _write_locked(self, data: bytes, lost: str = _LOST_THIS_CALL) -> None:
         try:

@@ -38,6 +38,7 @@ from formula_foundry.tracking.liveness import (
     install_sigterm,
     sigterm_ending,
     start_heartbeat,
+    terminating,
 )
 from formula_foundry.tracking.resume import (
     RunOrigin,
@@ -364,6 +365,11 @@ class Tracker:
             start_heartbeat(self.settings.heartbeat_s, self._beat)
             install_sigterm(self, self._end_killed)
             install_excepthook(self, self._end_all_because)
+            if terminating():
+                # A SIGTERM came while the run started: its ender may have looked at the active
+                # runs before this one was among them, and the process dies next.
+                with contextlib.suppress(RunStateError):
+                    run.end("KILLED", reason="SIGTERM")
 
     def _beat(self) -> None:
         with self._active_lock:
@@ -375,6 +381,10 @@ class Tracker:
                 # Buffered mode: the sign of life (and what was logged before it) reaches the
                 # file now, or a quiet run would look dead to ff-sync until 64 KiB piled up.
                 writer.flush()
+
+    def _has_active(self) -> bool:
+        with self._active_lock:
+            return bool(self._active)
 
     def _end_killed(self, reason: str) -> None:
         self.end_all("KILLED", reason=reason)
@@ -500,7 +510,10 @@ def get_tracker(config: Path | str | None = None) -> Tracker:
     )
     with _trackers_lock:
         tracker = _trackers.get(key)
-        if tracker is None or tracker.settings != settings:
+        # Changed settings (mlflow.set_tracking_uri sets MLFLOW_TRACKING_URI, say) make a new
+        # tracker only once this one has no active run: the job's runs keep their tracker, so
+        # active_run() and nesting go on, and the process's exit ends them.
+        if tracker is None or (tracker.settings != settings and not tracker._has_active()):
             tracker = _trackers[key] = Tracker(settings)
         return tracker
 
@@ -516,7 +529,9 @@ def _end_at_exit() -> None:
     status, reason = "FINISHED", None
     if sigterm_ending(_SIGTERM_WAIT_S):
         status, reason = "KILLED", "SIGTERM"
-    for tracker in list(_trackers.values()):
+    # Every tracker of the process: one replaced in _trackers by a later get_tracker() with
+    # other settings (mlflow.set_tracking_uri sets MLFLOW_TRACKING_URI) still has its runs.
+    for tracker in list(_all_trackers):
         try:
             tracker.end_all(status, reason=reason)
         except FormulaFoundryError as exc:  # nobody can catch it at exit: one line, not a trace

@@ -25,7 +25,7 @@ from formula_foundry.sync.engine.report import Progress, one_line
 from formula_foundry.sync.engine.sync_pass import load_sync_settings, sync_once
 
 if TYPE_CHECKING:
-    from formula_foundry.sync.commands.verify import Difference
+    from formula_foundry.sync.commands.differences import Difference
 
 EXIT_INTERRUPTED = 130
 EXIT_INTERNAL = 70  # EX_SOFTWARE

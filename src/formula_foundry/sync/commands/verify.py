@@ -34,7 +34,8 @@ from formula_foundry.config import Settings
 from formula_foundry.errors import EXIT_OK, EXIT_PARTIAL, MlflowMissing, SpoolError
 from formula_foundry.ids import is_run_id
 from formula_foundry.redact import redact_uri
-from formula_foundry.sync.commands.expected import ExpectedRun, Point, expected_run, metric_value
+from formula_foundry.sync.commands.differences import Difference, diff_of, points_of
+from formula_foundry.sync.commands.expected import ExpectedRun, expected_run, metric_value
 from formula_foundry.sync.commands.status import StateView
 from formula_foundry.sync.commands.verify_models import difference_kind as _kind
 from formula_foundry.sync.commands.verify_models import model_differences
@@ -54,33 +55,8 @@ from formula_foundry.tracking.spool_reader import read_header
 if TYPE_CHECKING:
     from formula_foundry.sync.mlflow.snapshot import StoredRun, StoreReader
 
-SHOWN_POINTS: Final = 10  # metric points listed per difference; ``count`` has them all
 CHECKED_SYSTEM_TAGS: Final = frozenset({"mlflow.runName", "mlflow.parentRunId"})
 JSON_VERSION: Final = 1
-
-
-@dataclass(frozen=True, slots=True)
-class Difference:
-    """One way the destination differs from the spools."""
-
-    run: str
-    kind: str
-    message: str
-    key: str | None = None
-    expected: Any = None
-    actual: Any = None
-    count: int = 1
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "run": self.run,
-            "kind": self.kind,
-            "key": self.key,
-            "expected": self.expected,
-            "actual": self.actual,
-            "count": self.count,
-            "message": self.message,
-        }
 
 
 @dataclass
@@ -263,13 +239,13 @@ class _RunChecker:
     def _info(self, exp: ExpectedRun, stored: StoredRun) -> Iterator[Difference]:
         spool_run_id = exp.spool_run_id
         if stored.lifecycle_stage != "active":
-            yield _diff(spool_run_id, "deleted_run", None, "active", stored.lifecycle_stage)
+            yield diff_of(spool_run_id, "deleted_run", None, "active", stored.lifecycle_stage)
         if exp.started and stored.experiment != exp.experiment:
-            yield _diff(
+            yield diff_of(
                 spool_run_id, "experiment_mismatch", None, exp.experiment, stored.experiment
             )
         if exp.started and stored.start_time != exp.start_time:
-            yield _diff(
+            yield diff_of(
                 spool_run_id, "start_time_mismatch", None, exp.start_time, stored.start_time
             )
         status, end_time = exp.status, exp.end_time
@@ -277,9 +253,9 @@ class _RunChecker:
         if status == "RUNNING" and known is not None and known.stale_ended:
             status, end_time = "KILLED", known.last_t  # ended by the sync: legitimately KILLED
         if stored.status != status:
-            yield _diff(spool_run_id, "status_mismatch", None, status, stored.status)
+            yield diff_of(spool_run_id, "status_mismatch", None, status, stored.status)
         elif status in END_STATUSES and stored.end_time != end_time:
-            yield _diff(spool_run_id, "end_time_mismatch", None, end_time, stored.end_time)
+            yield diff_of(spool_run_id, "end_time_mismatch", None, end_time, stored.end_time)
 
     def _params(self, exp: ExpectedRun, stored: StoredRun) -> Iterator[Difference]:
         actual: dict[str, str] = stored.params
@@ -294,7 +270,7 @@ class _RunChecker:
                 and got in exp.param_values.get(key, set())
             ):
                 continue  # a quarantined conflict: whichever value was synced first stays
-            yield _diff(exp.spool_run_id, _kind("param", want, got), key, want, got)
+            yield diff_of(exp.spool_run_id, _kind("param", want, got), key, want, got)
 
     def _tags(self, exp: ExpectedRun, stored: StoredRun) -> Iterator[Difference]:
         want = dict(exp.tags)
@@ -307,7 +283,7 @@ class _RunChecker:
                 continue
             if w is None and (not exp.started or _system_tag(key)):
                 continue
-            yield _diff(exp.spool_run_id, _kind("tag", w, g), key, w, g)
+            yield diff_of(exp.spool_run_id, _kind("tag", w, g), key, w, g)
 
     def _metrics(self, exp: ExpectedRun, stored: StoredRun) -> Iterator[Difference]:
         for key in sorted(exp.metrics.keys() | stored.metric_keys):
@@ -318,7 +294,7 @@ class _RunChecker:
             }
             for kind, points in (("missing", want - got), ("extra", got - want)):
                 if points:
-                    yield _points(exp.spool_run_id, kind, key, points)
+                    yield points_of(exp.spool_run_id, kind, key, points)
 
     def _too_big(self, size: int) -> bool:
         return self.upload_max_bytes is not None and size > self.upload_max_bytes
@@ -336,7 +312,7 @@ class _RunChecker:
         for path in sorted(want.keys() | actual.keys()):
             w, g = want.get(path), actual.get(path)
             if w != g:
-                yield _diff(exp.spool_run_id, _kind("artifact_ref", w, g), path, w, g)
+                yield diff_of(exp.spool_run_id, _kind("artifact_ref", w, g), path, w, g)
 
     def _files(self, exp: ExpectedRun, stored: StoredRun) -> Iterator[Difference]:
         files = {p: ref for p, ref in exp.artifacts.items() if not self._too_big(ref.size)}
@@ -346,12 +322,12 @@ class _RunChecker:
         actual = self.reader.artifact_files(stored.mlflow_run_id)
         for path in sorted(referenced & actual.keys()):
             # An earlier, smaller file at a path whose last file is a reference now.
-            yield _diff(exp.spool_run_id, "superseded_artifact", path, None, list(actual[path]))
+            yield diff_of(exp.spool_run_id, "superseded_artifact", path, None, list(actual[path]))
         for path, ref in sorted(files.items()):
             w, g = (ref.size, ref.digest), actual.get(path)
             if w != g:
                 kind = "missing_artifact" if g is None else "artifact_mismatch"
-                yield _diff(exp.spool_run_id, kind, path, list(w), None if g is None else list(g))
+                yield diff_of(exp.spool_run_id, kind, path, list(w), None if g is None else list(g))
 
 
 def _system_tag(key: str) -> bool:
@@ -359,46 +335,6 @@ def _system_tag(key: str) -> bool:
     return (key.startswith("mlflow.") and key not in CHECKED_SYSTEM_TAGS) or key.startswith(
         "ff.sync."
     )
-
-
-_MESSAGES: Final = {
-    "deleted_run": "the run is deleted in the destination",
-    "experiment_mismatch": "experiment is {actual!r}, the spool says {expected!r}",
-    "start_time_mismatch": "start time is {actual}, the spool says {expected}",
-    "status_mismatch": "status is {actual}, the spool says {expected}",
-    "end_time_mismatch": "end time is {actual}, the spool says {expected}",
-    "missing_param": "param {key!r} = {expected!r} is missing",
-    "extra_param": "param {key!r} = {actual!r} is not in the spool",
-    "param_mismatch": "param {key!r} is {actual!r}, the spool says {expected!r}",
-    "missing_tag": "tag {key!r} = {expected!r} is missing",
-    "extra_tag": "tag {key!r} = {actual!r} is not in the spool",
-    "tag_mismatch": "tag {key!r} is {actual!r}, the spool says {expected!r}",
-    "missing_artifact_ref": "artifact reference {key!r} is missing",
-    "extra_artifact_ref": "artifact reference {key!r} is not in the spool",
-    "artifact_ref_mismatch": "artifact reference {key!r} differs from the spool",
-    "missing_artifact": "artifact {key!r} ({expected[0]} bytes) is missing",
-    "superseded_artifact": "artifact {key!r} holds a file of {actual[0]} bytes; the spool's "
-    "last file at that path is above sync.upload_max_bytes: a reference, no file",
-    "artifact_mismatch": "artifact {key!r} holds {actual[0]} bytes, {actual[1]}; the spool "
-    "logged {expected[0]} bytes, {expected[1]}",
-}
-
-
-def _diff(run: str, kind: str, key: str | None, expected: Any, actual: Any) -> Difference:
-    message = _MESSAGES[kind].format(key=key, expected=expected, actual=actual)
-    return Difference(run, kind, f"run {run}: {message}", key, expected, actual)
-
-
-def _points(run: str, kind: str, key: str, points: set[Point]) -> Difference:
-    ordered = sorted(points, key=lambda p: (p[0], p[1], str(p[2])))
-    shown = [[s, t, v] for s, t, v in ordered[:SHOWN_POINTS]]
-    listed = ", ".join(f"(step {s}, t {t}, {v!r})" for s, t, v in shown)
-    more = f" and {len(ordered) - SHOWN_POINTS} more" if len(ordered) > SHOWN_POINTS else ""
-    where = "missing from the destination" if kind == "missing" else "not in the spool"
-    message = f"run {run}: metric {key!r}: {len(ordered)} points {where}: {listed}{more}"
-    if kind == "missing":
-        return Difference(run, "missing_metric_points", message, key, shown, None, len(ordered))
-    return Difference(run, "extra_metric_points", message, key, None, shown, len(ordered))
 
 
 def _int(value: object) -> int:

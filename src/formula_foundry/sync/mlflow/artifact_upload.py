@@ -19,6 +19,7 @@ from formula_foundry.errors import FormulaFoundryError, StoreUnavailable
 from formula_foundry.sync.engine.refusals import local_refusal, quoted
 from formula_foundry.sync.engine.sink import ArtifactRef
 from formula_foundry.sync.mlflow.internals import list_run_artifacts
+from formula_foundry.sync.mlflow.local_upload import LocalRoot
 
 if TYPE_CHECKING:
     from formula_foundry.sync.mlflow.client_sink import MlflowSink
@@ -30,7 +31,7 @@ def upload_artifacts(
     """The sink's ``upload_artifacts`` (see :class:`~formula_foundry.sync.engine.sink.Sink`)."""
     rejected: list[tuple[ArtifactRef, str]] = []
     sent: list[ArtifactRef] = []
-    local = sink.local_root(mlflow_run_id)
+    local = local_root(sink, mlflow_run_id)
     send: Callable[[Path, str, int], str | None]
     with tempfile.TemporaryDirectory(prefix="ff-upload-") as tmp:
         if local is not None:
@@ -48,6 +49,16 @@ def upload_artifacts(
     if local is None:  # a local copy checked its size itself
         _check_uploaded(sink, client, mlflow_run_id, sent)
     return rejected
+
+
+def local_root(sink: MlflowSink, mlflow_run_id: str) -> LocalRoot | None:
+    """The run's artifact folder when it is on this host (a local artifact root), which
+    uploads write by MLflow's own protocol; ``None`` for any other store. Asked once per run
+    and pass: the folders are checked, and swept of a killed upload's leftovers, once."""
+    roots = sink._local_roots
+    if mlflow_run_id not in roots:
+        roots[mlflow_run_id] = sink._find_local_root(mlflow_run_id)
+    return roots[mlflow_run_id]
 
 
 class _Staged:

@@ -84,8 +84,9 @@ class MlflowSink(IdentityTags):
     """Writes replayed events into one MLflow tracking URI (SQL store or server)."""
 
     limits = MLFLOW_LIMITS
-    delete_artifacts = delete_run_artifacts  # a console's live parts (engine/console_upload.py)
-    delete_superseded = delete_superseded  # across sync.upload_max_bytes (engine/uploads.py)
+    # A console's live parts (engine/console_upload.py); what a later file at the same path
+    # supersedes across sync.upload_max_bytes (engine/uploads.py).
+    delete_artifacts, delete_superseded = delete_run_artifacts, delete_superseded
 
     def __init__(self, uri: str, artifact_root: Path) -> None:
         try:
@@ -333,22 +334,11 @@ class MlflowSink(IdentityTags):
                 raise
             raise err from exc
 
-    def local_root(self, mlflow_run_id: str) -> LocalRoot | None:
-        """The run's artifact folder when it is on this host (a local artifact root), which
-        uploads write by MLflow's own protocol; ``None`` for any other store. Asked once per
-        run and pass: the folders are checked, and swept of a killed upload's leftovers, once."""
-        if mlflow_run_id not in self._local_roots:
-            self._local_roots[mlflow_run_id] = self._find_local_root(mlflow_run_id)
-        return self._local_roots[mlflow_run_id]
+    def _find_local_root(self, mlflow_run_id: str) -> LocalRoot | None:  # see local_root
+        from formula_foundry.sync.mlflow.internals import local_artifact_root
 
-    def _find_local_root(self, mlflow_run_id: str) -> LocalRoot | None:
-        from formula_foundry.sync.mlflow.internals import local_upload_leftovers
-
-        found = self.call(
-            f"open the artifacts of run {mlflow_run_id}",
-            lambda: local_upload_leftovers(self._client, mlflow_run_id),
-        )
-        return None if found is None else LocalRoot(*found)
+        what = f"open the artifacts of run {mlflow_run_id}"
+        return self.call(what, lambda: local_artifact_root(self._client, mlflow_run_id))
 
     def upload_artifacts(
         self, mlflow_run_id: str, files: Sequence[tuple[ArtifactRef, Path]]

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from formula_foundry.errors import ConfigError
+from formula_foundry.sync.mlflow.local_upload import LocalRoot
 
 
 def rest_poster(store: Any) -> Callable[[bytes], None] | None:
@@ -98,10 +99,10 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def local_upload_leftovers(client: Any, mlflow_run_id: str) -> tuple[Path, str] | None:
-    """The run's artifact folder and the prefix of the temporary files MLflow's local artifact
-    store writes before renaming them into place, when the run's artifacts are written on this
-    host; ``None`` otherwise (a server, a cloud store, another MLflow layout).
+def local_artifact_root(client: Any, mlflow_run_id: str) -> LocalRoot | None:
+    """The run's artifact folder, with the prefix of the temporary files MLflow's local
+    artifact store writes before renaming them into place, when the run's artifacts are written
+    on this host; ``None`` otherwise (a server, a cloud store, another MLflow layout).
 
     A process killed mid-upload leaves such a file behind (MLflow removes it only on an
     exception); the next upload into the folder removes it.
@@ -115,7 +116,7 @@ def local_upload_leftovers(client: Any, mlflow_run_id: str) -> tuple[Path, str] 
         return None
     if not isinstance(repo, local.LocalArtifactRepository) or not isinstance(prefix, str):
         return None
-    return Path(repo.artifact_dir), prefix
+    return LocalRoot(Path(repo.artifact_dir), prefix)
 
 
 def list_run_artifacts(client: Any, mlflow_run_id: str) -> Callable[[str | None], Any]:

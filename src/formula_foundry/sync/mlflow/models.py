@@ -37,7 +37,7 @@ from formula_foundry.sync.engine.sink import (
     RecordRejected,
     RunDataset,
 )
-from formula_foundry.sync.mlflow.artifact_upload import check_listed
+from formula_foundry.sync.mlflow.artifact_upload import check_listed, local_root
 from formula_foundry.sync.mlflow.local_upload import sweep_leftovers
 from formula_foundry.tracking.events import MODEL_ID_TAG
 
@@ -281,7 +281,7 @@ class ModelWriter:
         parsed = urlparse(location)
         if parsed.scheme not in ("", "file") or not run_id:
             return
-        run_root = self.sink.local_root(run_id)
+        run_root = local_root(self.sink, run_id)
         if run_root is None:
             return  # the run's artifacts are not local: neither are the model's
         root = Path(unquote(parsed.path) if parsed.scheme else location)
