@@ -105,6 +105,9 @@ class Tracker:
         # As in MLflow, a forked child starts with no active run: its runs are its own, and
         # it never ends its parent's runs at exit. Handles it inherited still work; their
         # events go to a segment of the child's own.
+        for run in self._active.values():
+            # A parent thread ending the run at fork time left its lock held for good here.
+            run._end_lock = threading.RLock()
         self._local = threading.local()
         self._active = {}
         self._active_lock = threading.Lock()
