@@ -408,3 +408,40 @@ def test_the_spool_resolves_its_registry_once_unless_one_was_chosen(tmp_path: Pa
     assert out == [uri, uri, "None"]
     chosen = run_script(REGISTRY, tmp_path, uri, env={"MLFLOW_REGISTRY_URI": "sqlite:///r.db"})
     assert chosen.stdout.split() == ["sqlite:///r.db", "sqlite:///r.db", "sqlite:///r.db"]
+
+
+def test_a_run_other_processes_wrote_into_is_read_again(spool: Path, tmp_path: Path) -> None:
+    # A launcher creates the trials; worker processes resume them, log and end them; the
+    # launcher then picks the best by search_runs. Answered from the launcher's memory, the
+    # trials still looked RUNNING without metrics, and the "best" tag went to the wrong run.
+    c = client(spool)
+    exp = c.create_experiment("sweep")
+    trials = [c.create_run(exp, run_name=f"trial-{i}").info.run_id for i in range(2)]
+    assert c.get_run(trials[0]).data.metrics == {}
+    worker = tmp_path / "worker.py"
+    worker.write_text(
+        "import sys, mlflow\n"
+        "with mlflow.start_run(run_id=sys.argv[1]):\n"
+        "    mlflow.log_metric('loss', float(sys.argv[2]))\n"
+        "    mlflow.set_tag('worker', 'done')\n",
+        encoding="utf-8",
+    )
+    for run_id, loss in zip(trials, ("0.1", "0.9"), strict=True):
+        subprocess.run(
+            [sys.executable, str(worker), run_id, loss],
+            env=child_env({"MLFLOW_TRACKING_URI": f"spool://{spool}"}),
+            check=True,
+            timeout=120,
+        )
+    best = c.search_runs([exp], order_by=["metrics.loss ASC"])[0]
+    assert best.info.run_id == trials[0]
+    got = c.get_run(trials[1])
+    assert (got.info.status, got.data.metrics, got.data.tags["worker"]) == (
+        "FINISHED",
+        {"loss": 0.9},
+        "done",
+    )
+    c.set_tag(best.info.run_id, "best", "yes")  # the launcher still writes into it
+    assert c.get_run(trials[0]).data.tags["best"] == "yes"
+    tagged = [e.data["d"] for e in events(spool, trials[0]) if e.kind == "tags"]
+    assert {"best": "yes"} in tagged

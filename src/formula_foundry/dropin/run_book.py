@@ -67,7 +67,13 @@ from formula_foundry.tracking.resume import (
     take_ff_run_id,
 )
 from formula_foundry.tracking.scheduler import job_from_env
-from formula_foundry.tracking.spool_writer import SegmentWriter, hostname, now_ms, utf8_text
+from formula_foundry.tracking.spool_writer import (
+    SegmentWriter,
+    hostname,
+    is_segment_name,
+    now_ms,
+    utf8_text,
+)
 
 _V: Final = FORMAT_VERSION
 # Tags MLflow's clients put on a new run that the spool carries in run_start instead (the
@@ -98,6 +104,9 @@ class LiveRun:
     state: RunState
     writer: SegmentWriter
     lock: threading.Lock = field(default_factory=threading.Lock)
+    # The run's segments other processes write, (name, size), when ``state`` was last read
+    # from the spool (None: not known, read it again on the next look).
+    others: tuple[tuple[str, int], ...] | None = ()
 
 
 def run_book(root: Path, durability: str, heartbeat_s: float) -> RunBook:
@@ -177,7 +186,7 @@ class RunBook:
             if k not in (RUN_NAME_TAG, PARENT_TAG, USER_TAG, SOURCE_NAME_TAG, SOURCE_TYPE_TAG)
         }
         checked = _checked_tags(own, state.run_id)
-        live = LiveRun(state, self._writer(state.run_id))
+        live = LiveRun(state, self._writer(state.run_id), others=None)
         with self._lock:
             self._live[state.run_id] = live
         self._reopen(live)
@@ -263,13 +272,29 @@ class RunBook:
         """The run's state: from memory if this process writes it, else read from the spool."""
         live = self._live.get(run_id)
         if live is not None:
-            if live.state.pending is not None:
-                with live.lock:
+            with live.lock:
+                if live.state.pending is not None:
                     _merge_pending(live.state)
+                self._fold_others(live)
             return live.state
         if not isinstance(run_id, str) or not run_id or "/" in run_id or run_id.startswith("."):
             return None
         return read_run(self.root, run_id)
+
+    def _fold_others(self, live: LiveRun) -> None:
+        """Read the run again from the spool if other processes wrote into it since it was
+        last read (workers resumed it): this process's answers (``get_run``, ``search_runs``)
+        must not be older than the spool. Its own events are flushed first (``buffered``)."""
+        run_id = live.state.run_id
+        others = _other_segments(self.root / run_id, live.writer.path)
+        if others == live.others:
+            return
+        live.writer.flush()
+        fresh = read_run(self.root, run_id)
+        if fresh is not None:
+            fresh.opened_here = live.state.opened_here
+            live.state = fresh
+        live.others = others
 
     def live(self, run_id: str, *, resume: bool = False) -> LiveRun:
         """The run as this process writes it; opened from the spool on first use."""
@@ -282,10 +307,11 @@ class RunBook:
         with self._lock:
             live = self._live.get(run_id)
             if live is None:
-                state = read_run(self.root, check_run_id(run_id))
+                others = _other_segments(self.root / check_run_id(run_id), None)
+                state = read_run(self.root, run_id)
                 if state is None or not state.started:
                     raise RunStateError(f"run {run_id} is not in the spool {self.root}")
-                live = LiveRun(state, self._writer(run_id))
+                live = LiveRun(state, self._writer(run_id), others=others)
                 self._live[run_id] = live
                 opened = True
             else:
@@ -634,3 +660,19 @@ def _store_text(value: object, key: str, run_id: str) -> str:
         f"run {run_id}: {key!r} value {value!r} is a {type(value).__name__}, not str "
         "(mlflow.log_param/set_tag convert values with str(); build Param/RunTag with text)"
     )
+
+
+def _other_segments(folder: Path, own: Path | None) -> tuple[tuple[str, int], ...]:
+    """The run's segment files but ``own``, with their sizes: what other processes wrote."""
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return ()
+    out = []
+    for entry in entries:
+        if is_segment_name(entry.name) and (own is None or entry.name != own.name):
+            try:
+                out.append((entry.name, entry.stat(follow_symlinks=False).st_size))
+            except OSError:
+                continue
+    return tuple(sorted(out))
