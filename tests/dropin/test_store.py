@@ -445,3 +445,16 @@ def test_a_run_other_processes_wrote_into_is_read_again(spool: Path, tmp_path: P
     assert c.get_run(trials[0]).data.tags["best"] == "yes"
     tagged = [e.data["d"] for e in events(spool, trials[0]) if e.kind == "tags"]
     assert {"best": "yes"} in tagged
+
+
+def test_whole_floats_as_step_and_time_are_taken_as_mlflows_store_takes_them(
+    spool: Path,
+) -> None:
+    c = client(spool)
+    run_id = c.create_run(c.create_experiment("floats")).info.run_id
+    c.log_metric(run_id, "m", 1.0, timestamp=1500.0, step=2.0)  # type: ignore[arg-type]
+    c.log_batch(run_id, metrics=[Metric("m", 2.0, 1600.0, 3.0)])  # type: ignore[arg-type]
+    history = c.get_metric_history(run_id, "m")
+    assert [(p.timestamp, p.step, p.value) for p in history] == [(1500, 2, 1.0), (1600, 3, 2.0)]
+    with pytest.raises(MlflowException, match="step"):
+        c.log_metric(run_id, "m", 1.0, timestamp=1700, step=2.5)  # type: ignore[arg-type]

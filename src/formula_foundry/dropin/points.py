@@ -52,11 +52,19 @@ def valid_key(key: object, what: str, run_id: str) -> str:
 
 def check_step(step: object, key: str, run_id: str) -> int:
     # MLflow's store refuses a missing step or time (its clients always fill them in).
-    return int64(step, "step", key, run_id)
+    return int64(_whole(step), "step", key, run_id)
 
 
 def check_time(timestamp: object, key: str, run_id: str) -> int:
-    return int64(timestamp, "timestamp", key, run_id, minimum=0)
+    return int64(_whole(timestamp), "timestamp", key, run_id, minimum=0)
+
+
+def _whole(number: object) -> object:
+    """A float holding a whole number as the int it is: MLflow's SQL store takes ``2.0`` as a
+    step (its integer column keeps 2); a fraction stays refused by ``int64``."""
+    if isinstance(number, float) and number.__class__ is float and number.is_integer():
+        return int(number)
+    return number
 
 
 def metric_groups(rows: Sequence[MetricRow], run_id: str) -> tuple[list[Group], bool]:
