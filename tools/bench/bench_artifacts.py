@@ -5,7 +5,7 @@ Usage::
 
     python tools/bench/bench_artifacts.py [--small 2000] [--small-max-kib 64]
                                           [--large 4] [--large-mib 64] [--repeat 3]
-                                          [--server] [--no-rss] [--crash] [--crash-mb 1024]
+                                          [--server] [--no-rss] [--cold] [--crash] [--crash-mb 1024]
                                           [--crash-kills 12] [--crash-max-delay 1]
                                           [--profile] [--seed 1] [--dir DIR] [--json]
 
@@ -23,7 +23,10 @@ folders and ``--large`` files of ``--large-mib`` MiB (random bytes, nothing dedu
      beforehand; the ratio uses that call alone (the baseline pays for nothing else). Also
      printed: the ratio against the plain side with its experiment and run created and ended
      (what the pass does too), and the ratio of the best times of each side (the machine is
-     shared: the best time is the one least disturbed).
+     shared: the best time is the one least disturbed), and the ratio of CPU seconds (user and
+   system) of each side. ``--cold`` (root only) empties the page cache before each side: with
+   a warm cache, copying 320 MiB takes as long as the kernel needs to reclaim memory for it,
+   which varies from round to round far more than either side's work (docs/performance.md).
 
    Destination: a fresh SQLite store (copied from one MLflow migrated beforehand, so neither
    side pays the migration) with a local artifact root; ``--server`` also does it through an
@@ -259,53 +262,73 @@ class Round:
     plain_s: float
     plain_whole_s: float
     ff_s: float
+    plain_cpu_s: float
+    ff_cpu_s: float
     log_s: float
     copy_s: float
     copy_fsync_s: float
 
 
-def run_ff_sync(config: Path, tree: Tree, profile: cProfile.Profile | None = None) -> float:
-    """One in-process ``sync_once`` pass, timed whole; it must upload every file."""
+# --cold: the page cache is emptied before each side (root only), so that neither side's time
+# depends on how much memory the kernel must first reclaim from earlier rounds' files; both
+# then read their sources from the disk.
+_COLD = False
+
+
+def _settle() -> None:
+    """Before a timed side: everything written so far on disk (and --cold: the cache empty)."""
+    os.sync()
+    if _COLD:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("1\n")
+
+
+def run_ff_sync(
+    config: Path, tree: Tree, profile: cProfile.Profile | None = None
+) -> tuple[float, float]:
+    """One in-process ``sync_once`` pass, timed whole (seconds, CPU seconds of the process:
+    user and system, the kernel's copies included); it must upload every file."""
     from formula_foundry.sync import load_sync_settings, sync_once
 
     settings = load_sync_settings(config)
-    os.sync()
-    start = time.perf_counter()
+    _settle()
+    start, cpu = time.perf_counter(), time.process_time()
     if profile is not None:
         profile.enable()
     report = sync_once(settings)
     if profile is not None:
         profile.disable()
-    secs = time.perf_counter() - start
+    secs, cpu = time.perf_counter() - start, time.process_time() - cpu
     if report.exit_code != 0 or report.files != tree.files:
         raise SystemExit(
             f"ff-sync pass of {config}: exit {report.exit_code}, {report.files} files uploaded "
             f"of {tree.files}: {report.summary()}"
         )
-    return secs
+    return secs, cpu
 
 
 def run_plain(
     uri: str, tree: Tree, artifact_location: str | None, name: str
-) -> tuple[float, float]:
+) -> tuple[float, float, float]:
     """``MlflowClient.log_artifacts`` of the tree into a run created beforehand: the seconds of
-    that call, and of the whole (create the experiment and the run, upload, end the run)."""
+    that call, of the whole (create the experiment and the run, upload, end the run), and the
+    CPU seconds of that call."""
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=uri)
-    os.sync()
+    _settle()
     start = time.perf_counter()
     exp = client.create_experiment(name, artifact_location=artifact_location)
     run_id = client.create_run(exp).info.run_id
-    upload_start = time.perf_counter()
+    upload_start, cpu = time.perf_counter(), time.process_time()
     client.log_artifacts(run_id, str(tree.root), tree.root.name)
-    secs = time.perf_counter() - upload_start
+    secs, cpu = time.perf_counter() - upload_start, time.process_time() - cpu
     client.set_terminated(run_id)
     whole = time.perf_counter() - start
     listed = client.list_artifacts(run_id, f"{tree.root.name}/large")
     if len(listed) != sum(1 for _ in (tree.root / "large").iterdir()):
         raise SystemExit(f"the plain upload into {uri} is incomplete")
-    return secs, whole
+    return secs, whole, cpu
 
 
 def throughput_round(
@@ -319,17 +342,19 @@ def throughput_round(
         backend = server_uri
     config = new_project(project, backend)
     logged = log_run(config, tree, copy_to=work / f"copies-{i}")
-    ff_s = plain_s = plain_whole_s = 0.0
+    ff_s = plain_s = plain_whole_s = ff_cpu = plain_cpu = 0.0
     for side in ("plain", "ff") if i % 2 == 0 else ("ff", "plain"):
         if side == "ff":
-            ff_s = run_ff_sync(config, tree)
+            ff_s, ff_cpu = run_ff_sync(config, tree)
         elif kind == "sqlite":
             uri = sqlite_store(template, work / f"plain-{i}" / "mlruns.db")
             location = (work / f"plain-{i}" / "artifacts").as_uri()
-            plain_s, plain_whole_s = run_plain(uri, tree, location, f"plain-{i}")
+            plain_s, plain_whole_s, plain_cpu = run_plain(uri, tree, location, f"plain-{i}")
         else:
             assert server_uri is not None
-            plain_s, plain_whole_s = run_plain(server_uri, tree, None, f"plain-{kind}-{i}")
+            plain_s, plain_whole_s, plain_cpu = run_plain(
+                server_uri, tree, None, f"plain-{kind}-{i}"
+            )
     if kind == "sqlite" and tree.files:  # keep the disk small: checked, no longer needed
         (folder,) = (project / "data" / "mlflow" / "artifacts").glob("*/*/artifacts")
         found = files_under(folder)
@@ -338,7 +363,14 @@ def throughput_round(
     shutil.rmtree(work / f"plain-{i}", ignore_errors=True)
     shutil.rmtree(project)
     return Round(
-        plain_s, plain_whole_s, ff_s, logged["log_s"], logged["copy_s"], logged["copy_fsync_s"]
+        plain_s,
+        plain_whole_s,
+        ff_s,
+        plain_cpu,
+        ff_cpu,
+        logged["log_s"],
+        logged["copy_s"],
+        logged["copy_fsync_s"],
     )
 
 
@@ -368,9 +400,15 @@ def report_throughput(kind: str, tree: Tree, rounds: list[Round]) -> dict[str, A
         "ratio against plain with its experiment and run created and ended (like for like): "
         + spread(whole)
     )
+    # CPU seconds of this process (user and system: the kernel's copies of the bytes too):
+    # what each side costs, without the waits for the disk's write-back, which vary from round
+    # to round on a shared machine far more than either side's own work.
+    cpu = [r.plain_cpu_s / r.ff_cpu_s for r in rounds]
+    print("ratio of CPU seconds (user + system), ff-sync / plain: " + spread(cpu))
     out: dict[str, Any] = {
         "ratios": ratios,
         "best_ratio": best,
+        "cpu_ratios": cpu,
         "whole_ratios": whole,
         "target_met": verdict == "met",
     }
@@ -542,7 +580,7 @@ def profile_pass(work: Path, kind: str, tree: Tree, template: Path, server_uri: 
     config = new_project(project, backend)
     log_run(config, tree)
     prof = cProfile.Profile()
-    secs = run_ff_sync(config, tree, prof)
+    secs, _ = run_ff_sync(config, tree, prof)
     buf = io.StringIO()
     stats = pstats.Stats(prof, stream=buf)
     stats.sort_stats("tottime").print_stats(20)
@@ -580,6 +618,9 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--server", action="store_true", help="also through an mlflow server")
     parser.add_argument("--no-rss", action="store_true", help="skip the peak-RSS comparison")
+    parser.add_argument(
+        "--cold", action="store_true", help="empty the page cache before each side (root only)"
+    )
     parser.add_argument("--rss-steps", type=int, default=500, help="metric steps (x20 keys)")
     parser.add_argument("--crash", action="store_true", help="the SIGKILL mid-upload check")
     parser.add_argument("--crash-mb", type=int, default=1024)
@@ -590,6 +631,8 @@ def main() -> int:
     parser.add_argument("--dir", type=Path, default=None)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    global _COLD
+    _COLD = args.cold
     sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]  # progress as it comes
     for name in [k for k in os.environ if k.startswith(("FF_", "MLFLOW_"))]:
         del os.environ[name]  # the in-process passes read only the projects' configs
