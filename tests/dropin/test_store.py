@@ -458,3 +458,14 @@ def test_whole_floats_as_step_and_time_are_taken_as_mlflows_store_takes_them(
     assert [(p.timestamp, p.step, p.value) for p in history] == [(1500, 2, 1.0), (1600, 3, 2.0)]
     with pytest.raises(MlflowException, match="step"):
         c.log_metric(run_id, "m", 1.0, timestamp=1700, step=2.5)  # type: ignore[arg-type]
+
+
+def test_a_run_name_and_a_different_run_name_tag_are_refused_as_mlflow_refuses_them(
+    spool: Path,
+) -> None:
+    c = client(spool)
+    exp = c.create_experiment("names")
+    with pytest.raises(MlflowException, match=r"Both 'run_name' argument and 'mlflow\.runName'"):
+        c.create_run(exp, run_name="a", tags={"mlflow.runName": "b"})
+    same = c.create_run(exp, run_name="a", tags={"mlflow.runName": "a"})
+    assert same.info.run_name == "a"

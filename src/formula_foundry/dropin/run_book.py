@@ -209,6 +209,12 @@ class RunBook:
         run_id: str | None,
     ) -> RunState:
         tags = dict(tags)
+        tag_name = tags.get(RUN_NAME_TAG)
+        if run_name and tag_name and run_name != tag_name:  # MLflow's store refuses it so
+            raise ValidationError(
+                "Both 'run_name' argument and 'mlflow.runName' tag are specified, but with "
+                f"different values (run_name='{run_name}', mlflow.runName='{tag_name}')."
+            )
         # MLflow's store draws a random name only for a run without one (a seeded script
         # must see the same random numbers either way).
         name = _run_name(tags.pop(RUN_NAME_TAG, "") or run_name or default_name())
