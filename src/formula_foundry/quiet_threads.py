@@ -46,6 +46,23 @@ BLOCKED: Final = frozenset(
 )
 
 
+@contextlib.contextmanager
+def _blocked() -> Iterator[None]:
+    """:data:`BLOCKED` blocked in this thread while the block runs; the mask restored after."""
+    if not hasattr(signal, "pthread_sigmask"):  # not POSIX: nothing to hold back
+        yield
+        return
+    # Read first, changed second: a call that changes the mask runs the Python handlers of
+    # signals already pending, and one that raises (KeyboardInterrupt) must not leave this
+    # thread with the signals blocked and the old mask unknown.
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, ())
+    try:
+        signal.pthread_sigmask(signal.SIG_BLOCK, BLOCKED)
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
 def start_quietly(start: Callable[[], T]) -> T:
     """Call ``start`` (which starts a thread) with :data:`BLOCKED` blocked in this thread, so
     the new thread begins with them blocked; this thread's mask is restored afterwards.
@@ -53,33 +70,14 @@ def start_quietly(start: Callable[[], T]) -> T:
     A signal arriving meanwhile waits, pending, for the moment the mask is restored (or goes
     to another thread that takes it): none is lost.
     """
-    if not hasattr(signal, "pthread_sigmask"):  # not POSIX: nothing to route
+    with _blocked():
         return start()
-    # Read first, changed second: a call that changes the mask runs the Python handlers of
-    # signals already pending, and one that raises (KeyboardInterrupt) must not leave this
-    # thread with the signals blocked and the old mask unknown.
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, ())
-    try:
-        signal.pthread_sigmask(signal.SIG_BLOCK, BLOCKED)
-        return start()
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
-@contextlib.contextmanager
-def signals_deferred() -> Iterator[None]:
+def signals_deferred() -> contextlib.AbstractContextManager[None]:
     """Hold :data:`BLOCKED` back while the block runs, in the main thread (the only one whose
     code Python's handlers interrupt): a Ctrl-C arriving meanwhile raises its
     ``KeyboardInterrupt`` once the block is done, not halfway through it."""
-    if (
-        not hasattr(signal, "pthread_sigmask")
-        or threading.current_thread() is not threading.main_thread()
-    ):
-        yield
-        return
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, ())  # read first: see start_quietly
-    try:
-        signal.pthread_sigmask(signal.SIG_BLOCK, BLOCKED)
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+    if threading.current_thread() is not threading.main_thread():
+        return contextlib.nullcontext()
+    return _blocked()

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import math
 import struct
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -63,3 +66,26 @@ def same_float(a: float, b: float) -> bool:
     if math.isnan(a) or math.isnan(b):
         return math.isnan(a) and math.isnan(b)
     return float_bits(a) == float_bits(b)
+
+
+def run_child(code: str, cwd: Path, **env: str) -> subprocess.CompletedProcess[bytes]:
+    """Run ``code`` (dedented) in a fresh interpreter in ``cwd``, its output as bytes, whatever
+    its exit (the SIGTERM tests look at how it died)."""
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        cwd=cwd,
+        env=child_env(**env),
+        capture_output=True,
+        timeout=300,
+    )
+
+
+def start_child(code: str, cwd: Path, **env: str) -> subprocess.Popen[bytes]:
+    """Start ``code`` (dedented) in a fresh interpreter in ``cwd``, stdout and stderr piped."""
+    return subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        cwd=cwd,
+        env=child_env(**env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )

@@ -32,7 +32,7 @@ from formula_foundry.tracking.console_events import (
 from formula_foundry.tracking.spool_reader import Event, SegmentReader
 from formula_foundry.tracking.spool_writer import SegmentWriter
 
-from ._helpers import child_env, read, segments
+from ._helpers import child_env, read, segments, start_child
 
 # Writes to stdout and stderr every way a job can: Python, the fds, the C library, a Python
 # child and a shell child. "BEFORE" and "AFTER" are written outside the run. The C library
@@ -472,13 +472,7 @@ def test_a_reader_that_goes_away_is_passed_on_to_the_program(ff_project: Path) -
                     os.write(2, b"EPIPE\\n")
                     break
     """
-    proc = subprocess.Popen(
-        [sys.executable, "-c", textwrap.dedent(code)],
-        cwd=ff_project,
-        env=child_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
+    proc = start_child(code, ff_project)
     assert proc.stdout is not None and proc.stderr is not None
     assert proc.stdout.readline() == b"line 0\n"
     proc.stdout.close()

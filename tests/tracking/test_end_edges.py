@@ -4,9 +4,6 @@ console is captured."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -14,17 +11,7 @@ import pytest
 from formula_foundry.errors import RunStateError
 from formula_foundry.tracking import get_tracker
 from formula_foundry.tracking.spool_reader import Event, Problem, SegmentReader
-from tests.tracking._helpers import child_env, segments
-
-
-def _run(code: str, cwd: Path, **env: str) -> subprocess.CompletedProcess[bytes]:
-    return subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)],
-        cwd=cwd,
-        env=child_env(**env),
-        capture_output=True,
-        timeout=300,
-    )
+from tests.tracking._helpers import run_child, segments
 
 
 def test_ctrl_c_in_the_middle_of_the_end_leaves_one_run_end(ff_project: Path) -> None:
@@ -50,7 +37,7 @@ def test_ctrl_c_in_the_middle_of_the_end_leaves_one_run_end(ff_project: Path) ->
                 tracker.end_all("KILLED", reason="uncaught KeyboardInterrupt")
         print("done", flush=True)
     """
-    done = _run(code, ff_project)
+    done = run_child(code, ff_project)
     assert done.stdout.strip() == b"done", done.stderr
     for i in range(400):
         items = [item for seg in segments(spool, f"ctrl-c-{i}") for item in SegmentReader(seg)]
@@ -89,7 +76,7 @@ def test_changed_settings_keep_the_tracker_of_an_active_run(ff_project: Path) ->
         with get_tracker().start_run(run_name="child", nested=True) as child:
             print(child.parent_run_id, flush=True)
     """
-    done = _run(code, ff_project)
+    done = run_child(code, ff_project)
     assert done.stdout.strip() == b"kept", done.stderr
     ends = [
         e.data["status"]
@@ -110,6 +97,6 @@ def test_a_fatal_errors_traceback_reaches_the_terminal_while_captured(ff_project
         get_tracker().start_run(run_id="crashing", capture_output=True)
         faulthandler._sigsegv()
     """
-    done = _run(code, ff_project)
+    done = run_child(code, ff_project)
     assert done.returncode < 0
     assert b"Fatal Python error: Segmentation fault" in done.stderr, done.stderr

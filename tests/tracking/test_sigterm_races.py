@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import signal
 import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 
 from formula_foundry.tracking.spool_reader import Event, SegmentReader
-from tests.tracking._helpers import child_env, segments
+from tests.tracking._helpers import run_child, segments, start_child
 
 
 def _ends(spool: Path, run_id: str) -> list[str]:
@@ -22,16 +20,6 @@ def _ends(spool: Path, run_id: str) -> list[str]:
         for item in SegmentReader(seg)
         if isinstance(item, Event) and item.kind == "run_end"
     ]
-
-
-def _run(code: str, cwd: Path, **env: str) -> subprocess.CompletedProcess[bytes]:
-    return subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)],
-        cwd=cwd,
-        env=child_env(**env),
-        capture_output=True,
-        timeout=120,
-    )
 
 
 @pytest.mark.parametrize("capture", [True, False], ids=["capture", "no-capture"])
@@ -51,7 +39,7 @@ def test_a_sigterm_as_the_program_finishes_ends_the_run_killed_once(
             sys.stdout.write("the last words")
             os.kill(os.getpid(), signal.SIGTERM)
         """
-        done = _run(code, ff_project)
+        done = run_child(code, ff_project)
         assert (done.returncode, _ends(spool, f"last-{i}")) == (-signal.SIGTERM, ["KILLED"])
         assert done.stdout == b"the last words"
 
@@ -71,13 +59,7 @@ def test_a_sigterm_ends_the_runs_of_the_tracker_and_of_the_mlflow_drop_in(
         print(run.info.run_id, flush=True)
         time.sleep(60)
     """
-    proc = subprocess.Popen(
-        [sys.executable, "-c", textwrap.dedent(code)],
-        cwd=ff_project,
-        env=child_env(MLFLOW_TRACKING_URI=f"spool://{spool}"),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
+    proc = start_child(code, ff_project, MLFLOW_TRACKING_URI=f"spool://{spool}")
     assert proc.stdout is not None
     mlflow_run = proc.stdout.readline().decode().strip()
     proc.send_signal(signal.SIGTERM)
@@ -118,7 +100,7 @@ def test_the_trackers_threads_leave_the_process_signals_to_the_programs_threads(
         print(masks[os.getpid()] & want, sum(masks[t] & want for t in program))
         run.end()
     """
-    done = _run(code, ff_project, FF_SYSTEM_METRICS="true", FF_SYSTEM_METRICS_INTERVAL_S="1")
+    done = run_child(code, ff_project, FF_SYSTEM_METRICS="true", FF_SYSTEM_METRICS_INTERVAL_S="1")
     assert done.returncode == 0, done.stderr
     count, _, rest = done.stdout.decode().partition(" ")
     lines = rest.splitlines()
@@ -185,7 +167,7 @@ def test_an_application_handler_installed_later_is_called_once(ff_project: Path)
         time.sleep(2)
         print("calls", calls)
     """
-    done = _run(code, ff_project)
+    done = run_child(code, ff_project)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == [b"calls", b"1"]
     assert _ends(spool, "app-handler") == ["KILLED"]
@@ -213,13 +195,7 @@ def test_a_sigterm_with_no_thread_to_spare_kills_instead_of_hanging(ff_project: 
             run.log_metric("loss", float(i), step=i)
             i += 1
     """
-    proc = subprocess.Popen(
-        [sys.executable, "-c", textwrap.dedent(code)],
-        cwd=ff_project,
-        env=child_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
+    proc = start_child(code, ff_project)
     assert proc.stdout is not None
     first = proc.stdout.readline().strip()
     if first != b"ready":
@@ -248,7 +224,7 @@ def test_a_run_started_as_the_sigterm_lands_is_ended_too(ff_project: Path) -> No
         run = tracker.start_run(run_id="late")
         print(run.status)
     """
-    done = _run(code, ff_project)
+    done = run_child(code, ff_project)
     assert done.stdout.strip() == b"KILLED", done.stderr
     assert _ends(spool, "late") == ["KILLED"]
 
@@ -272,7 +248,9 @@ def test_the_drop_in_in_buffered_durability_keeps_its_events(ff_project: Path, h
             mlflow.log_metric("loss", 1.0 / (step + 1), step=step)
         {end}
     """
-    done = _run(code, ff_project, MLFLOW_TRACKING_URI=f"spool://{spool}", FF_DURABILITY="buffered")
+    done = run_child(
+        code, ff_project, MLFLOW_TRACKING_URI=f"spool://{spool}", FF_DURABILITY="buffered"
+    )
     run_id = done.stdout.split()[0].decode()
     events = [
         item

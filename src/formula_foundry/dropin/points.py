@@ -62,7 +62,7 @@ def check_time(timestamp: object, key: str, run_id: str) -> int:
 def _whole(number: object) -> object:
     """A float holding a whole number as the int it is: MLflow's SQL store takes ``2.0`` as a
     step (its integer column keeps 2); a fraction stays refused by ``int64``."""
-    if isinstance(number, float) and number.__class__ is float and number.is_integer():
+    if isinstance(number, float) and number.is_integer():
         return int(number)
     return number
 

@@ -27,20 +27,27 @@ if TYPE_CHECKING:
 def delete_run_artifacts(sink: MlflowSink, mlflow_run_id: str, paths: Sequence[str]) -> None:
     """``MlflowSink.delete_artifacts``: each path deleted; :class:`DestinationRejected` where
     the run's artifact store cannot delete (the parts stay, the caller says so)."""
-
-    def delete(path: str) -> None:
-        # Private: the client's cached repository of the run (one per run, as for uploads).
-        repo = sink._client._tracking_client._get_artifact_repo(mlflow_run_id)
-        try:
-            repo.delete_artifacts(path)
-        except NotImplementedError:
-            raise DestinationRejected(
-                f"{sink.description}: the artifact store of run {mlflow_run_id} "
-                f"({type(repo).__name__}) cannot delete {quoted(path)}"
-            ) from None
-
+    repo = _repo(sink, mlflow_run_id)
     for path in paths:
-        sink.call(f"delete {quoted(path)} of run {mlflow_run_id}", partial(delete, path))
+        _delete(sink, repo, mlflow_run_id, path, f"delete {quoted(path)} of run {mlflow_run_id}")
+
+
+def _repo(sink: MlflowSink, mlflow_run_id: str) -> Any:
+    # Private: the client's cached repository of the run (one per run, as for uploads).
+    return sink.call(
+        f"open the artifacts of run {mlflow_run_id}",
+        lambda: sink._client._tracking_client._get_artifact_repo(mlflow_run_id),
+    )
+
+
+def _delete(sink: MlflowSink, repo: Any, mlflow_run_id: str, path: str, what: str) -> None:
+    try:
+        sink.call(what, partial(repo.delete_artifacts, path))
+    except NotImplementedError:
+        raise DestinationRejected(
+            f"{sink.description}: the artifact store of run {mlflow_run_id} "
+            f"({type(repo).__name__}) cannot delete {quoted(path)}"
+        ) from None
 
 
 def delete_superseded(
@@ -51,10 +58,7 @@ def delete_superseded(
     now), and each of ``limit_refs`` (reference documents) if the limit wrote it (its path's
     last logged file is uploaded now); a reference the program logged itself stays. Nothing
     else is touched: a folder at such a path (files logged under it) is no file."""
-    repo: Any = sink.call(
-        f"open the artifacts of run {mlflow_run_id}",
-        lambda: sink._client._tracking_client._get_artifact_repo(mlflow_run_id),
-    )
+    repo = _repo(sink, mlflow_run_id)
     wanted = [(path, False) for path in files] + [(path, True) for path in limit_refs]
     by_folder: dict[str, list[tuple[str, bool]]] = {}
     for path, is_ref in wanted:
@@ -68,16 +72,8 @@ def delete_superseded(
         for path, is_ref in paths:
             if path not in present or (is_ref and not _written_for_the_limit(sink, repo, path)):
                 continue
-            try:
-                sink.call(
-                    f"delete the superseded {quoted(path)} of run {mlflow_run_id}",
-                    partial(repo.delete_artifacts, path),
-                )
-            except NotImplementedError:
-                raise DestinationRejected(
-                    f"{sink.description}: the artifact store of run {mlflow_run_id} "
-                    f"({type(repo).__name__}) cannot delete {quoted(path)}"
-                ) from None
+            what = f"delete the superseded {quoted(path)} of run {mlflow_run_id}"
+            _delete(sink, repo, mlflow_run_id, path, what)
 
 
 def _written_for_the_limit(sink: MlflowSink, repo: Any, path: str) -> bool:
