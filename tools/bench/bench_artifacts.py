@@ -6,7 +6,7 @@ Usage::
     python tools/bench/bench_artifacts.py [--small 2000] [--small-max-kib 64]
                                           [--large 4] [--large-mib 64] [--repeat 3]
                                           [--server] [--no-rss] [--cold] [--crash] [--crash-mb 1024]
-                                          [--crash-kills 12] [--crash-max-delay 1]
+                                          [--crash-kills 12] [--crash-max-delay 0.2]
                                           [--profile] [--seed 1] [--dir DIR] [--json]
 
 One tree is written once: ``--small`` files of 1 byte to ``--small-max-kib`` KiB in 20
@@ -625,7 +625,7 @@ def main() -> int:
     parser.add_argument("--crash", action="store_true", help="the SIGKILL mid-upload check")
     parser.add_argument("--crash-mb", type=int, default=1024)
     parser.add_argument("--crash-kills", type=int, default=12)
-    parser.add_argument("--crash-max-delay", type=float, default=1.0)
+    parser.add_argument("--crash-max-delay", type=float, default=0.2)
     parser.add_argument("--profile", action="store_true", help="cProfile one ff-sync pass")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--dir", type=Path, default=None)
